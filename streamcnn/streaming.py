@@ -1,0 +1,262 @@
+"""Exact tiled streaming of a CNN trunk, integrated with autograd.
+
+:class:`StreamingModule` wraps a trunk of local layers. Its forward pass partitions
+the feature map into disjoint tiles (see :func:`streamcnn.geometry.tile_plan`), runs
+the trunk without grad on each tile's input window and writes the tile's region into
+the feature map. Nothing else is kept.
+
+Its backward pass receives dL/dF. For each tile it crops the input window again,
+runs the trunk *with* grad, and asks autograd for the gradient of the tile's region
+with the matching slice of dL/dF. Because the regions partition the feature map and
+every window contains the whole dependency cone of its region, the sum over tiles is
+exactly the full-image gradient; values that are wrong near a window's edge lie
+outside the cone and receive zero gradient. Plain autograd does all the calculus, so
+every local layer gets exact gradients without custom kernels.
+
+The parameter gradients are summed over tiles *inside* the backward and returned as
+the gradients of the parameters passed to the autograd Function, so autograd
+accumulates each ``.grad`` exactly once per step; DistributedDataParallel's hooks
+therefore fire once per parameter, as they do for an ordinary module.
+
+Autocast state is captured in forward and restored in backward (as
+``torch.utils.checkpoint`` does), so the recomputation matches the forward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence, Union, runtime_checkable
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+from .geometry import TilePlan, TrunkGeometry, tile_plan
+
+__all__ = ["RegionSource", "StreamingModule"]
+
+
+@runtime_checkable
+class RegionSource(Protocol):
+    """An image read a window at a time (e.g. :func:`streamcnn.io.open_image`).
+
+    ``shape`` is (C, H, W) at full resolution; ``read_region(top, left, height, width)``
+    returns that window as a (C, h, w) numpy array or tensor.
+    """
+
+    shape: tuple[int, int, int]
+
+    def read_region(self, top: int, left: int, height: int, width: int) -> Any: ...
+
+
+StreamInput = Union[torch.Tensor, RegionSource, Sequence[RegionSource]]
+
+
+@dataclass
+class _Windows:
+    """Reads input windows, from a tensor or from region sources, onto the compute device."""
+
+    shape: tuple[int, int, int, int]            # N, C, H, W
+    read: Callable[[tuple[tuple[int, int], tuple[int, int]]], torch.Tensor]
+
+
+def _integer_to_unit(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if t.is_floating_point():
+        return t.to(dtype)
+    # uint8 pixels become floats in [0, 1], like torchvision's to_tensor.
+    return t.to(dtype) / float(torch.iinfo(t.dtype).max)
+
+
+def _windows_for(x: StreamInput, device: torch.device, dtype: torch.dtype) -> _Windows:
+    if isinstance(x, torch.Tensor):
+        if x.dim() != 4:
+            raise ValueError(f"StreamingModule expects an (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+
+        def read(win):
+            (t, b), (l, r) = win
+            return x[:, :, t:b, l:r].to(device, non_blocking=True)
+
+        return _Windows(tuple(x.shape), read)  # type: ignore[arg-type]
+
+    sources = [x] if isinstance(x, RegionSource) else list(x)
+    if not sources or not all(isinstance(s, RegionSource) for s in sources):
+        raise TypeError(
+            "StreamingModule input must be an (N, C, H, W) tensor, an object with `shape` and "
+            f"`read_region(top, left, height, width)`, or a list of such objects; got {type(x).__name__}"
+        )
+    shapes = {tuple(s.shape) for s in sources}
+    if len(shapes) != 1:
+        raise ValueError(f"a batch of region sources must share one shape, got {sorted(shapes)}")
+    c, h, w = shapes.pop()
+
+    def read(win):
+        (t, b), (l, r) = win
+        crops = [torch.as_tensor(np.ascontiguousarray(s.read_region(t, l, b - t, r - l))) for s in sources]
+        batch = torch.stack(crops)
+        if device.type == "cuda":
+            batch = batch.pin_memory()
+        return _integer_to_unit(batch.to(device, non_blocking=True), dtype)
+
+    return _Windows((len(sources), c, h, w), read)
+
+
+def _segments(module: nn.Module) -> list[nn.Module]:
+    """Checkpoint segments: the leaves of nested ``nn.Sequential`` containers."""
+    if isinstance(module, nn.Sequential):
+        return [seg for child in module for seg in _segments(child)]
+    return [module]
+
+
+def _run(module: nn.Module, x: torch.Tensor, checkpoint: bool) -> torch.Tensor:
+    if not checkpoint or not torch.is_grad_enabled():
+        return module(x)
+    for seg in _segments(module):
+        x = _checkpoint(seg, x, use_reentrant=False)
+    return x
+
+
+def _region(t: torch.Tensor, rect) -> torch.Tensor:
+    (r0, r1), (c0, c1) = rect
+    return t[:, :, r0:r1, c0:c1]
+
+
+class _StreamFunction(torch.autograd.Function):
+    """Forward: tiles without grad. Backward: tiles recomputed with grad, summed."""
+
+    @staticmethod
+    def forward(ctx, engine: "StreamingModule", plan: TilePlan, windows: _Windows,
+                x: torch.Tensor | None, *params: torch.Tensor) -> torch.Tensor:
+        device = engine.compute_device
+        ctx.engine, ctx.plan, ctx.windows = engine, plan, windows
+        ctx.autocast = torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
+        ctx.x_meta = None if x is None else (x.shape, x.dtype, x.device)
+        ctx.set_materialize_grads(False)
+        features = None
+        for tile in engine._progress(plan.tiles, "forward"):
+            out = _region(engine.module(windows.read(tile.window)), tile.crop)
+            if features is None:
+                n, c = out.shape[:2]
+                target = engine.output_device or out.device
+                pin = target.type == "cpu" and out.device.type == "cuda"
+                features = torch.empty((n, c, *plan.output_size), dtype=out.dtype, device=target,
+                                       pin_memory=pin)
+            _region(features, tile.region).copy_(out, non_blocking=True)
+        return features
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_features: torch.Tensor | None):
+        engine, plan, windows = ctx.engine, ctx.plan, ctx.windows
+        params = [p for p in engine.module.parameters() if p.requires_grad]
+        n_inputs = 4 + len(params)
+        if grad_features is None:
+            return (None,) * n_inputs
+        device = engine.compute_device
+        grad_params: list[torch.Tensor | None] = [None] * len(params)
+        grad_x = None
+        if ctx.x_meta is not None and ctx.needs_input_grad[3]:
+            shape, dtype, x_device = ctx.x_meta
+            grad_x = torch.zeros(shape, dtype=dtype, device=x_device)
+        enabled, dtype = ctx.autocast
+        for tile in engine._progress(plan.tiles, "backward"):
+            window = windows.read(tile.window)
+            if grad_x is not None:
+                window = window.detach().requires_grad_(True)
+            g = _region(grad_features, tile.region).to(device, non_blocking=True)
+            with torch.enable_grad(), torch.autocast(device.type, dtype=dtype, enabled=enabled):
+                out = _region(_run(engine.module, window, engine.checkpoint), tile.crop)
+            wrt = params + ([window] if grad_x is not None else [])
+            grads = torch.autograd.grad(out, wrt, g.to(out.dtype), allow_unused=True)
+            for i, gp in enumerate(grads[: len(params)]):
+                if gp is not None:
+                    grad_params[i] = gp if grad_params[i] is None else grad_params[i].add_(gp)
+            if grad_x is not None and grads[-1] is not None:
+                (t, b), (l, r) = tile.window
+                grad_x[:, :, t:b, l:r] += grads[-1].to(grad_x.device)
+        return (None, None, None, grad_x, *grad_params)
+
+
+class StreamingModule(nn.Module):
+    """Run ``module`` over an image tile by tile, with exactly the full-image gradients.
+
+    Args:
+        module: a trunk of local layers (see :class:`streamcnn.geometry.TrunkGeometry`).
+        tile_size: side (int or (h, w)) of the disjoint image area each tile computes, in
+            image pixels; rounded down to the trunk's stride. Each tile also reads a halo of
+            receptive field around it. Larger tiles: fewer, less overlapping tiles (faster),
+            more memory per tile.
+        checkpoint: recompute activations inside a tile during its backward (per leaf of
+            nested ``nn.Sequential``), so larger tiles fit in the same memory.
+        output_device: where the feature map lives (e.g. ``"cpu"`` for gigapixel images:
+            pinned host memory); default: the compute device.
+        progress: show a tqdm bar over tiles.
+
+    The compute device is the device of the module's parameters. The input may be an
+    (N, C, H, W) tensor on any device, or region source(s) read one window at a time.
+    """
+
+    def __init__(self, module: nn.Module, tile_size: int | Sequence[int], *, checkpoint: bool = False,
+                 output_device: torch.device | str | None = None, progress: bool = False):
+        super().__init__()
+        self.module = module
+        self.tile_size = tile_size
+        self.checkpoint = checkpoint
+        self.output_device = torch.device(output_device) if output_device is not None else None
+        self.progress = progress
+        self._plans: dict[tuple, TilePlan] = {}
+        self._geometry_key: tuple | None = None
+        self._geometry: TrunkGeometry | None = None
+
+    # -- geometry ----------------------------------------------------------------------
+    def _training_state(self) -> tuple:
+        return tuple(m.training for m in self.module.modules())
+
+    @property
+    def geometry(self) -> TrunkGeometry:
+        """The trunk's geometry, re-validated whenever a train/eval mode changed."""
+        key = self._training_state()
+        if self._geometry is None or key != self._geometry_key:
+            self._geometry = TrunkGeometry(self.module)
+            self._geometry_key = key
+            self._plans.clear()
+        return self._geometry
+
+    def plan(self, image_size: Sequence[int]) -> TilePlan:
+        """The :class:`TilePlan` used for images of ``image_size`` (H, W)."""
+        geometry = self.geometry
+        key = (tuple(image_size), self.tile_size)
+        if key not in self._plans:
+            self._plans[key] = tile_plan(geometry, image_size, self.tile_size)
+        return self._plans[key]
+
+    @property
+    def compute_device(self) -> torch.device:
+        for p in self.module.parameters():
+            return p.device
+        for b in self.module.buffers():
+            return b.device
+        return torch.device("cpu")
+
+    def _compute_dtype(self) -> torch.dtype:
+        for p in self.module.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.get_default_dtype()
+
+    def _progress(self, tiles, what: str):
+        if not self.progress or len(tiles) < 2:
+            return tiles
+        from tqdm.auto import tqdm
+        return tqdm(tiles, desc=f"stream {what}", unit="tile", leave=False)
+
+    # -- forward -----------------------------------------------------------------------
+    def forward(self, x: StreamInput) -> torch.Tensor:
+        windows = _windows_for(x, self.compute_device, self._compute_dtype())
+        plan = self.plan(windows.shape[2:])
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        tensor_in = x if isinstance(x, torch.Tensor) else None
+        return _StreamFunction.apply(self, plan, windows, tensor_in, *params)
+
+    def extra_repr(self) -> str:
+        return f"tile_size={self.tile_size}, checkpoint={self.checkpoint}, output_device={self.output_device}"
