@@ -102,10 +102,28 @@ def _windows_for(x: StreamInput, device: torch.device, dtype: torch.dtype) -> _W
 
 
 def _segments(module: nn.Module) -> list[nn.Module]:
-    """Checkpoint segments: the leaves of nested ``nn.Sequential`` containers."""
-    if isinstance(module, nn.Sequential):
-        return [seg for child in module for seg in _segments(child)]
-    return [module]
+    """Checkpoint segments of ``module``.
+
+    The leaves of nested ``nn.Sequential`` containers, grouped so that each segment
+    starts at a convolution or a composite block (e.g. a residual block) and carries
+    the light layers after it (norm, activation, pooling). A segment therefore never
+    starts at an in-place activation, whose input the previous segment would have saved.
+    """
+    def leaves(m: nn.Module):
+        if isinstance(m, nn.Sequential):
+            for child in m:
+                yield from leaves(child)
+        else:
+            yield m
+
+    groups: list[list[nn.Module]] = []
+    for leaf in leaves(module):
+        heavy = isinstance(leaf, nn.modules.conv._ConvNd) or any(True for _ in leaf.children())
+        if heavy or not groups:
+            groups.append([leaf])
+        else:
+            groups[-1].append(leaf)
+    return [g[0] if len(g) == 1 else nn.Sequential(*g) for g in groups]
 
 
 def _run(module: nn.Module, x: torch.Tensor, checkpoint: bool) -> torch.Tensor:
@@ -185,9 +203,11 @@ class StreamingModule(nn.Module):
         tile_size: side (int or (h, w)) of the disjoint image area each tile computes, in
             image pixels; rounded down to the trunk's stride. Each tile also reads a halo of
             receptive field around it. Larger tiles: fewer, less overlapping tiles (faster),
-            more memory per tile.
-        checkpoint: recompute activations inside a tile during its backward (per leaf of
-            nested ``nn.Sequential``), so larger tiles fit in the same memory.
+            more memory per tile. ``None`` runs the trunk conventionally on the whole image
+            (no tiling), which is what a memory plan chooses when the image fits.
+        checkpoint: recompute activations during the backward (per leaf of nested
+            ``nn.Sequential``): inside each tile when streaming, over the whole image when
+            ``tile_size`` is None. Larger tiles fit in the same memory.
         output_device: where the feature map lives (e.g. ``"cpu"`` for gigapixel images:
             pinned host memory); default: the compute device.
         progress: show a tqdm bar over tiles.
@@ -196,7 +216,7 @@ class StreamingModule(nn.Module):
     (N, C, H, W) tensor on any device, or region source(s) read one window at a time.
     """
 
-    def __init__(self, module: nn.Module, tile_size: int | Sequence[int], *, checkpoint: bool = False,
+    def __init__(self, module: nn.Module, tile_size: int | Sequence[int] | None, *, checkpoint: bool = False,
                  output_device: torch.device | str | None = None, progress: bool = False):
         super().__init__()
         self.module = module
@@ -253,6 +273,10 @@ class StreamingModule(nn.Module):
     # -- forward -----------------------------------------------------------------------
     def forward(self, x: StreamInput) -> torch.Tensor:
         windows = _windows_for(x, self.compute_device, self._compute_dtype())
+        if self.tile_size is None:
+            h, w = windows.shape[2:]
+            out = _run(self.module, windows.read(((0, h), (0, w))), self.checkpoint)
+            return out if self.output_device is None else out.to(self.output_device)
         plan = self.plan(windows.shape[2:])
         params = [p for p in self.module.parameters() if p.requires_grad]
         tensor_in = x if isinstance(x, torch.Tensor) else None

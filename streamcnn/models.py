@@ -1,0 +1,154 @@
+"""Models by name: streamable trunks and the heads that sit on their feature maps.
+
+Two timm-style registries (``TRUNKS``, ``HEADS``) and one factory, :func:`build_model`,
+which returns a :class:`StreamingClassifier`: a trunk wrapped in a
+:class:`~streamcnn.streaming.StreamingModule` (conventional, checkpointed or streamed,
+as a memory plan decides) followed by a head that runs conventionally on the feature
+map. Trunk BatchNorm is always frozen (eval mode, affine trainable) so that every plan
+computes the same function; without pretrained weights the last BatchNorm of each
+residual block starts at zero (``zero_init_residual``), so each block starts as the
+identity and the un-normalised trunk still trains.
+
+No weights are downloaded: pass ``weights=`` a local torchvision state-dict file.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torchvision
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+from .batchnorm import freeze_batchnorm
+from .streaming import StreamingModule
+
+__all__ = ["TRUNKS", "HEADS", "register_trunk", "register_head", "build_trunk", "build_head",
+           "StreamingClassifier", "build_model"]
+
+TrunkFactory = Callable[..., "tuple[nn.Module, int]"]
+HeadFactory = Callable[..., nn.Module]
+TRUNKS: dict[str, TrunkFactory] = {}
+HEADS: dict[str, HeadFactory] = {}
+
+
+def register_trunk(name: str):
+    def add(fn: TrunkFactory) -> TrunkFactory:
+        TRUNKS[name] = fn
+        return fn
+    return add
+
+
+def register_head(name: str):
+    def add(fn: HeadFactory) -> HeadFactory:
+        HEADS[name] = fn
+        return fn
+    return add
+
+
+def _adapt_first_conv(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
+    """A copy of ``conv`` for ``in_channels`` inputs; pretrained filters are summed (grey)."""
+    if in_channels == conv.in_channels:
+        return conv
+    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, conv.groups, conv.bias is not None)
+    with torch.no_grad():
+        mean = conv.weight.sum(dim=1, keepdim=True)
+        new.weight.copy_(mean.expand(-1, in_channels, -1, -1) / in_channels)
+    return new
+
+
+def _resnet_trunk(arch: str, in_channels: int = 3, weights: str | Path | None = None) -> tuple[nn.Module, int]:
+    net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=weights is None)
+    if weights is not None:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("fc.")]
+        if missing or unexpected:
+            raise ValueError(f"{weights}: not a torchvision {arch} state dict "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    trunk = nn.Sequential()
+    trunk.add_module("conv1", _adapt_first_conv(net.conv1, in_channels))
+    for name in ("bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
+        trunk.add_module(name, getattr(net, name))
+    return trunk, net.fc.in_features
+
+
+for _arch in ("resnet18", "resnet34", "resnet50", "resnet101"):
+    register_trunk(_arch)(lambda in_channels=3, weights=None, _a=_arch: _resnet_trunk(_a, in_channels, weights))
+
+
+@register_head("pool")
+def pool_head(channels: int, num_classes: int, dropout: float = 0.0) -> nn.Module:
+    """Global average + max pooling and a linear classifier."""
+    return nn.Sequential(_GlobalPool(), nn.Dropout(dropout), nn.Linear(2 * channels, num_classes))
+
+
+@register_head("conv")
+def conv_head(channels: int, num_classes: int, width: int = 256, depth: int = 4, dropout: float = 0.0) -> nn.Module:
+    """Strided 3x3 convolutions over the feature map, then global pooling.
+
+    Each block halves the feature map, so ``depth`` blocks on a stride-32 trunk relate
+    positions up to ``32 * 2**(depth+1)`` image pixels apart: far beyond the trunk's own
+    receptive field (427 px for ResNet-50) and enough for digits of 2100 px. GroupNorm,
+    not BatchNorm, because huge images come one or two per batch.
+    """
+    layers: list[nn.Module] = [nn.Conv2d(channels, width, 1, bias=False), nn.GroupNorm(8, width), nn.ReLU(inplace=True)]
+    for _ in range(depth):
+        layers += [nn.Conv2d(width, width, 3, stride=2, padding=1, bias=False), nn.GroupNorm(8, width), nn.ReLU(inplace=True)]
+    layers += [_GlobalPool(), nn.Dropout(dropout), nn.Linear(2 * width, num_classes)]
+    return nn.Sequential(*layers)
+
+
+class _GlobalPool(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)
+
+
+def build_trunk(name: str, in_channels: int = 3, weights: str | Path | None = None) -> tuple[nn.Module, int]:
+    """A streamable trunk by name, with frozen BatchNorm; returns (trunk, output channels)."""
+    if name not in TRUNKS:
+        raise ValueError(f"unknown trunk {name!r}; choose one of {sorted(TRUNKS)}")
+    trunk, channels = TRUNKS[name](in_channels=in_channels, weights=weights)
+    return freeze_batchnorm(trunk), channels
+
+
+def build_head(name: str, channels: int, num_classes: int, **kwargs) -> nn.Module:
+    if name not in HEADS:
+        raise ValueError(f"unknown head {name!r}; choose one of {sorted(HEADS)}")
+    return HEADS[name](channels, num_classes, **kwargs)
+
+
+class StreamingClassifier(nn.Module):
+    """``head(trunk(x))`` where the trunk streams, as ``self.trunk`` is configured.
+
+    ``trunk.tile_size`` / ``trunk.checkpoint`` / ``trunk.output_device`` and
+    ``head_checkpoint`` are the knobs a memory plan sets; none changes the result.
+    """
+
+    def __init__(self, trunk: StreamingModule, head: nn.Module, head_checkpoint: bool = False):
+        super().__init__()
+        self.trunk = trunk
+        self.head = head
+        self.head_checkpoint = head_checkpoint
+
+    def forward(self, x) -> torch.Tensor:
+        features = self.trunk(x)
+        device = next(self.head.parameters()).device
+        features = features.to(device, non_blocking=True)
+        if self.head_checkpoint and torch.is_grad_enabled():
+            return _checkpoint(self.head, features, use_reentrant=False)
+        return self.head(features)
+
+
+def build_model(trunk: str = "resnet18", head: str = "conv", num_classes: int = 28, in_channels: int = 3,
+                weights: str | Path | None = None, tile_size: int | None = None, checkpoint: bool = False,
+                head_checkpoint: bool = False, output_device: str | None = None,
+                head_kwargs: dict | None = None) -> StreamingClassifier:
+    """The standard model: a named trunk, streamed as configured, and a named head."""
+    body, channels = build_trunk(trunk, in_channels, weights)
+    streamed = StreamingModule(body, tile_size, checkpoint=checkpoint, output_device=output_device)
+    return StreamingClassifier(streamed, build_head(head, channels, num_classes, **(head_kwargs or {})),
+                               head_checkpoint)
