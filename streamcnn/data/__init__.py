@@ -1,0 +1,17 @@
+"""Data for streamcnn: the UltraMNIST generator, digit banks, and a manifest-driven Dataset.
+
+- :func:`generate_ultramnist`: faithful UltraMNIST samples as tiled pyramidal BigTIFFs + manifest.
+- :func:`layout_statistics`: the generator's statistics (digit sizes, counts), without pixels.
+- :func:`load_digit_bank`: the packaged MNIST digits or the user's MNIST IDX files.
+"""
+from .digits import DigitBank, load_digit_bank
+from .ultramnist import generate_ultramnist, layout_statistics, render_layout, sample_layout
+
+__all__ = [
+    "generate_ultramnist",
+    "layout_statistics",
+    "sample_layout",
+    "render_layout",
+    "load_digit_bank",
+    "DigitBank",
+]
