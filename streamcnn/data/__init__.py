@@ -3,11 +3,15 @@
 - :func:`generate_ultramnist`: faithful UltraMNIST samples as tiled pyramidal BigTIFFs + manifest.
 - :func:`layout_statistics`: the generator's statistics (digit sizes, counts), without pixels.
 - :func:`load_digit_bank`: the packaged MNIST digits or the user's MNIST IDX files.
+- :class:`ManifestDataset`, :func:`collate_images`: images listed in a CSV, read lazily.
 """
+from .dataset import ManifestDataset, collate_images
 from .digits import DigitBank, load_digit_bank
 from .ultramnist import generate_ultramnist, layout_statistics, render_layout, sample_layout
 
 __all__ = [
+    "ManifestDataset",
+    "collate_images",
     "generate_ultramnist",
     "layout_statistics",
     "sample_layout",

@@ -3,6 +3,9 @@
 For vendor slide formats (Aperio SVS, Hamamatsu NDPI/VMS, MIRAX, Leica SCN, Philips,
 Ventana, ...) which need vendor logic to assemble. Install the ``slide`` extra.
 OpenSlide returns RGBA; we return RGB (C = 3), areas outside the scanned region are 0.
+OpenSlide addresses regions in level-0 coordinates: at a level whose downsample is not an
+integer (e.g. a 38 px level of a 300 px image) a level pixel has no exact level-0 address
+and OpenSlide resamples; use the ``tiff`` backend for exact pixels of such TIFF levels.
 """
 from __future__ import annotations
 

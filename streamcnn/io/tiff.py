@@ -8,6 +8,8 @@ under the slice.
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import tifffile
 import zarr
@@ -17,12 +19,32 @@ from .reader import ImageReader
 __all__ = ["TiffReader"]
 
 
+class _ErrorLog(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 class _Handle:
     """An open TiffFile and one lazily created zarr array per pyramid level."""
 
     def __init__(self, path):
-        self.tif = tifffile.TiffFile(path)
-        self.series = self.tif.series[0]
+        # tifffile logs (rather than raises) broken directory chains, e.g. in truncated files.
+        problems = _ErrorLog()
+        logger = logging.getLogger("tifffile")
+        logger.addHandler(problems)
+        try:
+            self.tif = tifffile.TiffFile(path)
+            len(self.tif.pages)          # walk every directory now, not at the first read
+            self.series = self.tif.series[0]
+        finally:
+            logger.removeHandler(problems)
+        if problems.messages:
+            self.tif.close()
+            raise ValueError(f"broken TIFF structure (truncated file?): {'; '.join(problems.messages)}")
         self.levels: dict[int, zarr.Array] = {}
 
     def level(self, k: int) -> zarr.Array:

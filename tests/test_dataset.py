@@ -1,0 +1,102 @@
+"""ManifestDataset and collate_images: generated UltraMNIST folders and a user's own folder."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from torch.utils.data import DataLoader
+
+from streamcnn.data import ManifestDataset, collate_images, generate_ultramnist
+from streamcnn.io import ImageReader, TiffReader, VipsReader
+
+
+@pytest.fixture(scope="module")
+def ultramnist(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ultramnist")
+    generate_ultramnist(out, 6, size=256, seed=1, progress=False)
+    return out
+
+
+def test_lazy_items_are_readers_with_labels(ultramnist):
+    data = ManifestDataset(ultramnist)
+    assert len(data) == 6 and data.num_classes == max(data.labels) + 1
+    image, label = data[2]
+    assert isinstance(image, TiffReader) and image.shape == (1, 256, 256) and image.level_count == 1
+    assert label == data.labels[2]
+    np.testing.assert_array_equal(image.read_region(10, 20, 30, 40)[0],
+                                  tifffile.imread(ultramnist / "images" / "train_000002.tiff")[10:40, 20:60])
+    assert ManifestDataset(ultramnist, num_classes=28).num_classes == 28
+
+
+def test_eager_items_are_uint8_tensors_and_collate_stacks_them(ultramnist):
+    data = ManifestDataset(ultramnist, lazy=False)
+    image, _ = data[0]
+    assert image.dtype == torch.uint8 and image.shape == (1, 256, 256)
+    torch.testing.assert_close(image[0], torch.from_numpy(tifffile.imread(ultramnist / "images" / "train_000000.tiff")))
+    images, labels = collate_images([data[0], data[1]])
+    assert images.shape == (2, 1, 256, 256) and labels.dtype == torch.long
+    assert labels.tolist() == data.labels[:2]
+
+
+def test_collate_never_stacks_readers_or_unequal_tensors(ultramnist):
+    data = ManifestDataset(ultramnist)
+    images, labels = collate_images([data[0], data[1]])
+    assert isinstance(images, list) and all(isinstance(i, ImageReader) for i in images)
+    assert labels.tolist() == data.labels[:2]
+    mixed, _ = collate_images([(torch.zeros(1, 4, 4), 0), (torch.zeros(1, 5, 4), 1)])
+    assert isinstance(mixed, list) and [m.shape for m in mixed] == [(1, 4, 4), (1, 5, 4)]
+
+
+def _top_left_mean(reader: ImageReader) -> torch.Tensor:
+    return torch.tensor(reader.read_region(0, 0, 64, 64).mean())
+
+
+def test_dataloader_workers_send_and_read_readers(ultramnist):
+    data = ManifestDataset(ultramnist)
+    loader = DataLoader(data, batch_size=3, num_workers=2, collate_fn=collate_images)
+    batches = list(loader)
+    readers = [r for images, _ in batches for r in images]
+    assert len(readers) == 6 and all(isinstance(r, TiffReader) for r in readers)
+    expected = [tifffile.imread(p)[:64, :64].mean() for p in data.paths]
+    assert [float(r.read_region(0, 0, 64, 64).mean()) for r in readers] == pytest.approx(expected)
+    # Reading inside the workers (file handles opened per process).
+    reading = ManifestDataset(ultramnist, transform=_top_left_mean)
+    means = torch.cat([m for m, _ in DataLoader(reading, batch_size=2, num_workers=2)])
+    assert means.tolist() == pytest.approx(expected)
+
+
+def test_a_users_own_folder(tmp_path):
+    import pyvips
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "slides").mkdir()
+    rgb = rng.integers(0, 256, size=(64, 80, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "slides" / "a.tif", rgb, tile=(32, 32), photometric="rgb")
+    png = tmp_path / "elsewhere.png"
+    pyvips.Image.new_from_array(rgb[:40]).pngsave(str(png))
+    (tmp_path / "labels.csv").write_text(f"path,label,notes\nslides/a.tif,3,first\n{png},0,absolute path\n")
+    data = ManifestDataset(tmp_path, manifest="labels.csv")
+    assert data.labels == [3, 0] and data.num_classes == 4
+    assert isinstance(data[0][0], TiffReader) and isinstance(data[1][0], VipsReader)
+    np.testing.assert_array_equal(data[1][0].read_level(0), np.moveaxis(rgb[:40], -1, 0))
+    images, _ = collate_images([ManifestDataset(tmp_path, "labels.csv", lazy=False)[i] for i in range(2)])
+    assert isinstance(images, list) and [tuple(i.shape) for i in images] == [(3, 64, 80), (3, 40, 80)]
+
+
+def test_manifest_errors_name_the_problem(tmp_path, ultramnist):
+    with pytest.raises(FileNotFoundError, match=re.escape(f"manifest {tmp_path / 'manifest.csv'} not found")):
+        ManifestDataset(tmp_path)
+    (tmp_path / "nolabel.csv").write_text("path,digits\nimages/x.tiff,[1]\n")
+    with pytest.raises(ValueError, match=re.escape("nolabel.csv: missing column(s) ['label']")):
+        ManifestDataset(tmp_path, "nolabel.csv")
+    image = ultramnist / "images" / "train_000000.tiff"
+    (tmp_path / "missing.csv").write_text(f"path,label\n{image},1\nimages/gone.tiff,2\n")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"image file(s) not found: {tmp_path / 'images' / 'gone.tiff'}")):
+        ManifestDataset(tmp_path, "missing.csv")
+    (tmp_path / "badlabel.csv").write_text(f"path,label\n{image},1\n{image},seven\n")
+    with pytest.raises(ValueError, match=re.escape(f"badlabel.csv, line 3 ({image}): label 'seven' is not an integer")):
+        ManifestDataset(tmp_path, "badlabel.csv")
