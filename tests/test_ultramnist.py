@@ -171,6 +171,8 @@ def test_mnist_idx_files_split_by_file(tmp_path):
     for split, value in (("train", 1), ("test", 2)):
         bank = load_digit_bank(split, tmp_path)
         assert all(len(d) == 3 and (d[:, 0, 0] == value).all() for d in bank.by_value)
+    manifest = generate_ultramnist(tmp_path / "out", 2, size=256, mnist_dir=tmp_path, progress=False)
+    assert json.loads((manifest.parent / "generation.json").read_text())["digits"] == f"MNIST IDX train files in {tmp_path}"
     (tmp_path / "bad").mkdir()
     with pytest.raises(FileNotFoundError, match=re.escape("bad: no train-images-idx3-ubyte[.gz] here or under MNIST/raw")):
         load_digit_bank("train", tmp_path / "bad")
