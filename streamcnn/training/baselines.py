@@ -1,0 +1,61 @@
+"""The downsampling baseline: the whole image read at ``input_size`` px, a conventional CNN.
+
+This is how the UltraMNIST paper's baselines (ResNet-50 at 256/512/1024 px, ...) see the
+data, and it is the honest comparison for a streamed full-resolution run: same data,
+same trunk and head, same memory budget, only the input resolution differs.
+Lazy images are read from their pyramid (:meth:`streamcnn.io.ImageReader.read_thumbnail`
+decodes the coarsest level that is still large enough), so a 4000 px image never has
+to be decoded at full resolution; in-memory tensors are area-averaged.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+__all__ = ["downsample_image", "DownsampledDataset"]
+
+
+def downsample_image(image: Any, size: int) -> torch.Tensor:
+    """``image`` (a reader with ``read_thumbnail``, or a (C, H, W) array/tensor) as a
+    (C, size, size) float tensor in [0, 1] (integer pixels are divided by their maximum)."""
+    if hasattr(image, "read_thumbnail"):
+        pixels = torch.as_tensor(np.ascontiguousarray(image.read_thumbnail(size)))
+    elif isinstance(image, (torch.Tensor, np.ndarray)):
+        pixels = torch.as_tensor(image)
+    else:
+        raise TypeError(f"cannot downsample a {type(image).__name__}: expected an image reader or a (C, H, W) tensor")
+    if pixels.dim() != 3:
+        raise ValueError(f"expected a (C, H, W) image, got shape {tuple(pixels.shape)}")
+    scale = float(torch.iinfo(pixels.dtype).max) if not pixels.is_floating_point() else 1.0
+    pixels = pixels.float() / scale
+    if tuple(pixels.shape[1:]) != (size, size):
+        pixels = F.interpolate(pixels[None], size=(size, size), mode="area")[0]
+    return pixels
+
+
+class DownsampledDataset(Dataset):
+    """``dataset``'s ``(image, label)`` items with the image downsampled to ``size`` px."""
+
+    def __init__(self, dataset: Dataset, size: int):
+        self.dataset = dataset
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.dataset[index]
+        small = downsample_image(image, self.size)
+        if hasattr(image, "close"):
+            image.close()
+        return small, label
+
+    def __getattr__(self, name: str):
+        # num_classes, labels, ... of the wrapped dataset
+        if name in ("dataset", "size"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)

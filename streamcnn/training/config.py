@@ -1,0 +1,211 @@
+"""Training configuration: typed sections, YAML files, dotted command-line overrides.
+
+A run is described by one :class:`TrainConfig` (sections ``data``, ``model``, ``plan``,
+``optim``, ``train`` and the output directory ``out``). The embedded defaults are the
+quick CPU run of ``python tools/train.py``; a YAML file (``--config``) overrides some
+keys, and ``--set section.key=value`` overrides any key after that. Values on the
+command line are parsed as YAML scalars (``1e-3``, ``true``, ``null``, ``[1, 2]``).
+
+Validation is pydantic's: unknown keys and values of the wrong type or outside a
+choice are errors that name the dotted key, so a typo never silently trains the
+wrong thing.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Iterable, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = ["ConfigError", "DataConfig", "ModelConfig", "PlanConfig", "OptimConfig", "LoopConfig",
+           "TrainConfig", "load_config", "apply_overrides", "parse_override"]
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where images and labels come from.
+
+    ``kind``: ``manifest`` reads ``root/manifest`` (see :class:`streamcnn.data.ManifestDataset`);
+    ``ultramnist`` generates a small UltraMNIST set (``generate_count`` train and
+    ``generate_val_count`` test images of ``generate_size`` px) into the cache directory
+    once and reuses it; ``synthetic`` is the in-memory "full resolution matters" task of
+    :mod:`streamcnn.training.synthetic` (tests, smoke runs).
+    Validation: ``val_root``/``val_manifest`` name a second manifest (``val_root`` defaults
+    to ``root``); without one, ``val_fraction`` of the training set is held out.
+    """
+
+    kind: Literal["manifest", "ultramnist", "synthetic"] = "ultramnist"
+    root: Optional[str] = None
+    manifest: str = "manifest.csv"
+    val_root: Optional[str] = None
+    val_manifest: Optional[str] = None
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    lazy: bool = True
+    cache_dir: Optional[str] = None
+    generate_count: int = Field(100, ge=1)
+    generate_val_count: int = Field(50, ge=0)
+    generate_size: int = Field(512, ge=64)
+    generate_seed: int = 0
+    synthetic_size: int = Field(256, ge=32)
+    synthetic_count: int = Field(64, ge=1)
+
+
+class ModelConfig(_Section):
+    """The network: ``stream`` (full resolution, streamed trunk) or the ``downsample``
+    baseline (the image is read at ``input_size`` px and the same trunk runs conventionally)."""
+
+    mode: Literal["stream", "downsample"] = "stream"
+    trunk: str = "resnet18"
+    head: str = "conv"
+    head_kwargs: dict[str, Any] = Field(default_factory=dict)
+    weights: Optional[str] = None
+    in_channels: int = Field(1, ge=1)
+    num_classes: int = Field(28, ge=2)
+    input_size: int = Field(512, ge=32)
+
+
+class PlanConfig(_Section):
+    """Memory: the budget, and the plan choices a config may fix instead of the planner."""
+
+    budget: Optional[str] = None
+    tile_size: Union[int, Literal["auto"], None] = "auto"
+    checkpoint: Union[bool, Literal["auto"]] = "auto"
+    head_checkpoint: Union[bool, Literal["auto"]] = "auto"
+    output_device: Optional[str] = None
+
+
+class OptimConfig(_Section):
+    """Optimizer and learning-rate schedule (per optimizer step).
+
+    ``adamw`` + ``cosine`` (linear warmup for ``warmup_steps``, then cosine to
+    ``min_lr_ratio * lr``), or the UltraMNIST paper's ``adam`` + ``exponential``
+    (lr multiplied by ``gamma`` every epoch).
+    """
+
+    name: Literal["adamw", "adam"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    schedule: Literal["cosine", "exponential", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    gamma: float = Field(0.95, gt=0, le=1)
+
+
+class LoopConfig(_Section):
+    """The training loop: length, batch, precision, reproducibility, device."""
+
+    epochs: int = Field(5, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1)
+    batch_size: int = Field(1, ge=1)
+    accumulate: int = Field(4, ge=1)
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    seed: int = 0
+    workers: int = Field(0, ge=0)
+    device: str = "auto"
+    progress: bool = True
+
+
+class TrainConfig(_Section):
+    """A whole training run (see the section classes for each key)."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    plan: PlanConfig = Field(default_factory=PlanConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: LoopConfig = Field(default_factory=LoopConfig)
+    out: Optional[str] = None  # default: runs/<date-time> (a new folder per run)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _describe(error: ValidationError, source: str) -> ConfigError:
+    problems: dict[str, list[str]] = {}
+    for item in error.errors():
+        loc = [str(part) for part in item["loc"]]
+        # Union members add their type to the location; keep only the config's own key.
+        key = ".".join(loc[:2] if loc[0] in TrainConfig.model_fields and loc[0] != "out" else loc[:1])
+        if item["type"] == "extra_forbidden":
+            problems.setdefault(key, []).append("unknown config key")
+        else:
+            problems.setdefault(key, []).append(f"{item['msg']} (got {item.get('input')!r})")
+    lines = []
+    for key, messages in problems.items():
+        if messages == ["unknown config key"]:
+            section = key.rsplit(".", 1)[0] if "." in key else None
+            known = sorted(TrainConfig.model_fields[section].annotation.model_fields) if section else \
+                sorted(TrainConfig.model_fields)
+            lines.append(f"unknown config key {key!r} (known: {', '.join(known)})")
+        else:
+            lines.append(f"{key}: " + ", or ".join(messages))
+    return ConfigError(f"{source}: " + "; ".join(lines))
+
+
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"optim.lr=1e-3"`` -> (``["optim", "lr"]``, ``0.001``); the value is read as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. optim.lr=1e-3)")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    if isinstance(parsed, str) and _NUMBER.match(parsed):
+        parsed = float(parsed)  # YAML 1.1 reads "1e-3" as a string
+    elif not isinstance(parsed, (str, int, float, bool, list, dict, type(None))):
+        parsed = value  # e.g. a date-like string stays a string
+    return key.strip().split("."), parsed
+
+
+def _set_dotted(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            raise ConfigError(f"unknown config key {'.'.join(path)!r}: {part!r} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def apply_overrides(config: TrainConfig, overrides: Iterable[str | tuple[str, Any]]) -> TrainConfig:
+    """A copy of ``config`` with ``section.key=value`` overrides applied and validated."""
+    tree = config.to_dict()
+    for override in overrides:
+        path, value = parse_override(override) if isinstance(override, str) else (override[0].split("."), override[1])
+        _set_dotted(tree, path, value)
+    try:
+        return TrainConfig.model_validate(tree)
+    except ValidationError as error:
+        raise _describe(error, "command-line override") from None
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str | tuple[str, Any]] = ()) -> TrainConfig:
+    """The defaults, updated by the YAML file at ``path`` (if any), then by ``overrides``."""
+    config = TrainConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist (see configs/ for examples)")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML ({error})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (data, model, plan, optim, train, out)")
+        try:
+            config = TrainConfig.model_validate(tree)
+        except ValidationError as error:
+            raise _describe(error, str(path)) from None
+    return apply_overrides(config, overrides)

@@ -1,0 +1,140 @@
+"""The training and validation sets a config names, and how batches are dealt to processes.
+
+:func:`build_datasets` turns a :class:`~streamcnn.training.config.DataConfig` into datasets
+of ``(image, label)``: a manifest folder (:class:`streamcnn.data.ManifestDataset`), a small
+UltraMNIST set generated once into the cache directory (``$STREAMCNN_CACHE`` or
+``~/.cache/streamcnn``) and reused, or the in-memory synthetic task.
+
+:class:`ShardedBatchSampler` makes training independent of the number of processes:
+every epoch is one permutation seeded by ``(seed, epoch)``, cut into global batches of
+``batch_size * world_size`` images, and process ``r`` takes the ``r``-th slice of each.
+One process with batch 2B therefore sees exactly the images that two processes with
+batch B see together, and a resumed run sees the same order as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import Dataset, Sampler, Subset
+
+from .baselines import DownsampledDataset
+from .config import TrainConfig
+from .distributed import DistributedContext
+from .synthetic import SyntheticTextures
+
+__all__ = ["default_cache_dir", "build_datasets", "ShardedBatchSampler", "image_size_of"]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("STREAMCNN_CACHE") or Path.home() / ".cache" / "streamcnn")
+
+
+def _ultramnist(config: TrainConfig, context: DistributedContext) -> tuple[Dataset, Dataset | None]:
+    from ..data import ManifestDataset, generate_ultramnist
+
+    data = config.data
+    cache = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
+    root = cache / f"ultramnist-{data.generate_size}px-seed{data.generate_seed}"
+    splits = [("train", data.generate_count)] + ([("test", data.generate_val_count)] if data.generate_val_count else [])
+    if context.is_main:  # others wait: one writer per cache folder
+        for split, count in splits:
+            generate_ultramnist(root / split, count, size=data.generate_size, seed=data.generate_seed, split=split,
+                                progress=config.train.progress)
+    context.barrier()
+    sets = [ManifestDataset(root / split, lazy=data.lazy, num_classes=config.model.num_classes) for split, _ in splits]
+    return sets[0], (sets[1] if len(sets) > 1 else None)
+
+
+def _manifest(config: TrainConfig) -> tuple[Dataset, Dataset | None]:
+    from ..data import ManifestDataset
+
+    data = config.data
+    if data.root is None:
+        raise ValueError("data.kind is 'manifest' but no data folder was given: pass --data DIR "
+                         "(a folder with manifest.csv listing path,label) or set data.root")
+    root = Path(data.root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder {root} does not exist (pass --data DIR with a manifest.csv)")
+    classes = config.model.num_classes
+    train = ManifestDataset(root, data.manifest, lazy=data.lazy, num_classes=classes)
+    if data.val_manifest is not None:
+        val_root = Path(data.val_root) if data.val_root else root
+        return train, ManifestDataset(val_root, data.val_manifest, lazy=data.lazy, num_classes=classes)
+    return train, None
+
+
+def _hold_out(train: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
+    if fraction <= 0:
+        return train, None
+    n = len(train)  # type: ignore[arg-type]
+    n_val = max(1, round(n * fraction))
+    if n_val >= n:
+        raise ValueError(f"data.val_fraction={fraction} leaves no training images out of {n}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return Subset(train, sorted(order[n_val:])), Subset(train, sorted(order[:n_val]))
+
+
+def build_datasets(config: TrainConfig, context: DistributedContext) -> tuple[Dataset, Dataset | None]:
+    """(train, validation or None) as the config says, downsampled for the baseline mode."""
+    data = config.data
+    if data.kind == "synthetic":
+        train: Dataset = SyntheticTextures(data.synthetic_count, data.synthetic_size, seed=data.generate_seed)
+        val: Dataset | None = SyntheticTextures(max(data.synthetic_count // 4, 4), data.synthetic_size,
+                                                seed=data.generate_seed + 1)
+    elif data.kind == "ultramnist":
+        train, val = _ultramnist(config, context)
+    else:
+        train, val = _manifest(config)
+    if val is None:
+        train, val = _hold_out(train, data.val_fraction, data.generate_seed)
+    if config.model.mode == "downsample":
+        size = config.model.input_size
+        train = DownsampledDataset(train, size)
+        val = DownsampledDataset(val, size) if val is not None else None
+    return train, val
+
+
+def image_size_of(image: Any) -> tuple[int, int]:
+    """(H, W) of a reader (``.shape`` = (C, H, W)) or a (C, H, W) tensor."""
+    shape = tuple(image.shape)
+    if len(shape) != 3:
+        raise ValueError(f"expected a (C, H, W) image, got shape {shape}")
+    return int(shape[1]), int(shape[2])
+
+
+class ShardedBatchSampler(Sampler[list[int]]):
+    """This process's batches for one epoch; see the module docstring.
+
+    Training (``shuffle=True``): incomplete global batches at the end are dropped, so every
+    process runs the same number of steps. Evaluation (``shuffle=False``): every image once,
+    process ``r`` taking images ``r, r + world_size, ...``.
+    """
+
+    def __init__(self, size: int, batch_size: int, rank: int = 0, world_size: int = 1, *, shuffle: bool = True,
+                 seed: int = 0):
+        self.size, self.batch_size, self.rank, self.world_size = size, batch_size, rank, world_size
+        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if not self.shuffle:
+            mine = list(range(self.rank, self.size, self.world_size))
+            yield from (mine[i:i + self.batch_size] for i in range(0, len(mine), self.batch_size))
+            return
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        step = self.batch_size * self.world_size
+        for start in range(0, self.size - step + 1, step):
+            offset = start + self.rank * self.batch_size
+            yield order[offset:offset + self.batch_size]
+
+    def __len__(self) -> int:
+        if not self.shuffle:
+            mine = len(range(self.rank, self.size, self.world_size))
+            return -(-mine // self.batch_size)
+        return self.size // (self.batch_size * self.world_size)

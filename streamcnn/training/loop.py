@@ -1,0 +1,184 @@
+"""One training epoch and one evaluation pass, for one process or many (DDP).
+
+The loop is deliberately ordinary (torchvision's ``references/classification`` style):
+mixed precision through ``torch.autocast`` and ``torch.amp.GradScaler``, gradient
+accumulation over ``accumulate`` micro-batches (DDP synchronises only on the last),
+one optimizer and scheduler step per accumulated batch. Streaming is invisible here:
+the model's trunk decides how it runs.
+
+Two guards: labels outside ``[0, num_classes)`` stop the run with the offending label,
+and a NaN/Inf loss stops it *before* the optimizer step (the check is reduced over all
+processes, so every rank stops together and none hangs), leaving the last checkpoint
+as the last good state.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from .distributed import DistributedContext, all_reduce_sum, gather_objects
+from .metrics import confusion_matrix, peak_memory_bytes, reset_peak_memory
+
+__all__ = ["NonFiniteLossError", "resolve_amp", "to_model_input", "EpochResult", "EvalResult", "train_one_epoch",
+           "evaluate"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or Inf; the run stops and keeps its last good checkpoint."""
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``amp`` (auto|bf16|fp16|off): ``auto`` is bf16 on GPUs that have it, else off."""
+    if amp == "off":
+        return None
+    if amp == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("train.amp=fp16 needs a CUDA device; use bf16 or off on CPU")
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def to_model_input(images: Any) -> Any:
+    """Integer image tensors become float in [0, 1]; readers (read lazily by the model) pass through."""
+    if isinstance(images, torch.Tensor) and not images.is_floating_point():
+        return images.float() / float(torch.iinfo(images.dtype).max)
+    return images
+
+
+def _pixels(images: Any) -> int:
+    if isinstance(images, torch.Tensor):
+        return images.shape[0] * images.shape[-2] * images.shape[-1]
+    return sum(image.shape[-2] * image.shape[-1] for image in images)
+
+
+def _check_labels(labels: torch.Tensor, num_classes: int) -> None:
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.numel():
+        raise ValueError(f"label {int(bad[0])} is outside the model's classes 0..{num_classes - 1}; "
+                         "fix the data or set model.num_classes")
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+@dataclass
+class EpochResult:
+    """Totals over all processes; ``accuracy`` is measured on the fly (the model changes during the epoch)."""
+
+    loss: float
+    accuracy: float
+    images: int
+    megapixels: float
+    steps: int
+    seconds: float
+    peak_memory_bytes: int
+
+
+def train_one_epoch(model: nn.Module, batches: DataLoader, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler, *,
+                    context: DistributedContext, num_classes: int, accumulate: int = 1,
+                    amp_dtype: torch.dtype | None = None, step: int = 0, max_steps: int | None = None,
+                    epoch: int = 0, progress: bool = True) -> EpochResult:
+    """Train over ``batches`` (this process's micro-batches); stops early at ``max_steps``.
+
+    Micro-batches after the last complete group of ``accumulate`` are skipped, so every
+    optimizer step averages the same number of images. ``step`` is the global optimizer
+    step before this epoch; the result's ``steps`` counts this epoch's steps.
+    """
+    from tqdm.auto import tqdm
+
+    device = context.device
+    model.train()
+    usable = (len(batches) // accumulate) * accumulate
+    bar = tqdm(total=usable, desc=f"epoch {epoch}", unit="batch", disable=not (progress and context.is_main),
+               dynamic_ncols=True)
+    totals = torch.zeros(4, dtype=torch.float64)  # loss * images, images, pixels, correct
+    start, steps = time.perf_counter(), 0
+    reset_peak_memory(device)
+    optimizer.zero_grad(set_to_none=True)
+    with bar:
+        for index, (images, labels) in enumerate(batches):
+            if index >= usable or (max_steps is not None and step + steps >= max_steps):
+                break
+            _check_labels(labels, num_classes)
+            last_of_step = (index + 1) % accumulate == 0
+            sync = contextlib.nullcontext() if last_of_step or not context.enabled else model.no_sync()
+            with sync:
+                with _autocast(device, amp_dtype):
+                    logits = model(to_model_input(images))
+                    loss = F.cross_entropy(logits.float(), labels.to(logits.device))
+                reduced = all_reduce_sum(torch.stack([loss.detach().double().cpu(), torch.ones((), dtype=torch.float64)]),
+                                         context)
+                if not math.isfinite(float(reduced[0])):
+                    raise NonFiniteLossError(
+                        f"loss is {float(reduced[0])} at epoch {epoch}, optimizer step {step + steps + 1}; "
+                        "stopped before the update. The last good checkpoint is kept: lower optim.lr, "
+                        "set train.amp=off, or check the data")
+                scaler.scale(loss / accumulate).backward()
+            correct = (logits.detach().argmax(dim=1).cpu() == labels).sum().item()
+            totals += torch.tensor([loss.item() * len(labels), len(labels), _pixels(images), correct],
+                                   dtype=torch.float64)
+            if last_of_step:
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                steps += 1
+            elapsed = time.perf_counter() - start
+            bar.update()
+            bar.set_postfix(loss=f"{totals[0] / totals[1]:.4f}",
+                            img_s=f"{totals[1] * context.world_size / elapsed:.2f}",
+                            mpx_s=f"{totals[2] * context.world_size / elapsed / 1e6:.2f}",
+                            peak=f"{peak_memory_bytes(device) / 2**30:.2f}GiB", refresh=False)
+    seconds = time.perf_counter() - start
+    totals = all_reduce_sum(totals, context)
+    peaks = gather_objects(peak_memory_bytes(device), context)
+    return EpochResult(loss=float(totals[0] / max(totals[1], 1)), accuracy=float(totals[3] / max(totals[1], 1)),
+                       images=int(totals[1]),
+                       megapixels=float(totals[2] / 1e6), steps=steps, seconds=seconds,
+                       peak_memory_bytes=int(max(peaks)))
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    loss: float
+    images: int
+    confusion: torch.Tensor
+    seconds: float
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable, *, context: DistributedContext, num_classes: int,
+             amp_dtype: torch.dtype | None = None, progress: bool = True, desc: str = "eval") -> EvalResult:
+    """Accuracy, mean loss and confusion matrix over this process's ``batches``, summed over processes."""
+    from tqdm.auto import tqdm
+
+    device = context.device
+    model.eval()
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    loss_sum = torch.zeros(1, dtype=torch.float64)
+    start = time.perf_counter()
+    for images, labels in tqdm(batches, desc=desc, unit="batch", disable=not (progress and context.is_main),
+                               dynamic_ncols=True, leave=False):
+        _check_labels(labels, num_classes)
+        with _autocast(device, amp_dtype):
+            logits = model(to_model_input(images)).float().cpu()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
+        confusion += confusion_matrix(logits.argmax(dim=1), labels, num_classes)
+    confusion = all_reduce_sum(confusion, context)
+    loss_sum = all_reduce_sum(loss_sum, context)
+    count = int(confusion.sum())
+    return EvalResult(accuracy=float(confusion.diagonal().sum()) / max(count, 1), loss=float(loss_sum) / max(count, 1),
+                      images=count, confusion=confusion, seconds=time.perf_counter() - start)

@@ -1,0 +1,234 @@
+"""A whole training run from a config: data, model, memory plan, epochs, checkpoints, reports.
+
+:func:`fit` is what ``tools/train.py`` calls. Its output directory holds
+``config.yaml`` (the resolved config), ``plan.txt``/``plan.json`` (the memory plan),
+``metrics.jsonl`` (one line per evaluated epoch), ``last.pt`` and ``best.pt`` (written
+atomically after every epoch), ``loss_curve.png`` and ``confusion_matrix.png``.
+
+Resume: ``fit(config, resume=True)`` continues from ``OUT/last.pt`` with the model,
+optimizer, scheduler, scaler and random state of the end of its last epoch, and
+rewrites ``metrics.jsonl`` from the history stored in that checkpoint. A run killed
+at any point (even ``kill -9``) and resumed therefore evaluates every epoch exactly
+once and, on the same machine, reproduces the uninterrupted run's metrics.
+
+:func:`apply_memory_plan` is the one place where the memory budget meets the model.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+
+from ..data import collate_images
+from ..models import StreamingClassifier, build_model
+from .checkpointing import atomic_write, load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
+from .config import TrainConfig, apply_overrides
+from .datasets import ShardedBatchSampler, build_datasets, image_size_of
+from .distributed import DistributedContext, broadcast_object, gather_objects, init_distributed
+from .loop import evaluate, resolve_amp, train_one_epoch
+from .metrics import plot_confusion_matrix, plot_loss_curve, write_metrics
+from .optim import build_optimizer, build_scheduler
+
+__all__ = ["build_training_model", "apply_memory_plan", "fit", "RunFiles"]
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """The files of a run directory."""
+
+    out: Path
+
+    @property
+    def last(self) -> Path:
+        return self.out / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.out / "best.pt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+
+def build_training_model(config: TrainConfig) -> StreamingClassifier:
+    """The config's model (untrained unless ``model.weights``), not yet planned."""
+    m = config.model
+    return build_model(m.trunk, m.head, num_classes=m.num_classes, in_channels=m.in_channels, weights=m.weights,
+                       head_kwargs=m.head_kwargs)
+
+
+def apply_memory_plan(model: StreamingClassifier, config: TrainConfig, image_size: tuple[int, int],
+                      device: torch.device, *, batch: int = 1) -> str:
+    """Set how the model runs (tile, checkpointing, feature-map device); return a description.
+
+    With a ``plan.budget`` the planner (:func:`streamcnn.planning.plan`) chooses for that
+    budget and raises :class:`streamcnn.planning.BudgetError` when nothing fits; choices the
+    config fixes (not ``auto``) then override the planner's. Without a budget the model
+    runs conventionally unless the config fixes a tile. The baseline mode always runs
+    conventionally (its images are small).
+    """
+    p = config.plan
+    description = "no budget: conventional unless the config fixes a tile"
+    if p.budget is not None:
+        from ..planning import plan
+
+        report = plan(model, image_size, p.budget, batch=batch, dtype=resolve_amp(config.train.amp, device),
+                      device=device.type, optimizer=config.optim.name)
+        report.apply(model)
+        description = str(report)
+    if config.model.mode == "downsample":
+        model.trunk.tile_size = None
+    elif p.tile_size != "auto":
+        model.trunk.tile_size = p.tile_size
+    if p.checkpoint != "auto":
+        model.trunk.checkpoint = p.checkpoint
+    if p.head_checkpoint != "auto":
+        model.head_checkpoint = p.head_checkpoint
+    if p.output_device is not None:
+        model.trunk.output_device = torch.device(p.output_device)
+    return (f"{description}\nrunning with: tile_size={model.trunk.tile_size}, checkpoint={model.trunk.checkpoint}, "
+            f"head_checkpoint={model.head_checkpoint}, output_device={model.trunk.output_device}")
+
+
+def _loader(dataset: Dataset, config: TrainConfig, context: DistributedContext, *, train: bool) -> DataLoader:
+    sampler = ShardedBatchSampler(len(dataset), config.train.batch_size, context.rank, context.world_size,  # type: ignore[arg-type]
+                                  shuffle=train, seed=config.train.seed)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_images, num_workers=config.train.workers,
+                      persistent_workers=config.train.workers > 0)
+
+
+def _is_better(row: dict[str, Any], best: dict[str, Any] | None) -> bool:
+    if best is None:
+        return True
+    if row.get("val_accuracy") is not None and best.get("val_accuracy") is not None:
+        return row["val_accuracy"] > best["val_accuracy"]
+    return row["train_loss"] < best["train_loss"]
+
+
+def fit(config: TrainConfig, *, resume: bool = False, train_set: Dataset | None = None,
+        val_set: Dataset | None = None) -> list[dict[str, Any]]:
+    """Train as ``config`` says; return the metrics history (one dict per epoch).
+
+    ``train_set``/``val_set`` replace the config's data (programmatic use). Every process
+    of a ``torchrun`` launch calls this; only rank 0 writes files.
+    """
+    context = init_distributed(config.train.device)
+    try:
+        return _fit(config, context, resume, train_set, val_set)
+    finally:
+        context.close()
+
+
+def _fit(config: TrainConfig, context: DistributedContext, resume: bool, train_set: Dataset | None,
+         val_set: Dataset | None) -> list[dict[str, Any]]:
+    if config.out is None:
+        if resume:
+            raise ValueError("--resume needs the run's folder: pass --out DIR (the folder holding last.pt)")
+        config = apply_overrides(config, [("out", broadcast_object(time.strftime("runs/%Y%m%d-%H%M%S"), context))])
+    files = RunFiles(Path(config.out))
+    if files.last.exists() and not resume:
+        raise FileExistsError(f"{files.last} exists: pass --resume to continue that run, or choose another --out")
+    device = context.device
+    if train_set is None:
+        train_set, val_set = build_datasets(config, context)
+    seed_everything(config.train.seed)
+    model = build_training_model(config)
+    sample_image, _ = train_set[0]
+    image_size = image_size_of(sample_image)
+    plan_text = apply_memory_plan(model, config, image_size, device, batch=config.train.batch_size)
+    model.to(device)
+    if config.plan.budget is not None and device.type == "cuda":
+        from ..memory import parse_size
+        from ..planning import enforce_budget
+        enforce_budget(parse_size(config.plan.budget), device)
+
+    train_loader = _loader(train_set, config, context, train=True)
+    val_loader = _loader(val_set, config, context, train=False) if val_set is not None else None
+    steps_per_epoch = len(train_loader) // config.train.accumulate
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_set)} training images are fewer than one optimizer step "  # type: ignore[arg-type]
+                         f"(batch_size {config.train.batch_size} x accumulate {config.train.accumulate} x "
+                         f"{context.world_size} processes); lower train.accumulate or add data")
+    total_steps = steps_per_epoch * config.train.epochs
+    if config.train.max_steps is not None:
+        total_steps = min(total_steps, config.train.max_steps)
+    optimizer = build_optimizer(model, config.optim)
+    scheduler = build_scheduler(optimizer, config.optim, total_steps, steps_per_epoch)
+    amp_dtype = resolve_amp(config.train.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    history: list[dict[str, Any]] = []
+    epoch, step = 0, 0
+    if resume and files.last.exists():
+        state = load_checkpoint(files.last, map_location=device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        rng = state["rng"]
+        set_rng_state(rng[context.rank] if len(rng) == context.world_size else rng[0])
+        epoch, step, history = state["epoch"], state["step"], state["history"]
+    best = max(history, key=lambda r: (r.get("val_accuracy") or 0.0, -r["train_loss"]), default=None)
+    train_model: nn.Module = model
+    if context.enabled:
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    if context.is_main:
+        files.out.mkdir(parents=True, exist_ok=True)
+        atomic_write(files.out / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False)))
+        atomic_write(files.out / "plan.txt", lambda tmp: tmp.write_text(plan_text + "\n"))
+        write_metrics(files.metrics, history)
+        if config.train.progress:
+            print(plan_text, flush=True)
+
+    last_eval = None
+    while epoch < config.train.epochs and (config.train.max_steps is None or step < config.train.max_steps):
+        epoch += 1
+        train_loader.batch_sampler.set_epoch(epoch)  # type: ignore[union-attr]
+        result = train_one_epoch(train_model, train_loader, optimizer, scheduler, scaler, context=context,
+                                 num_classes=config.model.num_classes, accumulate=config.train.accumulate,
+                                 amp_dtype=amp_dtype, step=step, max_steps=config.train.max_steps, epoch=epoch,
+                                 progress=config.train.progress)
+        step += result.steps
+        row: dict[str, Any] = {
+            "epoch": epoch, "step": step, "train_loss": result.loss, "train_accuracy": result.accuracy,
+            "images": result.images,
+            "images_per_second": result.images / result.seconds, "megapixels_per_second": result.megapixels / result.seconds,
+            "peak_memory_bytes": result.peak_memory_bytes, "lr": scheduler.get_last_lr()[0],
+            "seconds": result.seconds, "val_accuracy": None, "val_loss": None,
+        }
+        if val_loader is not None:
+            last_eval = evaluate(model, val_loader, context=context, num_classes=config.model.num_classes,
+                                 amp_dtype=amp_dtype, progress=config.train.progress, desc=f"validate {epoch}")
+            row.update(val_accuracy=last_eval.accuracy, val_loss=last_eval.loss, val_seconds=last_eval.seconds)
+        history.append(row)
+        rng = gather_objects(rng_state(), context)
+        if context.is_main:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng,
+                     "epoch": epoch, "step": step, "history": history, "config": config.to_dict(),
+                     "image_size": image_size}
+            save_checkpoint(files.last, state)
+            if _is_better(row, best):
+                best = row
+                save_checkpoint(files.best, state)
+            write_metrics(files.metrics, history)
+            if config.train.progress:
+                summary = {k: row[k] for k in ("epoch", "step", "train_loss", "val_accuracy", "seconds")}
+                print(json.dumps(summary), flush=True)
+        context.barrier()
+
+    if context.is_main and history:
+        plot_loss_curve(history, files.out / "loss_curve.png", title=f"{config.model.trunk} {config.model.mode}")
+        if last_eval is not None:
+            plot_confusion_matrix(last_eval.confusion, files.out / "confusion_matrix.png", title=f"epoch {epoch}")
+    return history

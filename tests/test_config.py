@@ -1,0 +1,77 @@
+"""Training configs: defaults, YAML files, dotted overrides, and errors that name the key."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from streamcnn.training.config import ConfigError, TrainConfig, apply_overrides, load_config, parse_override
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_defaults_are_the_quick_cpu_run():
+    config = load_config()
+    assert config == TrainConfig()
+    assert (config.data.kind, config.model.trunk, config.model.head, config.model.in_channels) == \
+        ("ultramnist", "resnet18", "conv", 1)
+    assert config.plan.tile_size == "auto" and config.out is None
+
+
+def test_yaml_then_overrides_in_order(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  lr: 0.01\n  schedule: exponential\nmodel:\n  trunk: resnet50\n")
+    config = load_config(path, ["optim.lr=3e-4", "plan.tile_size=1024", "plan.checkpoint=true",
+                                "model.head_kwargs={width: 128, depth: 3}", ("train.epochs", 7)])
+    assert config.optim.lr == 3e-4                       # override beats the file
+    assert config.optim.schedule == "exponential"        # file beats the default
+    assert config.model.trunk == "resnet50"
+    assert config.plan.tile_size == 1024 and config.plan.checkpoint is True
+    assert config.model.head_kwargs == {"width": 128, "depth": 3}
+    assert config.train.epochs == 7
+    assert config.data == TrainConfig().data             # untouched sections keep defaults
+
+
+def test_override_values_are_parsed_as_yaml():
+    assert parse_override("optim.lr=1e-3") == (["optim", "lr"], 1e-3)
+    assert parse_override("plan.budget=11GB") == (["plan", "budget"], "11GB")
+    assert parse_override("train.max_steps=null") == (["train", "max_steps"], None)
+    assert parse_override("out=runs/2024-01-01") == (["out"], "runs/2024-01-01")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=1", "unknown config key 'optim.lrr' (known: gamma, lr, min_lr_ratio, name, schedule, "
+                    "warmup_steps, weight_decay)"),
+    ("bogus=1", "unknown config key 'bogus' (known: data, model, optim, out, plan, train)"),
+    ("model.trunk.depth=3", "unknown config key 'model.trunk.depth': 'trunk' is not a section"),
+    ("optim.schedule=cos", "optim.schedule: Input should be 'cosine', 'exponential' or 'constant' (got 'cos')"),
+    ("train.epochs=0", "train.epochs: Input should be greater than or equal to 1 (got 0)"),
+    ("train.amp=fp8", "train.amp: Input should be 'auto', 'bf16', 'fp16' or 'off' (got 'fp8')"),
+    ("optim.lr", "override 'optim.lr' must look like section.key=value (e.g. optim.lr=1e-3)"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError) as error:
+        apply_overrides(TrainConfig(), [override])
+    assert message in str(error.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file .*missing.yaml does not exist \(see configs/"):
+        load_config(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("optim: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+        load_config(broken)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("train:\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match=r"typo.yaml: unknown config key 'train.epoch' \(known: accumulate, amp"):
+        load_config(typo)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_load_and_name_real_models(path):
+    from streamcnn.models import HEADS, TRUNKS
+
+    config = load_config(path)
+    assert config.model.trunk in TRUNKS and config.model.head in HEADS
+    assert path.read_text().strip(), "empty config"
