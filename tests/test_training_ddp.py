@@ -1,0 +1,44 @@
+"""DDP: two gloo processes on CPU (torchrun) train exactly like one process with the same global batch."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from streamcnn.training import fit, load_checkpoint, load_config
+from streamcnn.training.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["data.kind=synthetic", "data.synthetic_size=128", "data.synthetic_count=32", "model.trunk=tiny-cnn",
+        "model.head=pool", "model.num_classes=4", "plan.tile_size=48", "train.accumulate=2", "train.epochs=2",
+        "optim.lr=4e-3", "train.progress=false", "train.device=cpu"]
+
+
+def test_two_gloo_processes_match_one_process(tmp_path):
+    torch.set_num_threads(1)
+    single = fit(load_config(overrides=[*TINY, "train.batch_size=2", f"out={tmp_path / 'single'}"]))
+
+    overrides = [a for o in [*TINY, "train.batch_size=1"] for a in ("--set", o)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(REPO / "tools" / "train.py"), "--out", str(tmp_path / "ddp"), *overrides],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ddp = read_metrics(tmp_path / "ddp" / "metrics.jsonl")
+
+    assert [(r["epoch"], r["step"], r["images"]) for r in ddp] == [(r["epoch"], r["step"], r["images"]) for r in single]
+    assert [r["step"] for r in ddp] == [8, 16]                        # 32 images / (2 x 2 accumulated) per epoch
+    for a, b in zip(ddp, single):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5, abs=1e-6)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5, abs=1e-6)
+        assert a["val_accuracy"] == b["val_accuracy"]
+    weights_ddp = load_checkpoint(tmp_path / "ddp" / "last.pt")["model"]
+    weights_single = load_checkpoint(tmp_path / "single" / "last.pt")["model"]
+    assert weights_ddp.keys() == weights_single.keys()
+    for name in weights_single:
+        torch.testing.assert_close(weights_ddp[name], weights_single[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert len(load_checkpoint(tmp_path / "ddp" / "last.pt")["rng"]) == 2   # each rank's random state
