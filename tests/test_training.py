@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -14,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from streamcnn.models import build_model
-from streamcnn.training import (DownsampledDataset, NonFiniteLossError, SyntheticTextures, fit, load_checkpoint,
-                                load_config)
+from streamcnn.training import (DownsampledDataset, NonFiniteLossError, SyntheticTextures, apply_overrides, fit,
+                                load_checkpoint, load_config)
 from streamcnn.training.metrics import read_metrics
 from streamcnn.training.synthetic import TEXTURES
 
@@ -186,3 +187,31 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
         "train.py: error: command-line override: unknown config key 'train.epoch' (known: accumulate, amp,")
     assert error_of("--resume") == "train.py: error: --resume needs the run's folder: pass --out DIR " \
                                    "(the folder holding last.pt)"
+
+
+def test_budget_makes_the_planner_stream(tmp_path):
+    """A budget below the conventional step's predicted peak: the run streams, as the planner chose."""
+    from streamcnn.planning import plan
+    from streamcnn.training import build_training_model
+
+    torch.set_num_threads(1)
+    config = tiny_config(tmp_path / "run", "train.epochs=1", "data.synthetic_count=16", "plan.tile_size=auto")
+    table = plan(build_training_model(config), (128, 128), "1GB", batch=4, device="cpu", exhaustive=True)
+    peaks = {c.name: c.predicted_device_bytes for c in table.candidates if c.tile_size in (None, 64)}
+    assert peaks["stream"] < peaks["checkpoint"] <= peaks["conventional"]
+    budget = (peaks["stream"] + peaks["checkpoint"]) // 2
+    history = fit(apply_overrides(config, [("plan.budget", str(budget))]))
+    chosen = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert (chosen["mode"], chosen["budget_bytes"]) == ("stream", budget)
+    assert f"running with: tile_size={chosen['tile_size']}, checkpoint=False" in (tmp_path / "run" / "plan.txt").read_text()
+    assert len(history) == 1 and history[0]["step"] == 4
+
+
+def test_budget_nothing_fits_exits_with_the_planners_message(tmp_path, capsys):
+    args = ["--budget", "1kB", "--out", str(tmp_path / "run"), *[a for o in TINY for a in ("--set", o)],
+            "--set", "plan.tile_size=auto"]
+    assert train_tool.main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("train.py: error: no plan fits the budget of 1.00 kB on cpu for StreamingClassifier")
+    assert "Use a budget of at least" in err
+    assert not (tmp_path / "run" / "last.pt").exists()

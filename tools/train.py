@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from streamcnn.planning import BudgetError
 from streamcnn.training import ConfigError, NonFiniteLossError, fit, load_config
 
 
@@ -49,13 +50,10 @@ def config_from_args(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        from streamcnn.planning import BudgetError
-    except ImportError:  # planner not installed in this checkout
-        BudgetError = RuntimeError  # noqa: N806
-    try:
         config = config_from_args(args)
         history = fit(config, resume=args.resume)
     except (ConfigError, BudgetError, NonFiniteLossError, FileNotFoundError, FileExistsError, ValueError) as error:
+        # Bad configs, budgets nothing fits, bad data, NaN losses: one line, no traceback.
         print(f"train.py: error: {error}", file=sys.stderr)
         return 1
     if history:

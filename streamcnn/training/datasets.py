@@ -25,7 +25,7 @@ from .config import TrainConfig
 from .distributed import DistributedContext
 from .synthetic import SyntheticTextures
 
-__all__ = ["default_cache_dir", "build_datasets", "ShardedBatchSampler", "image_size_of"]
+__all__ = ["default_cache_dir", "build_datasets", "model_input", "ShardedBatchSampler", "image_size_of"]
 
 
 def default_cache_dir() -> Path:
@@ -90,11 +90,14 @@ def build_datasets(config: TrainConfig, context: DistributedContext) -> tuple[Da
         train, val = _manifest(config)
     if val is None:
         train, val = _hold_out(train, data.val_fraction, data.generate_seed)
+    return model_input(train, config), (model_input(val, config) if val is not None else None)
+
+
+def model_input(dataset: Dataset, config: TrainConfig) -> Dataset:
+    """``dataset`` as the model reads it: downsampled to ``model.input_size`` in the baseline mode."""
     if config.model.mode == "downsample":
-        size = config.model.input_size
-        train = DownsampledDataset(train, size)
-        val = DownsampledDataset(val, size) if val is not None else None
-    return train, val
+        return DownsampledDataset(dataset, config.model.input_size)
+    return dataset
 
 
 def image_size_of(image: Any) -> tuple[int, int]:

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from ..memory import resolve_dtype
 from .distributed import DistributedContext, all_reduce_sum, gather_objects
 from .metrics import confusion_matrix, peak_memory_bytes, reset_peak_memory
 
@@ -37,15 +38,11 @@ class NonFiniteLossError(FloatingPointError):
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``amp`` (auto|bf16|fp16|off): ``auto`` is bf16 on GPUs that have it, else off."""
-    if amp == "off":
-        return None
     if amp == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return None
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
     if amp == "fp16" and device.type != "cuda":
         raise ValueError("train.amp=fp16 needs a CUDA device; use bf16 or off on CPU")
-    return torch.bfloat16 if amp == "bf16" else torch.float16
+    return resolve_dtype(None if amp == "off" else amp)
 
 
 def to_model_input(images: Any) -> Any:

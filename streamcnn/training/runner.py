@@ -67,27 +67,30 @@ def build_training_model(config: TrainConfig) -> StreamingClassifier:
 
 
 def apply_memory_plan(model: StreamingClassifier, config: TrainConfig, image_size: tuple[int, int],
-                      device: torch.device, *, batch: int = 1) -> str:
-    """Set how the model runs (tile, checkpointing, feature-map device); return a description.
+                      device: torch.device, *, batch: int = 1) -> tuple[str, dict[str, Any] | None]:
+    """Set how the model runs (tile, checkpointing, feature-map device).
 
-    With a ``plan.budget`` the planner (:func:`streamcnn.planning.plan`) chooses for that
-    budget and raises :class:`streamcnn.planning.BudgetError` when nothing fits; choices the
-    config fixes (not ``auto``) then override the planner's. Without a budget the model
-    runs conventionally unless the config fixes a tile. The baseline mode always runs
-    conventionally (its images are small).
+    Returns a description for people and the planner's JSON report (None without a budget).
+    With a ``plan.budget`` the planner (:func:`streamcnn.planning.plan`) chooses the fastest
+    plan predicted to fit and raises :class:`streamcnn.planning.BudgetError` (naming the
+    smallest budget that would fit) when nothing does; a tile size the config fixes limits
+    the planner's streamed candidates to that tile. Choices the config fixes (not ``auto``)
+    then override the planner's. Without a budget the model runs conventionally unless the
+    config fixes a tile. ``image_size`` is what the model sees (the small image in the
+    downsampling baseline, which is planned and enforced under the same budget).
     """
     p = config.plan
-    description = "no budget: conventional unless the config fixes a tile"
+    description, report_json = "no budget: the config's settings (conventional unless it fixes a tile)", None
     if p.budget is not None:
         from ..planning import plan
 
+        fixed_tile = p.tile_size if isinstance(p.tile_size, int) else None
         report = plan(model, image_size, p.budget, batch=batch, dtype=resolve_amp(config.train.amp, device),
-                      device=device.type, optimizer=config.optim.name)
+                      device=device.type, optimizer=config.optim.name,
+                      tile_sizes=[fixed_tile] if fixed_tile else None, progress=config.train.progress)
         report.apply(model)
-        description = str(report)
-    if config.model.mode == "downsample":
-        model.trunk.tile_size = None
-    elif p.tile_size != "auto":
+        description, report_json = str(report), report.to_json()
+    if p.tile_size != "auto":
         model.trunk.tile_size = p.tile_size
     if p.checkpoint != "auto":
         model.trunk.checkpoint = p.checkpoint
@@ -95,8 +98,9 @@ def apply_memory_plan(model: StreamingClassifier, config: TrainConfig, image_siz
         model.head_checkpoint = p.head_checkpoint
     if p.output_device is not None:
         model.trunk.output_device = torch.device(p.output_device)
-    return (f"{description}\nrunning with: tile_size={model.trunk.tile_size}, checkpoint={model.trunk.checkpoint}, "
-            f"head_checkpoint={model.head_checkpoint}, output_device={model.trunk.output_device}")
+    running = (f"running with: tile_size={model.trunk.tile_size}, checkpoint={model.trunk.checkpoint}, "
+               f"head_checkpoint={model.head_checkpoint}, output_device={model.trunk.output_device}")
+    return f"{description}\n{running}", report_json
 
 
 def _loader(dataset: Dataset, config: TrainConfig, context: DistributedContext, *, train: bool) -> DataLoader:
@@ -144,7 +148,7 @@ def _fit(config: TrainConfig, context: DistributedContext, resume: bool, train_s
     model = build_training_model(config)
     sample_image, _ = train_set[0]
     image_size = image_size_of(sample_image)
-    plan_text = apply_memory_plan(model, config, image_size, device, batch=config.train.batch_size)
+    plan_text, plan_json = apply_memory_plan(model, config, image_size, device, batch=config.train.batch_size)
     model.to(device)
     if config.plan.budget is not None and device.type == "cuda":
         from ..memory import parse_size
@@ -186,6 +190,8 @@ def _fit(config: TrainConfig, context: DistributedContext, resume: bool, train_s
         files.out.mkdir(parents=True, exist_ok=True)
         atomic_write(files.out / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False)))
         atomic_write(files.out / "plan.txt", lambda tmp: tmp.write_text(plan_text + "\n"))
+        if plan_json is not None:
+            atomic_write(files.out / "plan.json", lambda tmp: tmp.write_text(json.dumps(plan_json, indent=1)))
         write_metrics(files.metrics, history)
         if config.train.progress:
             print(plan_text, flush=True)

@@ -1,0 +1,70 @@
+"""Evaluating a trained checkpoint on a manifest folder, under a memory budget.
+
+The checkpoint carries its config, so the model (trunk, head, streamed or downsampling
+baseline) is rebuilt exactly as it was trained; the memory plan is made again for the
+budget given here (or the training budget), so a model trained on a large GPU can be
+evaluated on a small one. Writes ``evaluation.json`` and ``confusion_matrix.png``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..data import ManifestDataset
+from .checkpointing import atomic_write, load_checkpoint
+from .config import TrainConfig, apply_overrides
+from .datasets import image_size_of, model_input
+from .distributed import init_distributed
+from .loop import evaluate, resolve_amp
+from .metrics import plot_confusion_matrix
+from .runner import _loader, apply_memory_plan, build_training_model
+
+__all__ = ["evaluate_checkpoint"]
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, manifest: str = "manifest.csv",
+                        budget: str | None = None, device: str = "auto", out: str | Path | None = None,
+                        batch_size: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Accuracy, loss and confusion matrix of ``checkpoint`` on ``data/manifest``.
+
+    Returns the report written to ``out/evaluation.json`` (default: ``eval-<data folder
+    name>`` next to the checkpoint), with ``confusion_matrix.png`` beside it.
+    """
+    checkpoint = Path(checkpoint)
+    state = load_checkpoint(checkpoint)
+    overrides: list[tuple[str, Any]] = [("train.device", device), ("train.progress", progress)]
+    if budget is not None:
+        overrides.append(("plan.budget", budget))
+    if batch_size is not None:
+        overrides.append(("train.batch_size", batch_size))
+    config = apply_overrides(TrainConfig.model_validate(state["config"]), overrides)
+    context = init_distributed(config.train.device)
+    try:
+        dataset = ManifestDataset(data, manifest, lazy=config.data.lazy, num_classes=config.model.num_classes)
+        dataset = model_input(dataset, config)
+        model = build_training_model(config)
+        model.load_state_dict(state["model"])
+        image_size = image_size_of(dataset[0][0])
+        plan_text, plan_json = apply_memory_plan(model, config, image_size, context.device,
+                                                 batch=config.train.batch_size)
+        model.to(context.device)
+        if config.plan.budget is not None and context.device.type == "cuda":
+            from ..planning import enforce_budget
+            enforce_budget(config.plan.budget, context.device)
+        result = evaluate(model, _loader(dataset, config, context, train=False), context=context,
+                          num_classes=config.model.num_classes, amp_dtype=resolve_amp(config.train.amp, context.device),
+                          progress=progress, desc="evaluate")
+    finally:
+        context.close()
+    report = {"checkpoint": str(checkpoint), "epoch": state["epoch"], "data": str(Path(data) / manifest),
+              "images": result.images, "accuracy": result.accuracy, "loss": result.loss, "seconds": result.seconds,
+              "budget": config.plan.budget, "device": str(context.device), "plan": plan_text,
+              "confusion_matrix": result.confusion.tolist()}
+    if context.is_main:
+        folder = Path(out) if out is not None else checkpoint.parent / f"eval-{Path(data).resolve().name}"
+        atomic_write(folder / "evaluation.json", lambda tmp: tmp.write_text(json.dumps(report, indent=1)))
+        plot_confusion_matrix(result.confusion, folder / "confusion_matrix.png",
+                              title=f"{checkpoint.name} on {Path(data).name}")
+        report["out"] = str(folder)
+    return report

@@ -1,0 +1,46 @@
+#!/usr/bin/env python
+"""Evaluate a trained checkpoint on a data folder: accuracy and a confusion matrix (PNG).
+
+    python tools/evaluate.py --checkpoint runs/x/best.pt --data DIR [--budget 11GB]
+
+``DIR`` holds ``manifest.csv`` (path,label). The model is rebuilt from the config stored
+in the checkpoint and planned again for ``--budget`` (default: the training budget).
+Writes ``evaluation.json`` and ``confusion_matrix.png`` to ``--out`` (default:
+``eval-<DIR name>`` next to the checkpoint).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from streamcnn.planning import BudgetError
+from streamcnn.training.evaluation import evaluate_checkpoint
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a last.pt or best.pt written by tools/train.py")
+    parser.add_argument("--data", required=True, help="folder with the manifest of the images to evaluate")
+    parser.add_argument("--manifest", default="manifest.csv", help="manifest file name in --data")
+    parser.add_argument("--budget", help="peak device memory allowed, e.g. 11GB (default: the training budget)")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, ...")
+    parser.add_argument("--batch-size", type=int, help="images per forward pass (default: the training batch)")
+    parser.add_argument("--out", help="output folder")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        report = evaluate_checkpoint(args.checkpoint, args.data, manifest=args.manifest, budget=args.budget,
+                                     device=args.device, out=args.out, batch_size=args.batch_size)
+    except (BudgetError, FileNotFoundError, ValueError) as error:
+        print(f"evaluate.py: error: {error}", file=sys.stderr)
+        return 1
+    print(f"accuracy {report['accuracy']:.2%} on {report['images']} images (loss {report['loss']:.4f}); "
+          f"confusion matrix: {report['out']}/confusion_matrix.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
