@@ -75,3 +75,18 @@ def test_shipped_configs_load_and_name_real_models(path):
     config = load_config(path)
     assert config.model.trunk in TRUNKS and config.model.head in HEADS
     assert path.read_text().strip(), "empty config"
+
+
+def test_quick_cpu_config_spells_out_the_embedded_default():
+    shipped = load_config(Path(__file__).resolve().parents[1] / "configs" / "quick-cpu.yaml")
+    assert shipped == load_config(overrides=["plan.budget=11GB"])
+
+
+def test_full_resolution_and_baseline_configs_differ_only_in_resolution():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    stream = load_config(root / "ultramnist-4000-resnet50-11gb.yaml")
+    for size in (512, 1024):
+        baseline = load_config(root / f"ultramnist-downsample{size}-resnet50-11gb.yaml")
+        assert (baseline.model.mode, baseline.model.input_size, baseline.plan.budget) == ("downsample", size, "11GB")
+        assert baseline.data == stream.data and baseline.optim == stream.optim
+        assert (baseline.model.trunk, baseline.model.head) == (stream.model.trunk, stream.model.head)
