@@ -215,3 +215,11 @@ def test_budget_nothing_fits_exits_with_the_planners_message(tmp_path, capsys):
     assert err.startswith("train.py: error: no plan fits the budget of 1.00 kB on cpu for StreamingClassifier")
     assert "Use a budget of at least" in err
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("limit, steps", [("train.max_steps=5", [5]), ("train.max_minutes=1e-5", [1])])
+def test_step_and_time_limits_end_the_run_with_an_evaluated_epoch(tmp_path, limit, steps):
+    history = fit(tiny_config(tmp_path / "run", "train.epochs=3", limit))
+    assert [row["step"] for row in history] == steps and [row["epoch"] for row in history] == [1]
+    assert history[0]["images"] == 4 * steps[0] and history[0]["val_accuracy"] is not None
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == steps[0]

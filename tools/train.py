@@ -28,6 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget", help="peak device memory allowed, e.g. 11GB or 24GiB (enforced on CUDA)")
     parser.add_argument("--epochs", type=int, help="number of epochs")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in total")
+    parser.add_argument("--max-minutes", type=float, help="stop after this many minutes (then evaluate and save)")
     parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
     parser.add_argument("--seed", type=int, help="random seed (model init, data order)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
@@ -38,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace):
     flags = {"data.root": args.data, "out": args.out, "plan.budget": args.budget, "train.epochs": args.epochs,
-             "train.max_steps": args.max_steps, "train.device": args.device, "train.seed": args.seed}
+             "train.max_steps": args.max_steps, "train.max_minutes": args.max_minutes, "train.device": args.device, "train.seed": args.seed}
     overrides = [(key, value) for key, value in flags.items() if value is not None]
     if args.data is not None:
         overrides.append(("data.kind", "manifest"))

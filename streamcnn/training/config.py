@@ -101,10 +101,17 @@ class OptimConfig(_Section):
 
 
 class LoopConfig(_Section):
-    """The training loop: length, batch, precision, reproducibility, device."""
+    """The training loop: length, batch, precision, reproducibility, device.
+
+    ``epochs``, ``max_steps`` (optimizer steps in total) and ``max_minutes`` (wall clock of
+    this invocation, checked after each optimizer step) all end training; the epoch in
+    progress is then evaluated and saved. One optimizer step averages
+    ``batch_size * accumulate * processes`` images.
+    """
 
     epochs: int = Field(5, ge=1)
     max_steps: Optional[int] = Field(None, ge=1)
+    max_minutes: Optional[float] = Field(None, gt=0)
     batch_size: int = Field(1, ge=1)
     accumulate: int = Field(4, ge=1)
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"

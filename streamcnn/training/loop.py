@@ -80,14 +80,19 @@ class EpochResult:
     steps: int
     seconds: float
     peak_memory_bytes: int
+    out_of_time: bool = False
 
 
 def train_one_epoch(model: nn.Module, batches: DataLoader, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler, *,
                     context: DistributedContext, num_classes: int, accumulate: int = 1,
                     amp_dtype: torch.dtype | None = None, step: int = 0, max_steps: int | None = None,
-                    epoch: int = 0, progress: bool = True) -> EpochResult:
-    """Train over ``batches`` (this process's micro-batches); stops early at ``max_steps``.
+                    deadline: float | None = None, epoch: int = 0, progress: bool = True) -> EpochResult:
+    """Train over ``batches`` (this process's micro-batches).
+
+    Stops early after ``max_steps`` optimizer steps in total, or after the first optimizer
+    step that ends past ``deadline`` (a ``time.monotonic()`` value; any process past it
+    stops them all).
 
     Micro-batches after the last complete group of ``accumulate`` are skipped, so every
     optimizer step averages the same number of images. ``step`` is the global optimizer
@@ -101,12 +106,12 @@ def train_one_epoch(model: nn.Module, batches: DataLoader, optimizer: torch.opti
     bar = tqdm(total=usable, desc=f"epoch {epoch}", unit="batch", disable=not (progress and context.is_main),
                dynamic_ncols=True)
     totals = torch.zeros(4, dtype=torch.float64)  # loss * images, images, pixels, correct
-    start, steps = time.perf_counter(), 0
+    start, steps, out_of_time = time.perf_counter(), 0, False
     reset_peak_memory(device)
     optimizer.zero_grad(set_to_none=True)
     with bar:
         for index, (images, labels) in enumerate(batches):
-            if index >= usable or (max_steps is not None and step + steps >= max_steps):
+            if index >= usable or (max_steps is not None and step + steps >= max_steps) or out_of_time:
                 break
             _check_labels(labels, num_classes)
             last_of_step = (index + 1) % accumulate == 0
@@ -115,8 +120,8 @@ def train_one_epoch(model: nn.Module, batches: DataLoader, optimizer: torch.opti
                 with _autocast(device, amp_dtype):
                     logits = model(to_model_input(images))
                     loss = F.cross_entropy(logits.float(), labels.to(logits.device))
-                reduced = all_reduce_sum(torch.stack([loss.detach().double().cpu(), torch.ones((), dtype=torch.float64)]),
-                                         context)
+                late = float(deadline is not None and time.monotonic() > deadline)
+                reduced = all_reduce_sum(torch.tensor([loss.item(), late], dtype=torch.float64), context)
                 if not math.isfinite(float(reduced[0])):
                     raise NonFiniteLossError(
                         f"loss is {float(reduced[0])} at epoch {epoch}, optimizer step {step + steps + 1}; "
@@ -132,6 +137,7 @@ def train_one_epoch(model: nn.Module, batches: DataLoader, optimizer: torch.opti
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 steps += 1
+                out_of_time = bool(reduced[1] > 0)
             elapsed = time.perf_counter() - start
             bar.update()
             bar.set_postfix(loss=f"{totals[0] / totals[1]:.4f}",
@@ -144,7 +150,7 @@ def train_one_epoch(model: nn.Module, batches: DataLoader, optimizer: torch.opti
     return EpochResult(loss=float(totals[0] / max(totals[1], 1)), accuracy=float(totals[3] / max(totals[1], 1)),
                        images=int(totals[1]),
                        megapixels=float(totals[2] / 1e6), steps=steps, seconds=seconds,
-                       peak_memory_bytes=int(max(peaks)))
+                       peak_memory_bytes=int(max(peaks)), out_of_time=out_of_time)
 
 
 @dataclass

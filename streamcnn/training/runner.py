@@ -196,15 +196,17 @@ def _fit(config: TrainConfig, context: DistributedContext, resume: bool, train_s
         if config.train.progress:
             print(plan_text, flush=True)
 
-    last_eval = None
-    while epoch < config.train.epochs and (config.train.max_steps is None or step < config.train.max_steps):
+    last_eval, out_of_time = None, False
+    deadline = None if config.train.max_minutes is None else time.monotonic() + 60 * config.train.max_minutes
+    while epoch < config.train.epochs and (config.train.max_steps is None or step < config.train.max_steps) \
+            and not out_of_time:
         epoch += 1
         train_loader.batch_sampler.set_epoch(epoch)  # type: ignore[union-attr]
         result = train_one_epoch(train_model, train_loader, optimizer, scheduler, scaler, context=context,
                                  num_classes=config.model.num_classes, accumulate=config.train.accumulate,
-                                 amp_dtype=amp_dtype, step=step, max_steps=config.train.max_steps, epoch=epoch,
-                                 progress=config.train.progress)
-        step += result.steps
+                                 amp_dtype=amp_dtype, step=step, max_steps=config.train.max_steps,
+                                 deadline=deadline, epoch=epoch, progress=config.train.progress)
+        step, out_of_time = step + result.steps, result.out_of_time
         row: dict[str, Any] = {
             "epoch": epoch, "step": step, "train_loss": result.loss, "train_accuracy": result.accuracy,
             "images": result.images,
