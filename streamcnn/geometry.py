@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.fx
@@ -252,7 +252,11 @@ def _call_name(node: torch.fx.Node) -> str:
     target = node.target
     if node.op == "call_method":
         return f"Tensor.{target}"
-    return getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or str(target)
+    name = getattr(target, "__name__", None)
+    if name is None:
+        return str(target)
+    module = getattr(target, "__module__", None) or "torch"
+    return f"{module.lstrip('_')}.{name}"
 
 
 class _LeafTracer(torch.fx.Tracer):
@@ -273,8 +277,10 @@ class TrunkGeometry:
 
     def __init__(self, module: nn.Module):
         self.module = module
+        # fx never treats the root as a leaf: wrap a lone layer so its rule applies.
+        self._root = nn.Sequential(module) if _LeafTracer().is_leaf_module(module, "") else module
         try:
-            graph = _LeafTracer().trace(module)
+            graph = _LeafTracer().trace(self._root)
         except Exception as exc:  # noqa: BLE001 - fx raises many exception types
             raise UnsupportedLayerError(
                 f"torch.fx could not trace {type(module).__name__}: {exc}. Streaming needs a trunk "
@@ -319,7 +325,7 @@ class TrunkGeometry:
 
     def _windows_for(self, node: torch.fx.Node, where: str, n_spatial: int) -> tuple[Window, Window]:
         if node.op == "call_module":
-            sub = self.module.get_submodule(str(node.target))
+            sub = self._root.get_submodule(str(node.target))
             refused = _lookup(_REFUSED_MODULES, type(sub))
             if refused:
                 raise UnsupportedLayerError(f"{where} ({type(sub).__name__}): {refused}")
@@ -376,7 +382,7 @@ class TrunkGeometry:
             try:
                 sizes.append(tuple(node.windows[ax].output_size(src[ax]) for ax in range(2)))  # type: ignore[arg-type]
             except ValueError as exc:
-                raise ValueError(f"image of size {tuple(image_size)} is too small for {node.where}: {exc}") from None
+                raise ValueError(f"image of size {tuple(image_size)} is too small for layer '{node.where}': {exc}") from None
         return sizes
 
     def output_size(self, image_size: Sequence[int]) -> tuple[int, int]:
