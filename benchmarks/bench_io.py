@@ -15,52 +15,24 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 if __name__ == "__main__":  # libvips reads VIPS_CONCURRENCY when pyvips is first imported
     _pre = argparse.ArgumentParser(add_help=False)
     _pre.add_argument("--vips-threads", default="1")
     os.environ["VIPS_CONCURRENCY"] = _pre.parse_known_args()[0].vips_threads
 
-import datetime as dt
-import json
-import platform
 import statistics
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
+import common
 import numpy as np
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from common import RESULTS
 
 
 def environment() -> dict:
-    import pyvips
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    versions = {}
-    for package in ("numpy", "tifffile", "imagecodecs", "zarr", "pyvips", "openslide-python", "openslide-bin",
-                    "tiffslide", "torch"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    versions["libvips"] = f"{pyvips.version(0)}.{pyvips.version(1)}.{pyvips.version(2)}"
-    return {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version()},
-        "device": "cpu",
-        "torch_cuda_available": torch.cuda.is_available(),
-        "versions": versions,
-        "vips_concurrency": os.environ.get("VIPS_CONCURRENCY"),
-        "load_average_before": os.getloadavg(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-    }
+    return {**common.environment("cpu"), "vips_concurrency": os.environ.get("VIPS_CONCURRENCY")}
 
 
 def bench_generation(folder: Path, images: int, size: int) -> dict:
@@ -147,10 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {r['backend']} | {r['first_read_ms']:.1f} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} |")
     print(f"\nload average before/after: {env['load_average_before']} / {env['load_average_after']}")
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"environment": env, "generation": generation, "reads": reads}, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    common.write_json(args.out, {"environment": env, "generation": generation, "reads": reads})
     print(f"wrote {args.out}")
 
 

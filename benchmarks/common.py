@@ -1,0 +1,88 @@
+"""What every benchmark records next to its numbers: machine, device, versions, date, load.
+
+Benchmarks import this as ``from common import ...`` (the script's folder is on sys.path).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PACKAGES = ("torch", "torchvision", "numpy", "tifffile", "imagecodecs", "zarr", "pyvips", "openslide-python",
+            "openslide-bin", "tiffslide")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.device(device))
+        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
+    return f"cpu: {_cpu_name()}"
+
+
+def environment(device: str = "cpu") -> dict:
+    """Machine, device, package versions, date and load average, for a results file."""
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    try:
+        import pyvips
+
+        versions["libvips"] = f"{pyvips.version(0)}.{pyvips.version(1)}.{pyvips.version(2)}"
+    except Exception:  # noqa: BLE001 - optional
+        versions["libvips"] = None
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version()},
+        "device": device_name(device),
+        "versions": versions,
+        "load_average_before": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+
+
+def write_json(name: str | Path, payload: dict) -> Path:
+    """Write ``payload`` to ``benchmarks/results/NAME`` (or to a path) atomically."""
+    path = name if isinstance(name, Path) else RESULTS / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """A markdown table of ``rows`` with (key, header) ``columns``; floats get 3 significant digits."""
+    def fmt(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(k)) for k, _ in columns) + " |" for r in rows]
+    return "\n".join(lines)
