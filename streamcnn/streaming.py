@@ -23,8 +23,9 @@ Autocast state is captured in forward and restored in backward (as
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence, Union, runtime_checkable
+from typing import Any, Callable, Iterator, Protocol, Sequence, Union, runtime_checkable
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ import torch.nn as nn
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from .geometry import TilePlan, TrunkGeometry, tile_plan
+from .geometry import Tile, TilePlan, TrunkGeometry, tile_plan
 
 __all__ = ["RegionSource", "StreamingModule"]
 
@@ -59,6 +60,21 @@ class _Windows:
 
     shape: tuple[int, int, int, int]            # N, C, H, W
     read: Callable[[tuple[tuple[int, int], tuple[int, int]]], torch.Tensor]
+    prefetch: bool = False                      # decode the next window while this one computes
+
+    def each(self, tiles: Sequence[Tile]) -> Iterator[tuple[Tile, torch.Tensor]]:
+        """``(tile, window)`` in order; with ``prefetch``, the next read runs in a thread."""
+        if not self.prefetch or len(tiles) < 2:
+            for tile in tiles:
+                yield tile, self.read(tile.window)
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamcnn-read") as pool:
+            pending = pool.submit(self.read, tiles[0].window)
+            for i, tile in enumerate(tiles):
+                window = pending.result()
+                if i + 1 < len(tiles):
+                    pending = pool.submit(self.read, tiles[i + 1].window)
+                yield tile, window
 
 
 def _integer_to_unit(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -98,7 +114,7 @@ def _windows_for(x: StreamInput, device: torch.device, dtype: torch.dtype) -> _W
             batch = batch.pin_memory()
         return _integer_to_unit(batch.to(device, non_blocking=True), dtype)
 
-    return _Windows((len(sources), c, h, w), read)
+    return _Windows((len(sources), c, h, w), read, prefetch=True)
 
 
 def _segments(module: nn.Module) -> list[nn.Module]:
@@ -151,8 +167,8 @@ class _StreamFunction(torch.autograd.Function):
         ctx.x_meta = None if x is None else (x.shape, x.dtype, x.device)
         ctx.set_materialize_grads(False)
         features = None
-        for tile in engine._progress(plan.tiles, "forward"):
-            out = _region(engine.module(windows.read(tile.window)), tile.crop)
+        for tile, window in engine._progress(windows.each(plan.tiles), len(plan.tiles), "forward"):
+            out = _region(engine.module(window), tile.crop)
             if features is None:
                 n, c = out.shape[:2]
                 target = engine.output_device or out.device
@@ -177,8 +193,7 @@ class _StreamFunction(torch.autograd.Function):
             shape, dtype, x_device = ctx.x_meta
             grad_x = torch.zeros(shape, dtype=dtype, device=x_device)
         enabled, dtype = ctx.autocast
-        for tile in engine._progress(plan.tiles, "backward"):
-            window = windows.read(tile.window)
+        for tile, window in engine._progress(windows.each(plan.tiles), len(plan.tiles), "backward"):
             if grad_x is not None:
                 window = window.detach().requires_grad_(True)
             g = _region(grad_features, tile.region).to(device, non_blocking=True)
@@ -264,11 +279,11 @@ class StreamingModule(nn.Module):
                 return p.dtype
         return torch.get_default_dtype()
 
-    def _progress(self, tiles, what: str):
-        if not self.progress or len(tiles) < 2:
-            return tiles
+    def _progress(self, items: Iterator, total: int, what: str) -> Iterator:
+        if not self.progress or total < 2:
+            return items
         from tqdm.auto import tqdm
-        return tqdm(tiles, desc=f"stream {what}", unit="tile", leave=False)
+        return tqdm(items, total=total, desc=f"stream {what}", unit="tile", leave=False)
 
     # -- forward -----------------------------------------------------------------------
     def forward(self, x: StreamInput) -> torch.Tensor:
