@@ -58,6 +58,14 @@ def _pixels(images: Any) -> int:
     return sum(image.shape[-2] * image.shape[-1] for image in images)
 
 
+def _release(images: Any) -> None:
+    """Close lazy readers once their batch is done (file handles are reopened on demand)."""
+    if not isinstance(images, torch.Tensor):
+        for image in images:
+            if hasattr(image, "close"):
+                image.close()
+
+
 def _check_labels(labels: torch.Tensor, num_classes: int) -> None:
     bad = labels[(labels < 0) | (labels >= num_classes)]
     if bad.numel():
@@ -128,6 +136,7 @@ def train_one_epoch(model: nn.Module, batches: DataLoader, optimizer: torch.opti
                         "stopped before the update. The last good checkpoint is kept: lower optim.lr, "
                         "set train.amp=off, or check the data")
                 scaler.scale(loss / accumulate).backward()
+            _release(images)
             correct = (logits.detach().argmax(dim=1).cpu() == labels).sum().item()
             totals += torch.tensor([loss.item() * len(labels), len(labels), _pixels(images), correct],
                                    dtype=torch.float64)
@@ -180,6 +189,7 @@ def evaluate(model: nn.Module, batches: Iterable, *, context: DistributedContext
             logits = model(to_model_input(images)).float().cpu()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
         confusion += confusion_matrix(logits.argmax(dim=1), labels, num_classes)
+        _release(images)
     confusion = all_reduce_sum(confusion, context)
     loss_sum = all_reduce_sum(loss_sum, context)
     count = int(confusion.sum())

@@ -76,6 +76,7 @@ def plot_loss_curve(history: Sequence[dict[str, Any]], path: str | Path, title: 
     fig, loss_axis = plt.subplots(figsize=(6, 4))
     loss_axis.plot(epochs, [row["train_loss"] for row in history], "o-", color="tab:blue", label="train loss")
     loss_axis.set_xlabel("epoch")
+    loss_axis.xaxis.get_major_locator().set_params(integer=True)
     loss_axis.set_ylabel("train loss", color="tab:blue")
     accuracy = [(row["epoch"], row["val_accuracy"]) for row in history if row.get("val_accuracy") is not None]
     if accuracy:
@@ -94,7 +95,7 @@ def plot_confusion_matrix(matrix: torch.Tensor, path: str | Path, title: str = "
     counts = matrix.double()
     rates = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
     n = matrix.shape[0]
-    fig, axis = plt.subplots(figsize=(max(4, n * 0.28 + 2), max(3.5, n * 0.28 + 1.5)))
+    fig, axis = plt.subplots(figsize=(max(5.5, n * 0.28 + 2), max(4.5, n * 0.28 + 1.5)))
     image = axis.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
     axis.set_xlabel("predicted class")
     axis.set_ylabel("true class")
@@ -103,5 +104,5 @@ def plot_confusion_matrix(matrix: torch.Tensor, path: str | Path, title: str = "
     axis.set_yticks(range(0, n, step))
     fig.colorbar(image, ax=axis, label="fraction of true class")
     accuracy = counts.diagonal().sum() / counts.sum().clamp_min(1)
-    axis.set_title(f"{title + ': ' if title else ''}accuracy {accuracy:.1%} ({int(counts.sum())} images)")
+    axis.set_title(f"{title + ': ' if title else ''}accuracy {accuracy:.1%} ({int(counts.sum())} images)", fontsize=10)
     return _save_figure(fig, path)

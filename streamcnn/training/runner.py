@@ -238,5 +238,5 @@ def _fit(config: TrainConfig, context: DistributedContext, resume: bool, train_s
     if context.is_main and history:
         plot_loss_curve(history, files.out / "loss_curve.png", title=f"{config.model.trunk} {config.model.mode}")
         if last_eval is not None:
-            plot_confusion_matrix(last_eval.confusion, files.out / "confusion_matrix.png", title=f"epoch {epoch}")
+            plot_confusion_matrix(last_eval.confusion, files.out / "confusion_matrix.png", title=f"validation, epoch {epoch}")
     return history
