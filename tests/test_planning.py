@@ -1,0 +1,198 @@
+"""streamcnn.planning and tools/plan.py: choosing, reporting, refusing, enforcing."""
+from __future__ import annotations
+
+import json
+import re
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from streamcnn.memory import measure_step_memory, parse_size, predict_step_memory
+from streamcnn.models import build_model
+from streamcnn.planning import BudgetError, Candidate, candidate_tile_sizes, enforce_budget, plan
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import plan as plan_cli  # noqa: E402
+
+MiB = 2**20
+
+
+def resnet18(**config):
+    torch.manual_seed(0)
+    return build_model("resnet18", head="conv", num_classes=5, in_channels=1, head_kwargs={"width": 32, "depth": 1},
+                       **config)
+
+
+def ranked_fitting(report):
+    return sorted((c for c in report.candidates if c.fits), key=lambda c: (c.offload, c.relative_cost))
+
+
+def test_tile_size_ladder_is_stride_aligned_and_below_the_image():
+    assert candidate_tile_sizes(4000, 32) == [256, 384, 512, 768, 1024, 1536, 2048, 3072]
+    assert candidate_tile_sizes(512, 32) == [128, 192, 256, 384]
+    assert all(s % 48 == 0 for s in candidate_tile_sizes(3000, 48))
+
+
+def test_conventional_is_chosen_when_everything_fits():
+    report = plan(resnet18(), 512, "100GB", device="cuda", tile_sizes=[128, 256], exhaustive=True)
+    assert len(report.candidates) == 2 + 2 * 2 * 2 and all(c.fits for c in report.candidates)
+    assert report.chosen.mode == "conventional" and report.chosen.relative_cost == 1.0
+    assert report.chosen is ranked_fitting(report)[0]
+
+
+@pytest.fixture(scope="module")
+def every_plan():
+    """Every candidate for ResNet-18 at 1024 px on CUDA, simulated (the budget fits all)."""
+    return plan(resnet18(), 1024, "100GB", device="cuda", tile_sizes=[256, 384, 512], exhaustive=True)
+
+
+def cheapest_within(report, budget):
+    fits = [c for c in report.candidates if c.predicted_device_bytes <= budget]
+    return min(fits, key=lambda c: (c.offload, round(c.relative_cost, 9), c.predicted_device_bytes))
+
+
+def test_the_cheapest_fitting_plan_is_chosen(every_plan):
+    conventional, checkpoint = every_plan.candidates[:2]
+    streamed = sorted(c.predicted_device_bytes for c in every_plan.candidates if c.mode.startswith("stream"))
+    budgets = [(conventional.predicted_device_bytes + checkpoint.predicted_device_bytes) // 2,  # checkpoint
+               streamed[len(streamed) // 2] + 1,                                             # some streamed
+               streamed[0]]                                                                  # only the smallest
+    chosen = []
+    for budget in budgets:
+        report = plan(resnet18(), 1024, budget, device="cuda", tile_sizes=[256, 384, 512])
+        expected = cheapest_within(every_plan, budget)
+        assert (report.chosen.mode, report.chosen.tile_size, report.chosen.offload) == \
+            (expected.mode, expected.tile_size, expected.offload)
+        assert report.chosen.predicted_device_bytes == expected.predicted_device_bytes <= budget
+        assert sum(c.predicted_device_bytes <= budget for c in every_plan.candidates) >= 1
+        chosen.append(report.chosen)
+    assert chosen[0].mode == "checkpoint"
+    assert chosen[1].mode.startswith("stream") and chosen[1].relative_cost < chosen[2].relative_cost
+    # the lazy search skipped only plans slower than the one it chose
+    skipped = [c for c in report.candidates if c.fits is None]
+    assert all((c.offload, c.relative_cost) >= (chosen[2].offload, chosen[2].relative_cost) for c in skipped)
+
+
+def test_lazy_planning_simulates_only_what_it_needs(every_plan):
+    report = plan(resnet18(), 1024, every_plan.candidates[1].predicted_device_bytes, device="cuda",
+                  tile_sizes=[256, 384, 512])
+    assert report.chosen.mode == "checkpoint"
+    assert [c.fits for c in report.candidates[:2]] == [False, True]
+    assert all(c.fits is None and c.predicted_peak_bytes is None for c in report.candidates[2:])
+    assert f"{len(report.candidates) - 2} slower plans not simulated" in str(report)
+
+
+def test_refusal_names_the_budget_and_the_smallest_budget_that_fits():
+    model = resnet18()
+    with pytest.raises(BudgetError) as err:
+        plan(model, 1024, "20MB", device="cuda", tile_sizes=[256])
+    message = str(err.value)
+    assert message.startswith("no plan fits the budget of 20.00 MB on cuda for StreamingClassifier")
+    assert "at 1024x1024 px (batch 1, fp32, adamw): the smallest, stream+checkpoint +offload 256 px, needs" in message
+    suggested = parse_size(re.search(r"at least ([\d.]+ [kMGT]?B)", message).group(1).replace(" ", ""))
+    assert err.value.min_bytes <= suggested < err.value.min_bytes + 10**7
+    assert message.endswith("; or try bf16, smaller tiles (tile_sizes=...) or a smaller model.")
+    assert isinstance(err.value, ValueError)
+    # the minimum is exact: at min_bytes a plan fits, one byte less nothing does
+    fitting = plan(model, 1024, err.value.min_bytes, device="cuda", tile_sizes=[256])
+    assert fitting.chosen.predicted_device_bytes == err.value.min_bytes
+    with pytest.raises(BudgetError):
+        plan(model, 1024, err.value.min_bytes - 1, device="cuda", tile_sizes=[256])
+
+
+def test_chosen_plan_measured_on_cpu_stays_under_the_budget():
+    model = resnet18()
+    conventional = predict_step_memory(model, 256, device="cpu").process_bytes
+    budget = conventional - 4 * MiB
+    report = plan(model, 256, budget, device="cpu")
+    assert report.chosen.mode != "conventional"
+    report.apply(model)
+    measured = measure_step_memory(model, 256, device="cpu", warmup=False)
+    assert measured.process_bytes <= budget
+    assert abs(measured.allocated_bytes / report.chosen.predicted_peak_bytes - 1) < 0.10
+
+
+def test_apply_configures_the_model_in_place():
+    model = resnet18()
+    offloaded = Candidate("stream+checkpoint", 512, True, True, True, 4, 1.3, (900, 900), 2.0)
+    offloaded.configure(model)
+    assert (model.trunk.tile_size, model.trunk.checkpoint, model.trunk.output_device, model.head_checkpoint) == \
+        (512, True, torch.device("cpu"), True)
+    report = plan(model, 512, "100GB", device="cuda")
+    assert report.apply(model) is model
+    assert (model.trunk.tile_size, model.trunk.checkpoint, model.trunk.output_device, model.head_checkpoint) == \
+        (None, False, None, False)
+    with pytest.raises(TypeError, match="a plan configures a StreamingClassifier"):
+        report.apply(torch.nn.Linear(2, 2))
+
+
+def test_report_json_and_table():
+    report = plan("resnet18", 4000, "11GB", in_channels=1, dtype="bf16", device="cuda")
+    data = json.loads(json.dumps(report.to_json()))
+    assert data["mode"] == report.chosen.mode and data["tile_size"] == report.chosen.tile_size
+    assert data["predicted_peak_bytes"] == report.chosen.predicted_peak_bytes > 0
+    assert data["dtype"] == "bf16" and data["budget_bytes"] == 11 * 10**9
+    assert data["headroom_bytes"] == 11 * 10**9 - report.chosen.predicted_device_bytes >= 0
+    assert {c["mode"] for c in data["candidates"]} == {"conventional", "checkpoint", "stream", "stream+checkpoint"}
+    text = str(report)
+    assert "budget 11.00 GB" in text and "headroom:" in text and "chosen:" in text
+    chosen_row = next(line for line in text.splitlines() if line.startswith("->"))
+    assert report.chosen.mode in chosen_row
+    assert report.planning_seconds < 60
+
+
+def test_bf16_needs_less_than_fp32():
+    fp32 = plan("resnet50", 4000, "1000GB", in_channels=1, device="cuda").chosen
+    bf16 = plan("resnet50", 4000, "1000GB", in_channels=1, device="cuda", dtype="bf16").chosen
+    assert fp32.mode == bf16.mode == "conventional"
+    assert bf16.predicted_peak_bytes < 0.75 * fp32.predicted_peak_bytes
+
+
+def test_plot_writes_a_png(tmp_path):
+    report = plan(resnet18(), 1024, "2GB", device="cuda", tile_sizes=[256, 512], exhaustive=True)
+    path = report.plot(tmp_path / "plan.png")
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    assert width > 800 and height > 300
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_enforce_budget_on_cpu_reports_that_nothing_is_capped():
+    info = enforce_budget("11GB", "cpu")
+    assert info["enforced"] is False and info["budget_bytes"] == 11 * 10**9
+    assert "only enforced on CUDA" in info["reason"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_enforce_budget_caps_cuda_allocations():
+    info = enforce_budget("2GB", "cuda")
+    try:
+        assert info["enforced"] and info["allocator_cap_bytes"] < 2 * 10**9
+        with pytest.raises(torch.OutOfMemoryError):
+            torch.empty(int(2.1e9), dtype=torch.uint8, device="cuda")
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+def test_cli_json_and_refusal(capsys):
+    assert plan_cli.main(["--model", "resnet18", "--image-size", "512", "--budget", "11GiB", "--in-channels", "1",
+                          "--device", "cpu", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["mode"] == "conventional" and data["tile_size"] is None and data["predicted_peak_bytes"] > 0
+    assert data["budget_bytes"] == 11 * 2**30
+    assert plan_cli.main(["--model", "resnet18", "--image-size", "512", "--budget", "10MB", "--in-channels", "1",
+                          "--device", "cpu"]) == 1
+    assert "error: no plan fits the budget of 10.00 MB on cpu" in capsys.readouterr().err
+
+
+def test_cli_rejects_bad_sizes():
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "plan.py"), "--image-size", "4000",
+                             "--budget", "11 gigs"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "not a memory size: '11 gigs'" in result.stderr
