@@ -109,7 +109,7 @@ class LoopConfig(_Section):
     ``batch_size * accumulate * processes`` images.
     """
 
-    epochs: int = Field(5, ge=1)
+    epochs: int = Field(3, ge=1)
     max_steps: Optional[int] = Field(None, ge=1)
     max_minutes: Optional[float] = Field(None, gt=0)
     batch_size: int = Field(1, ge=1)

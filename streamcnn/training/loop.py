@@ -98,9 +98,9 @@ def train_one_epoch(model: nn.Module, batches: DataLoader, optimizer: torch.opti
                     deadline: float | None = None, epoch: int = 0, progress: bool = True) -> EpochResult:
     """Train over ``batches`` (this process's micro-batches).
 
-    Stops early after ``max_steps`` optimizer steps in total, or after the first optimizer
-    step that ends past ``deadline`` (a ``time.monotonic()`` value; any process past it
-    stops them all).
+    Stops early after ``max_steps`` optimizer steps in total, or after the optimizer step
+    whose last micro-batch started past ``deadline`` (a ``time.monotonic()`` value; one
+    process past it stops them all).
 
     Micro-batches after the last complete group of ``accumulate`` are skipped, so every
     optimizer step averages the same number of images. ``step`` is the global optimizer

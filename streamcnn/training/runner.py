@@ -118,6 +118,52 @@ def _is_better(row: dict[str, Any], best: dict[str, Any] | None) -> bool:
     return row["train_loss"] < best["train_loss"]
 
 
+def _best(history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    best = None
+    for row in history:
+        if _is_better(row, best):
+            best = row
+    return best
+
+
+@dataclass
+class _Trainer:
+    """What a checkpoint saves and restores."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+
+    def state(self, rng: list, epoch: int, step: int, history: list, config: TrainConfig,
+              image_size: tuple[int, int]) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng,
+                "epoch": epoch, "step": step, "history": history, "config": config.to_dict(), "image_size": image_size}
+
+    def restore(self, state: dict[str, Any], context: DistributedContext) -> tuple[int, int, list[dict[str, Any]]]:
+        """Load ``state``; return (epoch, step, history) at its end."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        rng = state["rng"]  # one per rank; a different world size continues from rank 0's
+        set_rng_state(rng[context.rank] if len(rng) == context.world_size else rng[0])
+        return state["epoch"], state["step"], state["history"]
+
+
+def _epoch_row(epoch: int, step: int, result, lr: float, val) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "epoch": epoch, "step": step, "train_loss": result.loss, "train_accuracy": result.accuracy,
+        "images": result.images, "images_per_second": result.images / result.seconds,
+        "megapixels_per_second": result.megapixels / result.seconds, "peak_memory_bytes": result.peak_memory_bytes,
+        "lr": lr, "seconds": result.seconds, "val_accuracy": None, "val_loss": None,
+    }
+    if val is not None:
+        row.update(val_accuracy=val.accuracy, val_loss=val.loss, val_seconds=val.seconds)
+    return row
+
+
 def fit(config: TrainConfig, *, resume: bool = False, train_set: Dataset | None = None,
         val_set: Dataset | None = None) -> list[dict[str, Any]]:
     """Train as ``config`` says; return the metrics history (one dict per epoch).
@@ -151,9 +197,8 @@ def _fit(config: TrainConfig, context: DistributedContext, resume: bool, train_s
     plan_text, plan_json = apply_memory_plan(model, config, image_size, device, batch=config.train.batch_size)
     model.to(device)
     if config.plan.budget is not None and device.type == "cuda":
-        from ..memory import parse_size
         from ..planning import enforce_budget
-        enforce_budget(parse_size(config.plan.budget), device)
+        enforce_budget(config.plan.budget, device)
 
     train_loader = _loader(train_set, config, context, train=True)
     val_loader = _loader(val_set, config, context, train=False) if val_set is not None else None
@@ -166,22 +211,15 @@ def _fit(config: TrainConfig, context: DistributedContext, resume: bool, train_s
     if config.train.max_steps is not None:
         total_steps = min(total_steps, config.train.max_steps)
     optimizer = build_optimizer(model, config.optim)
-    scheduler = build_scheduler(optimizer, config.optim, total_steps, steps_per_epoch)
     amp_dtype = resolve_amp(config.train.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-
-    history: list[dict[str, Any]] = []
-    epoch, step = 0, 0
+    trainer = _Trainer(model, optimizer, build_scheduler(optimizer, config.optim, total_steps, steps_per_epoch),
+                       torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16))
+    epoch, step, history = 0, 0, []
     if resume and files.last.exists():
-        state = load_checkpoint(files.last, map_location=device)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        rng = state["rng"]
-        set_rng_state(rng[context.rank] if len(rng) == context.world_size else rng[0])
-        epoch, step, history = state["epoch"], state["step"], state["history"]
-    best = max(history, key=lambda r: (r.get("val_accuracy") or 0.0, -r["train_loss"]), default=None)
+        epoch, step, history = trainer.restore(load_checkpoint(files.last, map_location=device), context)
+    elif resume and context.is_main:
+        print(f"{files.last} does not exist yet: starting the run from the beginning", flush=True)
+    best = _best(history)
     train_model: nn.Module = model
     if context.enabled:
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -192,7 +230,7 @@ def _fit(config: TrainConfig, context: DistributedContext, resume: bool, train_s
         atomic_write(files.out / "plan.txt", lambda tmp: tmp.write_text(plan_text + "\n"))
         if plan_json is not None:
             atomic_write(files.out / "plan.json", lambda tmp: tmp.write_text(json.dumps(plan_json, indent=1)))
-        write_metrics(files.metrics, history)
+        write_metrics(files.metrics, history)  # a resumed run forgets what happened after last.pt
         if config.train.progress:
             print(plan_text, flush=True)
 
@@ -202,37 +240,28 @@ def _fit(config: TrainConfig, context: DistributedContext, resume: bool, train_s
             and not out_of_time:
         epoch += 1
         train_loader.batch_sampler.set_epoch(epoch)  # type: ignore[union-attr]
-        result = train_one_epoch(train_model, train_loader, optimizer, scheduler, scaler, context=context,
-                                 num_classes=config.model.num_classes, accumulate=config.train.accumulate,
-                                 amp_dtype=amp_dtype, step=step, max_steps=config.train.max_steps,
-                                 deadline=deadline, epoch=epoch, progress=config.train.progress)
+        result = train_one_epoch(train_model, train_loader, optimizer, trainer.scheduler, trainer.scaler,
+                                 context=context, num_classes=config.model.num_classes,
+                                 accumulate=config.train.accumulate, amp_dtype=amp_dtype, step=step,
+                                 max_steps=config.train.max_steps, deadline=deadline, epoch=epoch,
+                                 progress=config.train.progress)
         step, out_of_time = step + result.steps, result.out_of_time
-        row: dict[str, Any] = {
-            "epoch": epoch, "step": step, "train_loss": result.loss, "train_accuracy": result.accuracy,
-            "images": result.images,
-            "images_per_second": result.images / result.seconds, "megapixels_per_second": result.megapixels / result.seconds,
-            "peak_memory_bytes": result.peak_memory_bytes, "lr": scheduler.get_last_lr()[0],
-            "seconds": result.seconds, "val_accuracy": None, "val_loss": None,
-        }
         if val_loader is not None:
             last_eval = evaluate(model, val_loader, context=context, num_classes=config.model.num_classes,
                                  amp_dtype=amp_dtype, progress=config.train.progress, desc=f"validate {epoch}")
-            row.update(val_accuracy=last_eval.accuracy, val_loss=last_eval.loss, val_seconds=last_eval.seconds)
+        row = _epoch_row(epoch, step, result, trainer.scheduler.get_last_lr()[0], last_eval)
         history.append(row)
         rng = gather_objects(rng_state(), context)
         if context.is_main:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng,
-                     "epoch": epoch, "step": step, "history": history, "config": config.to_dict(),
-                     "image_size": image_size}
+            state = trainer.state(rng, epoch, step, history, config, image_size)
             save_checkpoint(files.last, state)
             if _is_better(row, best):
                 best = row
                 save_checkpoint(files.best, state)
             write_metrics(files.metrics, history)
             if config.train.progress:
-                summary = {k: row[k] for k in ("epoch", "step", "train_loss", "val_accuracy", "seconds")}
-                print(json.dumps(summary), flush=True)
+                print(json.dumps({k: row[k] for k in ("epoch", "step", "train_loss", "val_accuracy", "seconds")}),
+                      flush=True)
         context.barrier()
 
     if context.is_main and history:
