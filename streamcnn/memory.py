@@ -296,7 +296,7 @@ def predict_step_memory(model: nn.Module, image_size: int | Sequence[int], *, ba
     ``model`` is not touched (it may live on any device, or on meta); it is copied onto fake
     tensors. The images come from host memory (a CPU tensor or region sources), as in
     training; on a CPU device host and device memory are the same, so they count.
-    Streaming runs only the largest window twice unless ``full_plan`` (for validation).
+    Streaming runs only the largest window, three times, unless ``full_plan`` (for validation).
     """
     device_type = torch.device(device).type
     autocast_dtype = resolve_dtype(dtype)

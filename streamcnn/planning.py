@@ -371,7 +371,7 @@ def plan(model: nn.Module | str, image_size: int | Sequence[int], budget: int | 
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(order), desc="planning", unit="plan", leave=False)
+        bar = tqdm(total=len(order), desc="planning", unit="plan", leave=False, delay=0.5)
     best_rank = None
     for c in order:
         if best_rank is not None and _rank(c) > best_rank and not exhaustive:
