@@ -281,9 +281,10 @@ def _pair(size: int | Sequence[int]) -> tuple[int, int]:
 
 def candidate_tile_sizes(image_size: int | Sequence[int], stride: int) -> list[int]:
     """Tile sides to try: powers of two and 1.5x steps, multiples of ``stride``, from 256 px
-    (or a quarter of the image for small images) up to below the image's longer side."""
+    (a quarter of the image for small images; 1/64 of it for huge ones, so that a plan has
+    at most about 64 x 64 tiles) up to below the image's longer side."""
     side = max(_pair(image_size))
-    low = min(256, max(stride, side // 4 // stride * stride))
+    low = max(min(256, max(stride, side // 4 // stride * stride)), side // 64)
     sizes, base = [], 64
     while base < side:
         for s in (base, base * 3 // 2):
