@@ -70,6 +70,7 @@ def write_json(name: str | Path, payload: dict) -> Path:
     with os.fdopen(fd, "w") as f:
         json.dump(payload, f, indent=2)
         f.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are for everyone to read
     os.replace(tmp, path)
     return path
 

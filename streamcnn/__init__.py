@@ -1,15 +1,22 @@
-"""streamcnn: train CNNs on images larger than GPU memory, with exact gradients.
+"""streamcnn: train CNNs on images larger than GPU memory, with exact gradients, in a budget.
 
-Public API:
+Public API (details in README.md):
 
-- :class:`StreamingModule`: run a trunk of local layers tile by tile, exact gradients.
-- :func:`freeze_batchnorm`: make BatchNorm layers streamable (eval mode, affine trainable).
-- :func:`tile_plan`, :class:`TilePlan`, :class:`TrunkGeometry`: the tiling geometry.
-- :func:`register_rule`, :class:`Window`: teach the geometry a new local layer.
-- :class:`UnsupportedLayerError`: raised for layers that cannot be streamed exactly.
+- Streaming: :class:`StreamingModule`, :func:`freeze_batchnorm`, :class:`RegionSource`.
+- Geometry: :func:`tile_plan`, :class:`TilePlan`, :class:`TrunkGeometry`,
+  :func:`register_rule`, :class:`Window`, :class:`UnsupportedLayerError`.
+- Models: :func:`build_model`, :class:`StreamingClassifier`.
+- Memory: :func:`plan`, :class:`PlanReport`, :class:`Candidate`, :class:`BudgetError`,
+  :func:`enforce_budget`, :func:`parse_size`, :func:`format_size`.
+- Images: :func:`open_image` (lazy readers; imported on first use, as it loads libvips).
+- Subpackages: ``streamcnn.io``, ``streamcnn.data`` (UltraMNIST, datasets),
+  ``streamcnn.training`` (the trainer behind ``tools/train.py``).
 """
 from .batchnorm import FrozenBatchNorm2d, freeze_batchnorm
 from .geometry import TilePlan, TrunkGeometry, UnsupportedLayerError, Window, register_rule, tile_plan
+from .memory import format_size, parse_size
+from .models import StreamingClassifier, build_model
+from .planning import BudgetError, Candidate, PlanReport, enforce_budget, plan
 from .streaming import RegionSource, StreamingModule
 
 __version__ = "0.1.0"
@@ -25,4 +32,22 @@ __all__ = [
     "register_rule",
     "Window",
     "UnsupportedLayerError",
+    "build_model",
+    "StreamingClassifier",
+    "plan",
+    "PlanReport",
+    "Candidate",
+    "BudgetError",
+    "enforce_budget",
+    "parse_size",
+    "format_size",
+    "open_image",
 ]
+
+
+def __getattr__(name: str):
+    if name == "open_image":
+        from .io import open_image
+
+        return open_image
+    raise AttributeError(f"module 'streamcnn' has no attribute {name!r}")

@@ -121,11 +121,31 @@ def build_head(name: str, channels: int, num_classes: int, **kwargs) -> nn.Modul
     return HEADS[name](channels, num_classes, **kwargs)
 
 
+def _saved_on(host: torch.device):
+    """Autograd saves tensors on ``host`` and brings them back for the backward."""
+    def pack(t: torch.Tensor):
+        if t.device == host:
+            return t.device, t
+        if host.type == "cpu" and t.is_cuda:
+            copy = torch.empty(t.shape, dtype=t.dtype, layout=t.layout, device=host, pin_memory=True)
+            return t.device, copy.copy_(t, non_blocking=True)
+        return t.device, t.to(host)
+
+    def unpack(packed) -> torch.Tensor:
+        device, t = packed
+        return t.to(device, non_blocking=True)
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
 class StreamingClassifier(nn.Module):
     """``head(trunk(x))`` where the trunk streams, as ``self.trunk`` is configured.
 
     ``trunk.tile_size`` / ``trunk.checkpoint`` / ``trunk.output_device`` and
     ``head_checkpoint`` are the knobs a memory plan sets; none changes the result.
+    When the feature map is kept off the head's device (offload), the head's saved
+    activations are kept there too (``saved_tensors_hooks``), so the device holds the
+    head's tensors only while they are computed.
     """
 
     def __init__(self, trunk: StreamingModule, head: nn.Module, head_checkpoint: bool = False):
@@ -137,10 +157,16 @@ class StreamingClassifier(nn.Module):
     def forward(self, x) -> torch.Tensor:
         features = self.trunk(x)
         device = next(self.head.parameters()).device
+        host = features.device
         features = features.to(device, non_blocking=True)
         if self.head_checkpoint and torch.is_grad_enabled():
-            return _checkpoint(self.head, features, use_reentrant=False)
-        return self.head(features)
+            run = lambda f: _checkpoint(self.head, f, use_reentrant=False)  # noqa: E731
+        else:
+            run = self.head
+        if host == device or not torch.is_grad_enabled():
+            return run(features)
+        with _saved_on(host):
+            return run(features)
 
 
 def build_model(trunk: str = "resnet18", head: str = "conv", num_classes: int = 28, in_channels: int = 3,
