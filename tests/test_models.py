@@ -22,9 +22,9 @@ def test_plan_knobs_do_not_change_the_result():
     with torch.no_grad():  # leave zero-init residuals: make every block contribute
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    x = torch.rand(1, 1, 150, 250, dtype=torch.float64)
+    x = torch.rand(1, 1, 96, 200, dtype=torch.float64)
     ref_logits, ref = _gradients(model, x)
-    for tile, checkpoint, head_checkpoint in ((96, False, False), (64, True, True), (None, True, False)):
+    for tile, checkpoint, head_checkpoint in ((64, False, False), (96, True, True), (None, True, False)):
         model.trunk.tile_size, model.trunk.checkpoint, model.head_checkpoint = tile, checkpoint, head_checkpoint
         logits, grads = _gradients(model, x)
         assert relative_error(ref_logits, logits) <= 1e-10
