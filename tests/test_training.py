@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import signal
 import subprocess
@@ -223,3 +224,33 @@ def test_step_and_time_limits_end_the_run_with_an_evaluated_epoch(tmp_path, limi
     assert [row["step"] for row in history] == steps and [row["epoch"] for row in history] == [1]
     assert history[0]["images"] == 4 * steps[0] and history[0]["val_accuracy"] is not None
     assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == steps[0]
+
+
+def test_schedules_per_optimizer_step():
+    from streamcnn.training.config import OptimConfig
+    from streamcnn.training.optim import build_optimizer, build_scheduler
+
+    def lrs(config: OptimConfig, total: int, per_epoch: int) -> list[float]:
+        optimizer = build_optimizer(torch.nn.Linear(2, 2), config)
+        scheduler = build_scheduler(optimizer, config, total, per_epoch)
+        values = []
+        for _ in range(total):
+            values.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return values
+
+    cosine = lrs(OptimConfig(lr=1.0, warmup_steps=2, schedule="cosine"), total=6, per_epoch=3)
+    assert cosine == pytest.approx([0.5, 1.0, 1.0, 0.5 * (1 + 0.5 ** 0.5), 0.5, 0.5 * (1 - 0.5 ** 0.5)])
+    paper = lrs(OptimConfig(name="adam", lr=1.0, schedule="exponential", gamma=0.5), total=6, per_epoch=2)
+    assert paper == pytest.approx([1, 1, 0.5, 0.5, 0.25, 0.25])
+    groups = build_optimizer(torch.nn.Linear(2, 2), OptimConfig(weight_decay=0.1)).param_groups
+    assert [(len(g["params"]), g["weight_decay"]) for g in groups] == [(1, 0.1), (1, 0.0)]   # no decay on the bias
+
+
+def test_bf16_autocast_trains_on_cpu_and_fp16_is_refused(tmp_path):
+    torch.set_num_threads(1)
+    history = fit(tiny_config(tmp_path / "bf16", "train.epochs=1", "data.synthetic_count=16", "train.amp=bf16"))
+    assert history[0]["step"] == 4 and math.isfinite(history[0]["train_loss"])
+    with pytest.raises(ValueError, match="train.amp=fp16 needs a CUDA device; use bf16 or off on CPU"):
+        fit(tiny_config(tmp_path / "fp16", "train.epochs=1", "train.amp=fp16"))

@@ -188,6 +188,7 @@ def _fit(config: TrainConfig, context: DistributedContext, resume: bool, train_s
     if files.last.exists() and not resume:
         raise FileExistsError(f"{files.last} exists: pass --resume to continue that run, or choose another --out")
     device = context.device
+    amp_dtype = resolve_amp(config.train.amp, device)
     if train_set is None:
         train_set, val_set = build_datasets(config, context)
     seed_everything(config.train.seed)
@@ -211,7 +212,6 @@ def _fit(config: TrainConfig, context: DistributedContext, resume: bool, train_s
     if config.train.max_steps is not None:
         total_steps = min(total_steps, config.train.max_steps)
     optimizer = build_optimizer(model, config.optim)
-    amp_dtype = resolve_amp(config.train.amp, device)
     trainer = _Trainer(model, optimizer, build_scheduler(optimizer, config.optim, total_steps, steps_per_epoch),
                        torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16))
     epoch, step, history = 0, 0, []
