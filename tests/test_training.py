@@ -16,8 +16,15 @@ import torch
 import torch.nn.functional as F
 
 from streamcnn.models import build_model
-from streamcnn.training import (DownsampledDataset, NonFiniteLossError, SyntheticTextures, apply_overrides, fit,
-                                load_checkpoint, load_config)
+from streamcnn.training import (
+    DownsampledDataset,
+    NonFiniteLossError,
+    SyntheticTextures,
+    apply_overrides,
+    fit,
+    load_checkpoint,
+    load_config,
+)
 from streamcnn.training.metrics import read_metrics
 from streamcnn.training.synthetic import TEXTURES
 

@@ -3,12 +3,14 @@
 - :func:`load_config`, :class:`TrainConfig`: typed YAML configs with dotted overrides.
 - :func:`fit`: a whole run (what ``tools/train.py`` calls); :func:`apply_memory_plan`.
 - :func:`train_one_epoch`, :func:`evaluate`: the loop itself.
+- :func:`evaluate_checkpoint`: a checkpoint on a manifest folder (``tools/evaluate.py``).
 - :class:`SyntheticTextures`: a tiny task where full resolution matters (tests, smoke runs).
 - :class:`DownsampledDataset`: the downsampling baseline's input.
 """
 from .baselines import DownsampledDataset, downsample_image
 from .checkpointing import load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig, apply_overrides, load_config
+from .evaluation import evaluate_checkpoint
 from .loop import NonFiniteLossError, evaluate, train_one_epoch
 from .runner import apply_memory_plan, build_training_model, fit
 from .synthetic import SyntheticTextures
@@ -23,6 +25,7 @@ __all__ = [
     "build_training_model",
     "train_one_epoch",
     "evaluate",
+    "evaluate_checkpoint",
     "NonFiniteLossError",
     "save_checkpoint",
     "load_checkpoint",

@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from torch.utils.data import Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from .baselines import DownsampledDataset
 from .config import TrainConfig
 from .distributed import DistributedContext
 from .synthetic import SyntheticTextures
 
-__all__ = ["default_cache_dir", "build_datasets", "model_input", "ShardedBatchSampler", "image_size_of"]
+__all__ = ["default_cache_dir", "build_datasets", "model_input", "make_loader", "ShardedBatchSampler", "image_size_of"]
 
 
 def default_cache_dir() -> Path:
@@ -141,3 +141,13 @@ class ShardedBatchSampler(Sampler[list[int]]):
             mine = len(range(self.rank, self.size, self.world_size))
             return -(-mine // self.batch_size)
         return self.size // (self.batch_size * self.world_size)
+
+
+def make_loader(dataset: Dataset, config: TrainConfig, context: DistributedContext, *, train: bool) -> DataLoader:
+    """This process's batches of ``dataset``: shuffled global batches for training, a shard for evaluation."""
+    from ..data import collate_images
+
+    sampler = ShardedBatchSampler(len(dataset), config.train.batch_size, context.rank,  # type: ignore[arg-type]
+                                  context.world_size, shuffle=train, seed=config.train.seed)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_images, num_workers=config.train.workers,
+                      persistent_workers=config.train.workers > 0)

@@ -14,11 +14,11 @@ from typing import Any
 from ..data import ManifestDataset
 from .checkpointing import atomic_write, load_checkpoint
 from .config import TrainConfig, apply_overrides
-from .datasets import image_size_of, model_input
+from .datasets import image_size_of, make_loader, model_input
 from .distributed import init_distributed
 from .loop import evaluate, resolve_amp
 from .metrics import plot_confusion_matrix
-from .runner import _loader, apply_memory_plan, build_training_model
+from .runner import apply_memory_plan, build_training_model
 
 __all__ = ["evaluate_checkpoint"]
 
@@ -46,13 +46,13 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, manifest: s
         model = build_training_model(config)
         model.load_state_dict(state["model"])
         image_size = image_size_of(dataset[0][0])
-        plan_text, plan_json = apply_memory_plan(model, config, image_size, context.device,
+        plan_text, _ = apply_memory_plan(model, config, image_size, context.device,
                                                  batch=config.train.batch_size)
         model.to(context.device)
         if config.plan.budget is not None and context.device.type == "cuda":
             from ..planning import enforce_budget
             enforce_budget(config.plan.budget, context.device)
-        result = evaluate(model, _loader(dataset, config, context, train=False), context=context,
+        result = evaluate(model, make_loader(dataset, config, context, train=False), context=context,
                           num_classes=config.model.num_classes, amp_dtype=resolve_amp(config.train.amp, context.device),
                           progress=progress, desc="evaluate")
     finally:

@@ -25,13 +25,12 @@ import torch
 import torch.nn as nn
 import yaml
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from ..data import collate_images
 from ..models import StreamingClassifier, build_model
 from .checkpointing import atomic_write, load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
 from .config import TrainConfig, apply_overrides
-from .datasets import ShardedBatchSampler, build_datasets, image_size_of
+from .datasets import build_datasets, image_size_of, make_loader
 from .distributed import DistributedContext, broadcast_object, gather_objects, init_distributed
 from .loop import evaluate, resolve_amp, train_one_epoch
 from .metrics import plot_confusion_matrix, plot_loss_curve, write_metrics
@@ -101,13 +100,6 @@ def apply_memory_plan(model: StreamingClassifier, config: TrainConfig, image_siz
     running = (f"running with: tile_size={model.trunk.tile_size}, checkpoint={model.trunk.checkpoint}, "
                f"head_checkpoint={model.head_checkpoint}, output_device={model.trunk.output_device}")
     return f"{description}\n{running}", report_json
-
-
-def _loader(dataset: Dataset, config: TrainConfig, context: DistributedContext, *, train: bool) -> DataLoader:
-    sampler = ShardedBatchSampler(len(dataset), config.train.batch_size, context.rank, context.world_size,  # type: ignore[arg-type]
-                                  shuffle=train, seed=config.train.seed)
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_images, num_workers=config.train.workers,
-                      persistent_workers=config.train.workers > 0)
 
 
 def _is_better(row: dict[str, Any], best: dict[str, Any] | None) -> bool:
@@ -201,8 +193,8 @@ def _fit(config: TrainConfig, context: DistributedContext, resume: bool, train_s
         from ..planning import enforce_budget
         enforce_budget(config.plan.budget, device)
 
-    train_loader = _loader(train_set, config, context, train=True)
-    val_loader = _loader(val_set, config, context, train=False) if val_set is not None else None
+    train_loader = make_loader(train_set, config, context, train=True)
+    val_loader = make_loader(val_set, config, context, train=False) if val_set is not None else None
     steps_per_epoch = len(train_loader) // config.train.accumulate
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_set)} training images are fewer than one optimizer step "  # type: ignore[arg-type]
