@@ -47,6 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .streaming import StreamingModule
 
 __all__ = [
+    "cpu_allocator_peak",
     "parse_size",
     "format_size",
     "resolve_dtype",
@@ -334,7 +335,7 @@ def predict_step_memory(model: nn.Module, image_size: int | Sequence[int], *, ba
 # --------------------------------------------------------------------------------------
 
 
-def _cpu_allocator_peak(step: Callable[[], None]) -> int:
+def cpu_allocator_peak(step: Callable[[], None]) -> int:
     """Peak of (allocated - freed) bytes of the CPU allocator while ``step`` runs."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
@@ -392,7 +393,7 @@ def measure_step_memory(model: nn.Module, image_size: int | Sequence[int], *, ba
         counter.track(t)
     if device.type == "cpu":
         counter.track(images)
-        peak = counter.current + _cpu_allocator_peak(step)
+        peak = counter.current + cpu_allocator_peak(step)
         return MemoryEstimate("cpu", peak, peak, peak, peak, counter.current)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
