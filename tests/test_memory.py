@@ -21,14 +21,7 @@ from streamcnn.models import StreamingClassifier, build_model
 from streamcnn.streaming import StreamingModule
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Real CPU steps here are tiny; with two OpenMP threads on a busy 2-core machine every op
-    waits at a barrier (measured: ResNet-18 forward at 192 px 0.9 s vs 0.04 s on one thread)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny real CPU steps: see conftest.py
 
 
 def small_cnn(tile_size=None, checkpoint=False, output_device=None, channels=8) -> StreamingClassifier:

@@ -22,14 +22,7 @@ import plan as plan_cli  # noqa: E402
 MiB = 2**20
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Real CPU steps here are tiny; with two OpenMP threads on a busy 2-core machine every op
-    waits at a barrier (measured: ResNet-18 forward at 192 px 0.9 s vs 0.04 s on one thread)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny real CPU steps: see conftest.py
 
 
 def resnet18(**config):

@@ -28,6 +28,8 @@ from streamcnn.training import (
 from streamcnn.training.metrics import read_metrics
 from streamcnn.training.synthetic import TEXTURES
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # deterministic, fast tiny CPU runs: see conftest.py
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "tools" / "train.py"
 # Tiny task, streamed: 128 px images, tiles of 48 px (9 tiles per image).
@@ -80,7 +82,6 @@ def test_synthetic_classes_are_identical_once_downsampled():
 
 
 def test_tiny_streamed_run_learns(tmp_path):
-    torch.set_num_threads(1)
     history = fit(tiny_config(tmp_path / "run", "train.epochs=5"))
     model = build_model("tiny-cnn", "pool", num_classes=4, in_channels=1, tile_size=48)
     assert len(model.trunk.plan((128, 128)).tiles) == 9               # streaming really was on
@@ -114,7 +115,6 @@ class _CrashAt(torch.utils.data.Dataset):
 
 
 def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path):
-    torch.set_num_threads(1)
     epochs = ["train.epochs=3", "data.synthetic_count=48"]
     reference = fit(tiny_config(tmp_path / "ref", *epochs))
     train, val = SyntheticTextures(48, 128), SyntheticTextures(12, 128, seed=1)
@@ -143,7 +143,6 @@ def test_kill_9_mid_training_then_resume(tmp_path):
     assert victim.returncode == -signal.SIGKILL
     assert len(read_metrics(metrics)) < 4
     resumed = cli(*tiny_cli_args(tmp_path / "run", 4), "--resume")
-    torch.set_num_threads(1)                                         # as OMP_NUM_THREADS=1 in the CLI runs
     reference = fit(tiny_config(tmp_path / "ref", "train.epochs=4"))
     _, err = resumed.communicate()
     assert resumed.returncode == 0, err
@@ -161,7 +160,6 @@ class _PoisonAfter(_CrashAt):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    torch.set_num_threads(1)
     train = _PoisonAfter(SyntheticTextures(16, 128), at=1 + 16 + 5, error=None)
     with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 2, optimizer step 6; stopped before the "
                                                  r"update\. The last good checkpoint is kept"):
@@ -202,7 +200,6 @@ def test_budget_makes_the_planner_stream(tmp_path):
     from streamcnn.planning import plan
     from streamcnn.training import build_training_model
 
-    torch.set_num_threads(1)
     config = tiny_config(tmp_path / "run", "train.epochs=1", "data.synthetic_count=16", "plan.tile_size=auto")
     table = plan(build_training_model(config), (128, 128), "1GB", batch=4, device="cpu", exhaustive=True)
     peaks = {c.name: c.predicted_device_bytes for c in table.candidates if c.tile_size in (None, 64)}
@@ -256,7 +253,6 @@ def test_schedules_per_optimizer_step():
 
 
 def test_bf16_autocast_trains_on_cpu_and_fp16_is_refused(tmp_path):
-    torch.set_num_threads(1)
     history = fit(tiny_config(tmp_path / "bf16", "train.epochs=1", "data.synthetic_count=16", "train.amp=bf16"))
     assert history[0]["step"] == 4 and math.isfinite(history[0]["train_loss"])
     with pytest.raises(ValueError, match="train.amp=fp16 needs a CUDA device; use bf16 or off on CPU"):

@@ -13,6 +13,8 @@ from streamcnn.data import ManifestDataset, generate_ultramnist
 from streamcnn.training import DownsampledDataset, fit, load_checkpoint, load_config
 from streamcnn.training.metrics import read_metrics
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # deterministic, fast tiny CPU runs: see conftest.py
+
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["model.trunk=tiny-cnn", "model.head=pool", "train.batch_size=2", "train.accumulate=1", "train.epochs=1",
          "train.progress=false", "train.device=cpu"]
@@ -35,7 +37,6 @@ def ultramnist(tmp_path_factory) -> Path:
 
 def test_default_data_is_generated_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("STREAMCNN_CACHE", str(tmp_path / "cache"))
-    torch.set_num_threads(1)
     config = ["data.generate_count=4", "data.generate_val_count=2", "data.generate_size=128",
               "plan.tile_size=64", *SMALL]
     history = fit(load_config(overrides=[*config, f"out={tmp_path / 'a'}"]))
@@ -48,7 +49,6 @@ def test_default_data_is_generated_once_into_the_cache(tmp_path, monkeypatch):
 
 
 def test_manifest_training_then_evaluate_tool(ultramnist, tmp_path, capsys):
-    torch.set_num_threads(1)
     out = tmp_path / "run"
     train = _tool("train")
     assert train.main(["--data", str(ultramnist / "train"), "--val-data", str(ultramnist / "test"), "--out", str(out),
@@ -84,7 +84,6 @@ def test_downsample_baseline_reads_the_pyramid(ultramnist, tmp_path):
     area = torch.nn.functional.interpolate(full, size=(64, 64), mode="area")[0]
     assert (image - area).abs().max() < 0.02     # a pyramid level + area averaging ~ full-image area averaging
 
-    torch.set_num_threads(1)
     history = fit(load_config(overrides=[*SMALL, "model.mode=downsample", "model.input_size=64", "plan.budget=1GB",
                                          "data.kind=manifest", f"data.root={ultramnist / 'train'}",
                                          f"data.val_root={ultramnist / 'test'}", "data.val_manifest=manifest.csv",

@@ -12,6 +12,8 @@ import torch
 from streamcnn.training import fit, load_checkpoint, load_config
 from streamcnn.training.metrics import read_metrics
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # deterministic, fast tiny CPU runs: see conftest.py
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.kind=synthetic", "data.synthetic_size=128", "data.synthetic_count=32", "model.trunk=tiny-cnn",
         "model.head=pool", "model.num_classes=4", "plan.tile_size=48", "train.accumulate=2", "train.epochs=2",
@@ -19,7 +21,6 @@ TINY = ["data.kind=synthetic", "data.synthetic_size=128", "data.synthetic_count=
 
 
 def test_two_gloo_processes_match_one_process(tmp_path):
-    torch.set_num_threads(1)
     single = fit(load_config(overrides=[*TINY, "train.batch_size=2", f"out={tmp_path / 'single'}"]))
 
     overrides = [a for o in [*TINY, "train.batch_size=1"] for a in ("--set", o)]
