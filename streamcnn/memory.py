@@ -149,7 +149,8 @@ class LiveStorageTracker(TorchDispatchMode):
     Every op's output storages are counted once (views share their base's storage) and
     subtracted again by a ``weakref.finalize`` when the storage is freed. Tensors that
     existed before the mode was entered are counted with :meth:`track`. ``block`` rounds
-    each storage up like the CUDA caching allocator (min 512 bytes).
+    each storage up like the CUDA caching allocator (min 512 bytes). ``largest_elements``
+    is the element count of the largest tensor any op made (cuDNN refuses 2^31 and more).
     """
 
     def __init__(self, device_type: str, block: int = 1):
@@ -159,6 +160,7 @@ class LiveStorageTracker(TorchDispatchMode):
         self.live: dict[int, int] = {}
         self.current = 0
         self.peak = 0
+        self.largest_elements = 0
 
     def track(self, tensor: object) -> None:
         if not isinstance(tensor, torch.Tensor) or tensor.device.type != self.device_type:
@@ -182,6 +184,8 @@ class LiveStorageTracker(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             self.track(t)
+            if isinstance(t, torch.Tensor) and t.device.type == self.device_type:
+                self.largest_elements = max(self.largest_elements, t.numel())
         return out
 
 
@@ -259,6 +263,8 @@ class MemoryEstimate:
     allocator's reserved peak (+ fragmentation allowance on CUDA). ``process_bytes``: what
     the process takes from the device (+ the CUDA context): the number a budget limits.
     ``base_bytes``: parameters, buffers and optimizer state, held throughout.
+    ``largest_tensor_elements``: the largest tensor the step makes on the device (0 when
+    measured rather than predicted).
     """
 
     device: str
@@ -267,14 +273,15 @@ class MemoryEstimate:
     reserved_bytes: int
     process_bytes: int
     base_bytes: int
+    largest_tensor_elements: int = 0
 
 
-def _estimate(device_type: str, live: int, base: int) -> MemoryEstimate:
+def _estimate(device_type: str, live: int, base: int, largest: int = 0) -> MemoryEstimate:
     if device_type != "cuda":
-        return MemoryEstimate(device_type, live, live, live, live, base)
+        return MemoryEstimate(device_type, live, live, live, live, base, largest)
     allocated = live + CUDA_WORKSPACE_BYTES
     reserved = int(allocated * (1 + CUDA_RESERVED_OVERHEAD))
-    return MemoryEstimate(device_type, live, allocated, reserved, reserved + CUDA_CONTEXT_BYTES, base)
+    return MemoryEstimate(device_type, live, allocated, reserved, reserved + CUDA_CONTEXT_BYTES, base, largest)
 
 
 def _input_channels(model: nn.Module) -> int:
@@ -327,7 +334,7 @@ def predict_step_memory(model: nn.Module, image_size: int | Sequence[int], *, ba
                     tracker.track(t)
             base = tracker.current
             training_step(sim, images, labels, opt, autocast_dtype, "cpu")
-    return _estimate(device_type, tracker.peak, base)
+    return _estimate(device_type, tracker.peak, base, tracker.largest_elements)
 
 
 # --------------------------------------------------------------------------------------

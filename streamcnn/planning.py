@@ -52,6 +52,7 @@ from .streaming import StreamingModule
 __all__ = ["Candidate", "PlanReport", "BudgetError", "plan", "enforce_budget", "candidate_tile_sizes"]
 
 MODES = ("conventional", "checkpoint", "stream", "stream+checkpoint")
+MAX_TENSOR_ELEMENTS = 2**31  # cuDNN (and some CUDA kernels) index tensors with 32-bit integers
 
 
 class BudgetError(ValueError):
@@ -86,6 +87,7 @@ class Candidate:
     predicted_peak_bytes: int | None = None
     predicted_device_bytes: int | None = None
     fits: bool | None = None
+    too_large_tensor: bool = False   # on CUDA, a tensor of 2^31 or more elements (cuDNN refuses it)
     estimate: MemoryEstimate | None = field(default=None, repr=False)
 
     @property
@@ -137,7 +139,9 @@ class PlanReport:
                    < (self.chosen.offload, self.chosen.relative_cost)]
         why = f"the fastest plan predicted to fit {format_size(self.budget_bytes)}"
         if cheaper:
-            shown = ", ".join(f"{_label(c)} needs {format_size(c.predicted_device_bytes)}" for c in cheaper[:3])
+            shown = ", ".join(f"{_label(c)} makes a tensor of 2^31 or more elements, which cuDNN refuses"
+                              if c.too_large_tensor else f"{_label(c)} needs {format_size(c.predicted_device_bytes)}"
+                              for c in cheaper[:3])
             why += f"; faster plans do not fit ({shown}{', ...' if len(cheaper) > 3 else ''})"
         return why
 
@@ -195,7 +199,7 @@ class PlanReport:
                 format_size(c.predicted_peak_bytes) if c.predicted_peak_bytes is not None else "-",
                 format_size(c.predicted_device_bytes) if c.predicted_device_bytes is not None else "-",
                 f"{c.relative_cost:.2f}x",
-                "yes" if c.fits else "no",
+                "yes" if c.fits else ("no: tensor >= 2^31 elements" if c.too_large_tensor else "no"),
             ))
         widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
         table = ["  ".join(v.ljust(widths[i]) for i, v in enumerate(r)).rstrip() for r in rows]
@@ -382,7 +386,8 @@ def plan(model: nn.Module | str, image_size: int | Sequence[int], budget: int | 
                                          optimizer=optimizer)
         c.predicted_peak_bytes = c.estimate.allocated_bytes
         c.predicted_device_bytes = c.estimate.process_bytes
-        c.fits = c.predicted_device_bytes <= budget_bytes
+        c.too_large_tensor = device_type == "cuda" and c.estimate.largest_tensor_elements >= MAX_TENSOR_ELEMENTS
+        c.fits = c.predicted_device_bytes <= budget_bytes and not c.too_large_tensor
         if c.fits and best_rank is None:
             best_rank = _rank(c)
         if bar is not None:
@@ -391,7 +396,14 @@ def plan(model: nn.Module | str, image_size: int | Sequence[int], budget: int | 
         bar.close()
     fitting = [c for c in candidates if c.fits]
     if not fitting:
-        smallest = min(candidates, key=lambda c: c.predicted_device_bytes)
+        runnable = [c for c in candidates if c.fits is not None and not c.too_large_tensor]
+        if not runnable:
+            h, w = image
+            raise BudgetError(
+                f"every plan for {name} at {h}x{w} px makes a tensor of 2^31 or more elements, which cuDNN "
+                "refuses whatever the budget; use smaller images or a trunk with fewer feature-map channels",
+                0)
+        smallest = min(runnable, key=lambda c: c.predicted_device_bytes)
         suggest = math.ceil(smallest.predicted_device_bytes / 1e7) * 10**7
         h, w = image
         others = (["a smaller batch"] if batch > 1 else []) + (["bf16"] if autocast_dtype is None else []) + \

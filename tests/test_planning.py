@@ -199,3 +199,15 @@ def test_cli_rejects_bad_sizes():
                              "--budget", "11 gigs"], capture_output=True, text=True)
     assert result.returncode == 2
     assert "not a memory size: '11 gigs'" in result.stderr
+
+
+def test_plans_with_a_tensor_over_2_31_elements_are_refused_on_cuda_only():
+    # ResNet-18's stem output at 12000 px has 64 * 6000^2 = 2.3e9 elements: more than cuDNN takes
+    report = plan("resnet18", 12000, "1TB", in_channels=1, device="cuda")
+    conventional = next(c for c in report.candidates if c.mode == "conventional")
+    assert conventional.too_large_tensor and conventional.fits is False
+    assert conventional.estimate.largest_tensor_elements == 64 * 6000 * 6000
+    assert report.chosen.mode.startswith("stream")
+    assert "no: tensor >= 2^31 elements" in str(report)
+    assert "conventional makes a tensor of 2^31 or more elements, which cuDNN refuses" in report.reason
+    assert plan("resnet18", 12000, "1TB", in_channels=1, device="cpu").chosen.mode == "conventional"
