@@ -28,6 +28,7 @@ import common
 import torch
 from common import RESULTS
 
+from streamcnn.files import save_figure
 from streamcnn.memory import (
     CUDA_CONTEXT_BYTES,
     CUDA_RESERVED_OVERHEAD,
@@ -181,10 +182,7 @@ def plot(rows: list[dict], device: str, path) -> None:
         axis.set_minor_formatter(plain)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=110)
 
 
 def main() -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -24,6 +23,8 @@ import time
 from pathlib import Path
 
 from common import RESULTS, environment, markdown_table, write_json  # noqa: E402
+
+from streamcnn.files import save_figure  # noqa: E402
 
 CPU_MATRIX = [
     # (model, image size, [None = conventional, tile sizes...], checkpoint)
@@ -169,9 +170,7 @@ def plot(rows: list[dict], memory_key: str, path: Path) -> None:
     ax_m.set(xscale="log", xlabel="tile size (px)", ylabel="GiB", title=f"{memory_key} (dotted: conventional)")
     ax_t.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=110)
 
 
 def main() -> None:

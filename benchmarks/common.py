@@ -9,9 +9,10 @@ import json
 import os
 import platform
 import sys
-import tempfile
 from importlib import metadata
 from pathlib import Path
+
+from streamcnn.files import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PACKAGES = ("torch", "torchvision", "numpy", "tifffile", "imagecodecs", "zarr", "pyvips", "openslide-python",
@@ -64,15 +65,7 @@ def environment(device: str = "cpu") -> dict:
 
 def write_json(name: str | Path, payload: dict) -> Path:
     """Write ``payload`` to ``benchmarks/results/NAME`` (or to a path) atomically."""
-    path = name if isinstance(name, Path) else RESULTS / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are for everyone to read
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(name if isinstance(name, Path) else RESULTS / name, json.dumps(payload, indent=2) + "\n")
 
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:

