@@ -33,18 +33,17 @@ TRUNKS: dict[str, TrunkFactory] = {}
 HEADS: dict[str, HeadFactory] = {}
 
 
-def register_trunk(name: str):
-    def add(fn: TrunkFactory) -> TrunkFactory:
-        TRUNKS[name] = fn
-        return fn
-    return add
+def _registrar(table: dict):
+    def register(name: str):
+        def add(fn):
+            table[name] = fn
+            return fn
+        return add
+    return register
 
 
-def register_head(name: str):
-    def add(fn: HeadFactory) -> HeadFactory:
-        HEADS[name] = fn
-        return fn
-    return add
+register_trunk = _registrar(TRUNKS)   # @register_trunk("name"): fn(in_channels, weights) -> (trunk, channels)
+register_head = _registrar(HEADS)     # @register_head("name"): fn(channels, num_classes, **kwargs) -> head
 
 
 def _adapt_first_conv(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:

@@ -162,7 +162,7 @@ class _StreamFunction(torch.autograd.Function):
     def forward(ctx, engine: "StreamingModule", plan: TilePlan, windows: _Windows,
                 x: torch.Tensor | None, *params: torch.Tensor) -> torch.Tensor:
         device = engine.compute_device
-        ctx.engine, ctx.plan, ctx.windows = engine, plan, windows
+        ctx.engine, ctx.plan, ctx.windows, ctx.params = engine, plan, windows, params
         ctx.autocast = torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
         ctx.x_meta = None if x is None else (x.shape, x.dtype, x.device)
         ctx.set_materialize_grads(False)
@@ -181,8 +181,7 @@ class _StreamFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_features: torch.Tensor | None):
-        engine, plan, windows = ctx.engine, ctx.plan, ctx.windows
-        params = [p for p in engine.module.parameters() if p.requires_grad]
+        engine, plan, windows, params = ctx.engine, ctx.plan, ctx.windows, list(ctx.params)
         n_inputs = 4 + len(params)
         if grad_features is None:
             return (None,) * n_inputs
@@ -220,9 +219,10 @@ class StreamingModule(nn.Module):
             receptive field around it. Larger tiles: fewer, less overlapping tiles (faster),
             more memory per tile. ``None`` runs the trunk conventionally on the whole image
             (no tiling), which is what a memory plan chooses when the image fits.
-        checkpoint: recompute activations during the backward (per leaf of nested
-            ``nn.Sequential``): inside each tile when streaming, over the whole image when
-            ``tile_size`` is None. Larger tiles fit in the same memory.
+        checkpoint: recompute activations during the backward, in segments that start at
+            each convolution or composite block (see ``_segments``): inside each tile when
+            streaming, over the whole image when ``tile_size`` is None. Larger tiles fit in
+            the same memory.
         output_device: where the feature map lives (e.g. ``"cpu"`` for gigapixel images:
             pinned host memory); default: the compute device.
         progress: show a tqdm bar over tiles.
