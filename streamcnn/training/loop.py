@@ -129,7 +129,8 @@ def train_one_epoch(model: nn.Module, batches: DataLoader, optimizer: torch.opti
                     logits = model(to_model_input(images))
                     loss = F.cross_entropy(logits.float(), labels.to(logits.device))
                 late = float(deadline is not None and time.monotonic() > deadline)
-                reduced = all_reduce_sum(torch.tensor([loss.item(), late], dtype=torch.float64), context)
+                loss_value = loss.item()
+                reduced = all_reduce_sum(torch.tensor([loss_value, late], dtype=torch.float64), context)
                 if not math.isfinite(float(reduced[0])):
                     raise NonFiniteLossError(
                         f"loss is {float(reduced[0])} at epoch {epoch}, optimizer step {step + steps + 1}; "
@@ -138,7 +139,7 @@ def train_one_epoch(model: nn.Module, batches: DataLoader, optimizer: torch.opti
                 scaler.scale(loss / accumulate).backward()
             _release(images)
             correct = (logits.detach().argmax(dim=1).cpu() == labels).sum().item()
-            totals += torch.tensor([loss.item() * len(labels), len(labels), _pixels(images), correct],
+            totals += torch.tensor([loss_value * len(labels), len(labels), _pixels(images), correct],
                                    dtype=torch.float64)
             if last_of_step:
                 scaler.step(optimizer)
