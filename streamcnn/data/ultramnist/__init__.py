@@ -26,10 +26,7 @@ __all__ = [
     "write_preview",
     "layout_statistics",
     "Layout",
-    "class_multisets",
-    "digit_side",
     "MANIFEST_COLUMNS",
     "REFERENCE_SIZE",
-    "MIN_DIGIT_PX",
     "NUM_CLASSES",
 ]
