@@ -40,6 +40,7 @@ import numpy as np
 
 from ..files import TEMPORARY_GLOB, atomic_write, atomic_write_text, save_figure
 from .digits import SPLITS, DigitBank, load_digit_bank
+from .tissue import otsu_threshold as _otsu_threshold
 
 __all__ = [
     "generate_ultramnist",
@@ -213,17 +214,6 @@ def _shapes(layout: Layout) -> np.ndarray:
         hit = ~np.all(np.isnan(crossings), axis=0)
         _fill_spans(canvas, rows[hit], np.nanmin(crossings[:, hit], axis=0), np.nanmax(crossings[:, hit], axis=0))
     return canvas
-
-
-def _otsu_threshold(histogram: np.ndarray) -> int:
-    """Otsu's threshold t of a 256-bin histogram; foreground is value > t."""
-    p = histogram.astype(np.float64) / histogram.sum()
-    omega = np.cumsum(p)
-    mu = np.cumsum(p * np.arange(len(p)))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        between = (mu[-1] * omega - mu) ** 2 / (omega * (1 - omega))
-    between[~np.isfinite(between)] = -1
-    return int(np.argmax(between))
 
 
 def _nearest_resize(digit: np.ndarray, side: int) -> np.ndarray:
