@@ -14,7 +14,7 @@ def test_defaults_are_the_quick_cpu_run():
     config = load_config()
     assert config == TrainConfig()
     assert (config.data.kind, config.model.trunk, config.model.head, config.model.in_channels) == \
-        ("ultramnist", "resnet18", "conv", 1)
+        ("ultramnist", "resnet18", "conv", None)
     assert config.plan.tile_size == "auto" and config.out is None
 
 

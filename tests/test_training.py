@@ -187,7 +187,7 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "manifest.csv").write_text("file,class\nx.tif,1\n")
     assert error_of("--data", str(tmp_path / "bad"), "--out", str(tmp_path / "b")) == \
-        f"train.py: error: {tmp_path / 'bad' / 'manifest.csv'}: missing column(s) ['path', 'label']; " \
+        f"train.py: error: {tmp_path / 'bad' / 'manifest.csv'}: missing column(s) ['path (or slide_id)', 'label']; " \
         "found ['file', 'class']"
     assert error_of("--set", "train.epoch=3").startswith(
         "train.py: error: command-line override: unknown config key 'train.epoch' (known: accumulate, amp,")
@@ -200,7 +200,8 @@ def test_budget_makes_the_planner_stream(tmp_path):
     from streamcnn.planning import plan
     from streamcnn.training import build_training_model
 
-    config = tiny_config(tmp_path / "run", "train.epochs=1", "data.synthetic_count=16", "plan.tile_size=auto")
+    config = tiny_config(tmp_path / "run", "train.epochs=1", "data.synthetic_count=16", "plan.tile_size=auto",
+                         "model.in_channels=1")
     table = plan(build_training_model(config), (128, 128), "1GB", batch=4, device="cpu", exhaustive=True)
     peaks = {c.name: c.predicted_device_bytes for c in table.candidates if c.tile_size in (None, 64)}
     assert peaks["stream"] < peaks["checkpoint"] <= peaks["conventional"]

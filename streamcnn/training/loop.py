@@ -170,12 +170,15 @@ class EvalResult:
     images: int
     confusion: torch.Tensor
     seconds: float
+    logits: torch.Tensor | None = None     # (images, classes) of this process, with ``per_image=True``
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable, *, context: DistributedContext, num_classes: int,
-             amp_dtype: torch.dtype | None = None, progress: bool = True, desc: str = "eval") -> EvalResult:
-    """Accuracy, mean loss and confusion matrix over this process's ``batches``, summed over processes."""
+             amp_dtype: torch.dtype | None = None, progress: bool = True, desc: str = "eval",
+             per_image: bool = False) -> EvalResult:
+    """Accuracy, mean loss and confusion matrix over this process's ``batches``, summed over processes
+    (and with ``per_image``, this process's logits in batch order)."""
     from tqdm.auto import tqdm
 
     device = context.device
@@ -183,6 +186,7 @@ def evaluate(model: nn.Module, batches: Iterable, *, context: DistributedContext
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     loss_sum = torch.zeros(1, dtype=torch.float64)
     start = time.perf_counter()
+    kept: list[torch.Tensor] = []
     for images, labels in tqdm(batches, desc=desc, unit="batch", disable=not (progress and context.is_main),
                                dynamic_ncols=True, leave=False):
         _check_labels(labels, num_classes)
@@ -190,9 +194,12 @@ def evaluate(model: nn.Module, batches: Iterable, *, context: DistributedContext
             logits = model(to_model_input(images)).float().cpu()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
         confusion += confusion_matrix(logits.argmax(dim=1), labels, num_classes)
+        if per_image:
+            kept.append(logits)
         _release(images)
     confusion = all_reduce_sum(confusion, context)
     loss_sum = all_reduce_sum(loss_sum, context)
     count = int(confusion.sum())
     return EvalResult(accuracy=float(confusion.diagonal().sum()) / max(count, 1), loss=float(loss_sum) / max(count, 1),
-                      images=count, confusion=confusion, seconds=time.perf_counter() - start)
+                      images=count, confusion=confusion, seconds=time.perf_counter() - start,
+                      logits=torch.cat(kept) if kept else None)

@@ -31,7 +31,7 @@ from ..models import StreamingClassifier, build_model
 from ..files import atomic_write_text
 from .checkpointing import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
 from .config import TrainConfig, apply_overrides
-from .datasets import build_datasets, image_size_of, make_loader
+from .datasets import build_datasets, fit_model_to_data, make_loader, unwrap_dataset
 from .distributed import DistributedContext, broadcast_object, gather_objects, init_distributed
 from .loop import evaluate, resolve_amp, train_one_epoch
 from .metrics import plot_confusion_matrix, plot_loss_curve, write_metrics
@@ -62,6 +62,9 @@ class RunFiles:
 def build_training_model(config: TrainConfig) -> StreamingClassifier:
     """The config's model (untrained unless ``model.weights``), not yet planned."""
     m = config.model
+    if m.in_channels is None or m.num_classes is None:
+        raise ValueError("model.in_channels and model.num_classes come from the data: resolve them first with "
+                         "streamcnn.training.datasets.fit_model_to_data(config, dataset), or set them")
     return build_model(m.trunk, m.head, num_classes=m.num_classes, in_channels=m.in_channels, weights=m.weights,
                        head_kwargs=m.head_kwargs)
 
@@ -184,11 +187,13 @@ def _fit(config: TrainConfig, context: DistributedContext, resume: bool, train_s
     amp_dtype = resolve_amp(config.train.amp, device)
     if train_set is None:
         train_set, val_set = build_datasets(config, context)
+    config, image_size, planned_for = fit_model_to_data(config, train_set)
     seed_everything(config.train.seed)
     model = build_training_model(config)
-    sample_image, _ = train_set[0]
-    image_size = image_size_of(sample_image)
     plan_text, plan_json = apply_memory_plan(model, config, image_size, device, batch=config.train.batch_size)
+    plan_text = f"planned for {planned_for}\n{plan_text}"
+    if plan_json is not None:
+        plan_json["planned_for"] = planned_for
     model.to(device)
     if config.plan.budget is not None and device.type == "cuda":
         from ..planning import enforce_budget
@@ -224,6 +229,11 @@ def _fit(config: TrainConfig, context: DistributedContext, resume: bool, train_s
         if plan_json is not None:
             atomic_write_text(files.out / "plan.json", json.dumps(plan_json, indent=1))
         write_metrics(files.metrics, history)  # a resumed run forgets what happened after last.pt
+        skipped = getattr(unwrap_dataset(train_set)[0], "skipped", None)
+        if skipped:
+            atomic_write_text(files.out / "skipped.txt", "".join(f"{reason}\n" for _, reason in skipped))
+            print(f"skipped {len(skipped)} bad file(s) (data.on_error=skip), listed in {files.out / 'skipped.txt'}",
+                  flush=True)
         if config.train.progress:
             print(plan_text, flush=True)
 
@@ -260,5 +270,6 @@ def _fit(config: TrainConfig, context: DistributedContext, resume: bool, train_s
     if context.is_main and history:
         plot_loss_curve(history, files.out / "loss_curve.png", title=f"{config.model.trunk} {config.model.mode}")
         if last_eval is not None:
-            plot_confusion_matrix(last_eval.confusion, files.out / "confusion_matrix.png", title=f"validation, epoch {epoch}")
+            plot_confusion_matrix(last_eval.confusion, files.out / "confusion_matrix.png", title=f"validation, epoch {epoch}",
+                                  class_names=config.data.classes)
     return history
