@@ -124,3 +124,41 @@ def test_a_truncated_slide_is_named_before_training_and_skipped_on_request(slide
     assert train.main([*args, "--out", str(tmp_path / "b"), "--set", "data.on_error=skip"]) == 0
     assert (tmp_path / "b" / "skipped.txt").read_text().startswith(f"{folder / 'S1.tiff'}: truncated: expected ")
     assert load_checkpoint(tmp_path / "b" / "last.pt")["step"] == 2
+
+
+def test_resume_with_only_out_after_a_kill_mid_epoch_reproduces_the_uninterrupted_run(slides, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    settings = _sets(*TINY, "train.epochs=2", "train.accumulate=1", "train.checkpoint_minutes=1e-9",
+                     "model.head_kwargs={dropout: 0.3}")
+    train = _tool("train")
+    assert train.main(["--data", str(slides), "--out", str(tmp_path / "ref"), *settings]) == 0
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    victim = subprocess.Popen([sys.executable, str(TOOLS / "train.py"), "--data", str(slides), "--out", str(run),
+                               *settings], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    seen = None
+    while True:       # kill at the first mid-epoch checkpoint of epoch 2
+        assert victim.poll() is None, victim.communicate()[1].decode()[-2000:]
+        assert time.monotonic() < deadline, "epoch 2 never started"
+        if (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") == 1:
+            mtime = (run / "last.pt").stat().st_mtime_ns
+            seen = mtime if seen is None else seen
+            if mtime != seen:
+                break
+        time.sleep(0.02)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    killed = load_checkpoint(run / "last.pt")
+    assert killed["in_progress"]["epoch"] == 2 and 0 < killed["in_progress"]["batches"] < len(SIZES)
+    assert train.main(["--out", str(run), "--resume"]) == 0        # nothing but --out: the run's config.yaml
+    ref, resumed = load_checkpoint(tmp_path / "ref" / "last.pt"), load_checkpoint(run / "last.pt")
+    timing = {"seconds", "val_seconds", "images_per_second", "megapixels_per_second", "peak_memory_bytes"}
+    assert [{k: v for k, v in r.items() if k not in timing} for r in resumed["history"]] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in ref["history"]]
+    assert all(torch.equal(ref["model"][k], resumed["model"][k]) for k in ref["model"])

@@ -132,10 +132,11 @@ class ShardedBatchSampler(Sampler[list[int]]):
     def __init__(self, size: int, batch_size: int, rank: int = 0, world_size: int = 1, *, shuffle: bool = True,
                  seed: int = 0):
         self.size, self.batch_size, self.rank, self.world_size = size, batch_size, rank, world_size
-        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+        self.shuffle, self.seed, self.epoch, self.start = shuffle, seed, 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Deal ``epoch``'s batches, leaving out the first ``start`` (done before a mid-epoch checkpoint)."""
+        self.epoch, self.start = epoch, start
 
     def __iter__(self) -> Iterator[list[int]]:
         if not self.shuffle:
@@ -145,7 +146,7 @@ class ShardedBatchSampler(Sampler[list[int]]):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.size, generator=generator).tolist()
         step = self.batch_size * self.world_size
-        for start in range(0, self.size - step + 1, step):
+        for start in range(self.start * step, self.size - step + 1, step):
             offset = start + self.rank * self.batch_size
             yield order[offset:offset + self.batch_size]
 
@@ -162,8 +163,11 @@ def make_loader(dataset: Dataset, config: TrainConfig, context: DistributedConte
 
     sampler = ShardedBatchSampler(len(dataset), config.train.batch_size, context.rank,  # type: ignore[arg-type]
                                   context.world_size, shuffle=train, seed=config.train.seed)
+    # Its own generator: making an iterator must not draw from the global RNG, or a run resumed
+    # mid-epoch (which makes one more iterator) would see different dropout than an uninterrupted one.
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_images, num_workers=config.train.workers,
-                      persistent_workers=config.train.workers > 0)
+                      persistent_workers=config.train.workers > 0,
+                      generator=torch.Generator().manual_seed(config.train.seed))
 
 
 def unwrap_dataset(dataset: Dataset) -> tuple[Dataset, list[int] | None]:
