@@ -21,6 +21,7 @@ from streamcnn.models import build_model
 from streamcnn.training import load_checkpoint
 
 SIZES = [(96, 128), (160, 112), (128, 192), (80, 80), (144, 160), (112, 144)]
+pytestmark = pytest.mark.usefixtures("one_thread")  # deterministic, fast tiny CPU runs: see conftest.py
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 TINY = ["model.trunk=tiny-cnn", "model.head=pool", "train.epochs=1", "train.batch_size=1", "train.accumulate=2",
         "plan.tile_size=64", "train.progress=false", "data.manifest=slides.csv", "optim.lr=3e-3"]
@@ -106,6 +107,13 @@ def test_streamed_saliency_equals_full_image_autograd(slides):
     assert torch.allclose(streamed.logits.double(), logits.detach(), atol=1e-6)
 
 
+def test_resume_of_a_folder_without_a_run_is_refused(tmp_path, capsys):
+    assert _tool("train").main(["--out", str(tmp_path / "none"), "--resume"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"train.py: error: {tmp_path / 'none' / 'config.yaml'} does not exist: there is no run to resume in "
+        f"{tmp_path / 'none'} (start it without --resume, or pass --config/--data)")
+
+
 def test_a_truncated_slide_is_named_before_training_and_skipped_on_request(slides, tmp_path, capsys):
     folder = tmp_path / "data"
     folder.mkdir()
@@ -138,7 +146,7 @@ def test_resume_with_only_out_after_a_kill_mid_epoch_reproduces_the_uninterrupte
     train = _tool("train")
     assert train.main(["--data", str(slides), "--out", str(tmp_path / "ref"), *settings]) == 0
     run = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     victim = subprocess.Popen([sys.executable, str(TOOLS / "train.py"), "--data", str(slides), "--out", str(run),
                                *settings], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300

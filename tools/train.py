@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         check_exists(args.val_data, "validation folder", "pass --val-data DIR with a manifest.csv")
         if args.resume and args.out is None:
             raise ValueError("--resume needs the run's folder: pass --out DIR (the folder holding last.pt)")
+        if args.resume and args.config is None and args.data is None and not (Path(args.out) / "config.yaml").is_file():
+            raise FileNotFoundError(f"{Path(args.out) / 'config.yaml'} does not exist: there is no run to resume in "
+                                    f"{args.out} (start it without --resume, or pass --config/--data)")
         if not args.resume and args.out is not None and (Path(args.out) / "last.pt").exists():
             raise FileExistsError(f"{Path(args.out) / 'last.pt'} exists: pass --resume to continue that run, "
                                   "or choose another --out")
