@@ -90,6 +90,10 @@ def test_predict_with_and_without_labels_writes_class_names_and_aligned_heatmaps
     plain = list(csv.DictReader(open(unlabelled / "predictions.csv")))
     assert list(plain[0]) == ["path", "predicted", "p_normal", "p_tumor"] and len(plain) == 2
     assert [r["p_tumor"] for r in plain] == [rows[1]["p_tumor"], rows[3]["p_tumor"]]
+    assert _tool("evaluate").main(["--checkpoint", str(run / "best.pt"), "--data", str(slides), "--manifest",
+                                   "slides.csv", "--out", str(tmp_path / "eval")]) == 0
+    evaluated = list(csv.DictReader(open(tmp_path / "eval" / "predictions.csv")))
+    assert [(r["predicted"], r["label"]) for r in evaluated] == [(r["predicted"], r["label"]) for r in rows]
 
 
 def test_streamed_saliency_equals_full_image_autograd(slides):

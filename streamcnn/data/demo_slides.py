@@ -1,8 +1,8 @@
 """Generated whole-slide-like images for demos and tests: RGB pyramidal TIFFs and a slide table.
 
 Each slide is bright "glass" with one darker "tissue" region (so tissue detection has
-something to find) whose texture depends on the class: fine checks for ``normal``,
-coarse checks for ``tumor``. Slides are tiled, deflate-compressed TIFFs whose levels
+something to find) whose stain and texture depend on the class: pink fine checks for
+``normal``, dark purple coarse checks for ``tumor``. Slides are tiled, deflate-compressed TIFFs whose levels
 (each half the previous, by 2 x 2 means) are SubIFDs, with the microns per pixel in the
 resolution tags, like the slides a scanner writes. ``slides.csv`` lists them the way
 pathology tables do: ``case_id,slide_id,label`` with class names.
@@ -22,8 +22,8 @@ CLASSES = ("normal", "tumor")
 
 
 def slide_pixels(h: int, w: int, seed: int, label: int = 0, period: int = 6) -> np.ndarray:
-    """(h, w, 3) uint8: glass with a tissue rectangle textured by ``label`` (checks of ``period`` or
-    ``period * 7 // 3`` px); the rectangle's place depends on ``seed``."""
+    """(h, w, 3) uint8: glass with a tissue rectangle coloured and textured by ``label`` (checks of
+    ``period`` or ``period * 7 // 3`` px); the rectangle's place depends on ``seed``."""
     rng = np.random.default_rng(seed)
     image = np.full((h, w, 3), 235, np.uint8) + rng.integers(0, 10, (h, w, 3), dtype=np.uint8)
     top, left = h // 5 + seed % 7, w // 4 + seed % 5
@@ -31,8 +31,11 @@ def slide_pixels(h: int, w: int, seed: int, label: int = 0, period: int = 6) -> 
     y, x = np.mgrid[top:bottom, left:right]
     size = period if label == 0 else period * 7 // 3
     stain = 90 + 60 * ((x // size + y // size) % 2)
-    image[top:bottom, left:right] = np.stack([stain, stain // 2 + 40, stain], -1) + rng.integers(
-        0, 20, (bottom - top, right - left, 3))
+    if label == 0:      # pink
+        rgb = [stain + 50, stain // 2 + 60, stain + 30]
+    else:               # dark purple
+        rgb = [stain - 20, stain // 3 + 20, stain + 20]
+    image[top:bottom, left:right] = np.stack(rgb, -1) + rng.integers(0, 20, (bottom - top, right - left, 3))
     return image
 
 
