@@ -75,8 +75,8 @@ class ModelConfig(_Section):
     head: str = "conv"
     head_kwargs: dict[str, Any] = Field(default_factory=dict)
     weights: Optional[str] = None
-    in_channels: Optional[int] = Field(None, ge=1)   # None: from the data
-    num_classes: Optional[int] = Field(None, ge=2)   # None: from the data
+    in_channels: Optional[int] = Field(None, ge=1)   # None: the training images' channels
+    num_classes: Optional[int] = Field(None, ge=2)   # None: the training data's (dataset.num_classes)
     input_size: int = Field(512, ge=32)
     # downsample mode: "pad" fits the long side to input_size and pads the short side (square
     # batches); "long_side" fits the long side and keeps the short side (batch of one shape).

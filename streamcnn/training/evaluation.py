@@ -21,7 +21,7 @@ from .distributed import init_distributed
 from .loop import evaluate, resolve_amp
 from .metrics import plot_confusion_matrix
 from .prediction import open_data, write_predictions
-from .runner import apply_memory_plan, build_training_model
+from .runner import planned_model
 
 __all__ = ["evaluate_checkpoint"]
 
@@ -46,16 +46,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, manifest: s
     try:
         raw = open_data(Path(data) / manifest, config, require_labels=True)
         dataset = model_input(raw, config)
-        model = build_training_model(config)
-        model.load_state_dict(state["model"])
         image_size, planned_for = plan_size(dataset, config)
-        plan_text, _ = apply_memory_plan(model, config, image_size, context.device,
-                                         batch=config.train.batch_size)
+        model, plan_text, _ = planned_model(config, image_size, context.device, state["model"])
         plan_text = f"planned for {planned_for}\n{plan_text}"
-        model.to(context.device)
-        if config.plan.budget is not None and context.device.type == "cuda":
-            from ..planning import enforce_budget
-            enforce_budget(config.plan.budget, context.device)
         result = evaluate(model, make_loader(dataset, config, context, train=False), context=context,
                           num_classes=config.model.num_classes, amp_dtype=resolve_amp(config.train.amp, context.device),
                           progress=progress, desc="evaluate", per_image=context.world_size == 1)

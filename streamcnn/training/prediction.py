@@ -107,9 +107,9 @@ def predict_checkpoint(checkpoint: str | Path, data: str | Path, out: str | Path
 
     from .datasets import model_input
     from .distributed import init_distributed
-    from .loop import to_model_input
+    from ..step import model_input as to_model_input
     from .datasets import plan_size
-    from .runner import apply_memory_plan, build_training_model
+    from .runner import planned_model
 
     overrides: list[tuple[str, Any]] = [("train.device", device), ("train.progress", progress)]
     if budget is not None:
@@ -123,11 +123,10 @@ def predict_checkpoint(checkpoint: str | Path, data: str | Path, out: str | Path
     try:
         raw = open_data(data, config, require_labels=False, on_error=on_error)
         dataset = model_input(raw, config)
-        model = build_training_model(config)
-        model.load_state_dict(state["model"])
         size, which = plan_size(dataset, config)
-        plan_text, _ = apply_memory_plan(model, config, size, context.device, batch=1)
-        model.to(context.device).eval()
+        model, plan_text, _ = planned_model(apply_overrides(config, [("train.batch_size", 1)]), size, context.device,
+                                            state["model"])
+        model.eval()
         class_names = config.data.classes or [str(i) for i in range(config.model.num_classes)]
         logits, written = [], {}
         for index in tqdm(range(len(dataset)), desc="predict", unit="image", disable=not progress):
