@@ -188,7 +188,7 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "manifest.csv").write_text("file,class\nx.tif,1\n")
     assert error_of("--data", str(tmp_path / "bad"), "--out", str(tmp_path / "b")) == \
-        f"train.py: error: {tmp_path / 'bad' / 'manifest.csv'}: missing column(s) ['path', 'label']; " \
+        f"train.py: error: {tmp_path / 'bad' / 'manifest.csv'}: missing column(s) ['path (or slide_id)', 'label']; " \
         "found ['file', 'class']"
     assert error_of("--set", "train.epoch=3").startswith(
         "train.py: error: command-line override: unknown config key 'train.epoch' (known: accumulate, amp,")

@@ -5,16 +5,18 @@
 
 ``DIR`` holds ``manifest.csv`` (path,label). The model is rebuilt from the config stored
 in the checkpoint and planned again for ``--budget`` (default: the training budget).
-Writes ``evaluation.json`` and ``confusion_matrix.png`` to ``--out`` (default:
+Writes ``evaluation.json``, ``confusion_matrix.png`` and ``predictions.csv`` (one row per
+image) to ``--out`` (default:
 ``eval-<DIR name>`` next to the checkpoint).
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from streamcnn.planning import BudgetError
-from streamcnn.training.evaluation import evaluate_checkpoint
+sys.path.insert(0, str(Path(__file__).resolve().parent))      # tools/_preflight.py, also when loaded by path
+from _preflight import check_budget, check_exists
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,6 +33,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        check_exists(args.checkpoint, "checkpoint")
+        check_exists(args.data, "data folder")
+        check_budget(args.budget)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"evaluate.py: error: {error}", file=sys.stderr)
+        return 1
+    from streamcnn.planning import BudgetError
+    from streamcnn.training.evaluation import evaluate_checkpoint
+
     try:
         report = evaluate_checkpoint(args.checkpoint, args.data, manifest=args.manifest, budget=args.budget,
                                      device=args.device, out=args.out, batch_size=args.batch_size)

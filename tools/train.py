@@ -4,19 +4,22 @@
     python tools/train.py --budget 11GB                       # small UltraMNIST demo, CPU ok
     python tools/train.py --config configs/ultramnist-4000-resnet50-11gb.yaml --data DIR
     python tools/train.py --config ... --set optim.lr=3e-4 --set train.epochs=20
-    python tools/train.py --out runs/x --resume               # continue a stopped run
+    python tools/train.py --out runs/x --resume               # continue a stopped run (its config.yaml)
     torchrun --nproc_per_node 4 tools/train.py --config ...   # DDP, one process per GPU
 
-Configuration: the embedded defaults (``streamcnn.training.config``), then ``--config``,
-then the flags below, then ``--set section.key=value`` (any key; see docs/training.md).
+Configuration: the embedded defaults (``streamcnn.training.config``), then ``--config``
+(with ``--resume`` and no ``--config``: the run's own ``OUT/config.yaml``), then the flags
+below, then ``--set section.key=value`` (any key; see docs/training.md). Arguments and the
+config are checked before torch is imported, so mistakes are reported at once.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from streamcnn.planning import BudgetError
-from streamcnn.training import ConfigError, NonFiniteLossError, fit, load_config
+sys.path.insert(0, str(Path(__file__).resolve().parent))      # tools/_preflight.py, also when loaded by path
+from _preflight import check_budget, check_exists, config_module
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def config_from_args(args: argparse.Namespace):
+def config_from_args(args: argparse.Namespace, load_config=None):
     flags = {"data.root": args.data, "out": args.out, "plan.budget": args.budget, "train.epochs": args.epochs,
              "train.max_steps": args.max_steps, "train.max_minutes": args.max_minutes, "train.device": args.device, "train.seed": args.seed}
     overrides = [(key, value) for key, value in flags.items() if value is not None]
@@ -45,15 +48,38 @@ def config_from_args(args: argparse.Namespace):
         overrides.append(("data.kind", "manifest"))
     if args.val_data is not None:
         overrides += [("data.val_root", args.val_data), ("data.val_manifest", "manifest.csv")]
-    return load_config(args.config, overrides + list(args.overrides))
+    if load_config is None:
+        load_config = config_module().load_config
+    config_file = args.config
+    if args.resume and config_file is None and args.out is not None and (Path(args.out) / "config.yaml").is_file():
+        config_file = Path(args.out) / "config.yaml"     # the run's own resolved config
+    return load_config(config_file, overrides + list(args.overrides))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        config = config_from_args(args)
-        history = fit(config, resume=args.resume)
-    except (ConfigError, BudgetError, NonFiniteLossError, FileNotFoundError, FileExistsError, ValueError) as error:
+        check_budget(args.budget)
+        check_exists(args.data, "data folder", "pass --data DIR with a manifest.csv")
+        check_exists(args.val_data, "validation folder", "pass --val-data DIR with a manifest.csv")
+        if args.resume and args.out is None:
+            raise ValueError("--resume needs the run's folder: pass --out DIR (the folder holding last.pt)")
+        if args.resume and args.config is None and args.data is None and not (Path(args.out) / "config.yaml").is_file():
+            raise FileNotFoundError(f"{Path(args.out) / 'config.yaml'} does not exist: there is no run to resume in "
+                                    f"{args.out} (start it without --resume, or pass --config/--data)")
+        if not args.resume and args.out is not None and (Path(args.out) / "last.pt").exists():
+            raise FileExistsError(f"{Path(args.out) / 'last.pt'} exists: pass --resume to continue that run, "
+                                  "or choose another --out")
+        checked = config_from_args(args)
+    except (FileNotFoundError, FileExistsError, ValueError) as error:  # ConfigError is a ValueError
+        print(f"train.py: error: {error}", file=sys.stderr)
+        return 1
+    from streamcnn.planning import BudgetError
+    from streamcnn.training import NonFiniteLossError, TrainConfig, fit
+
+    try:
+        history = fit(TrainConfig.model_validate(checked.to_dict()), resume=args.resume)
+    except (BudgetError, NonFiniteLossError, FileNotFoundError, FileExistsError, ValueError) as error:
         # Bad configs, budgets nothing fits, bad data, NaN losses: one line, no traceback.
         print(f"train.py: error: {error}", file=sys.stderr)
         return 1

@@ -4,8 +4,14 @@
 - :func:`layout_statistics`: the generator's statistics (digit sizes, counts), without pixels.
 - :func:`load_digit_bank`: the packaged MNIST digits or the user's MNIST IDX files.
 - :class:`ManifestDataset`, :func:`collate_images`: images listed in a CSV, read lazily.
+- Slides (docs/pathology.md): :func:`read_slide_table`, :func:`inspect_slides`, :class:`SlideView`,
+  :func:`otsu_threshold`, :func:`generate_demo_slides`.
 """
 from .dataset import ManifestDataset, collate_images
+from .demo_slides import generate_demo_slides
+from .slides import SlideView, inspect_slides
+from .table import read_slide_table
+from .tissue import otsu_threshold
 from .digits import DigitBank, load_digit_bank
 from .ultramnist import generate_ultramnist, layout_statistics, render_layout, sample_layout
 
@@ -18,4 +24,9 @@ __all__ = [
     "render_layout",
     "load_digit_bank",
     "DigitBank",
+    "read_slide_table",
+    "inspect_slides",
+    "SlideView",
+    "otsu_threshold",
+    "generate_demo_slides",
 ]

@@ -1,23 +1,27 @@
-"""A torch Dataset over a manifest CSV of images, and a collate that never stacks gigapixels.
+"""A torch Dataset over a slide table (CSV) of images, and a collate that never stacks gigapixels.
 
-The manifest names each image (``path``, relative to the data root or absolute) and its
-integer ``label``; any other columns are ignored. Images are opened with
-:func:`streamcnn.io.open_image`, so the same Dataset serves generated UltraMNIST folders
-and a user's own folder of slides. With ``lazy=True`` an item is the lazy reader itself
-(what :class:`streamcnn.StreamingModule` consumes, one window at a time); with
-``lazy=False`` it is the whole image as a tensor, for images that fit in memory.
+The table names each image (``path`` or ``slide_id``) and its ``label`` (an integer or a
+class name), see :mod:`streamcnn.data.table`. Every file's header is checked when the
+dataset is made (:func:`streamcnn.data.slides.inspect_slides`): bad files are named at
+once, or skipped with ``on_error="skip"`` (listed in ``skipped``). Each item is read at
+the chosen pyramid ``level`` (or the level nearest ``mpp``) and, with ``tissue``, cropped
+to the tissue's bounding box. With ``lazy=True`` an item is a lazy reader (or a
+:class:`~streamcnn.data.slides.SlideView` of one), which
+:class:`streamcnn.StreamingModule` consumes one window at a time; with ``lazy=False``
+it is the whole image as a tensor, for images that fit in memory.
 """
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
 from ..io import ImageReader, open_image
+from .slides import SlideView, inspect_slides
+from .table import read_slide_table
 
 __all__ = ["ManifestDataset", "collate_images"]
 
@@ -26,62 +30,69 @@ class ManifestDataset(Dataset):
     """Images and integer labels listed in ``root/manifest``.
 
     Args:
-        root: folder the manifest's relative paths start from.
-        manifest: the CSV file (relative to ``root`` or absolute), with at least the
-            columns ``path`` and ``label``.
+        root: folder the table's relative paths and slide ids start from.
+        manifest: the CSV file (relative to ``root`` or absolute); ``None`` takes every image
+            in ``root``, unlabelled.
         lazy: return :class:`~streamcnn.io.ImageReader` objects (default) instead of
             (C, H, W) tensors of the image's dtype (uint8 for 8-bit images).
         transform: applied to the image (reader or tensor) before it is returned.
-        num_classes: number of classes; default max label + 1.
+        num_classes: number of classes; default the number of class names, or max label + 1.
+        classes: class names in label order (e.g. a trained model's), to number named labels.
+        require_labels: unlabelled images are an error (training) or allowed (prediction;
+            their label is -1).
+        level, mpp, tissue, mask_suffix, on_error: see :func:`streamcnn.data.slides.inspect_slides`.
     """
 
-    def __init__(self, root: str | os.PathLike, manifest: str | os.PathLike = "manifest.csv", lazy: bool = True,
-                 transform: Callable[[Any], Any] | None = None, num_classes: int | None = None):
+    def __init__(self, root: str | os.PathLike, manifest: str | os.PathLike | None = "manifest.csv",
+                 lazy: bool = True, transform: Callable[[Any], Any] | None = None, num_classes: int | None = None,
+                 *, classes: Sequence[str] | None = None, require_labels: bool = True, level: int | None = None,
+                 mpp: float | None = None, tissue: Literal["none", "otsu", "mask"] = "none",
+                 mask_suffix: str = "_mask", on_error: Literal["raise", "skip"] = "raise"):
         self.root = Path(root)
-        self.manifest = self.root / manifest
         self.lazy = lazy
         self.transform = transform
-        if not self.manifest.is_file():
-            raise FileNotFoundError(f"manifest {self.manifest} not found (expected a CSV with columns path,label)")
-        with open(self.manifest, newline="") as f:
-            reader = csv.DictReader(f)
-            missing = [c for c in ("path", "label") if c not in (reader.fieldnames or [])]
-            if missing:
-                raise ValueError(f"{self.manifest}: missing column(s) {missing}; found {reader.fieldnames}")
-            rows = list(reader)
-        if not rows:
-            raise ValueError(f"{self.manifest}: no rows")
-        self.paths: list[Path] = []
-        self.labels: list[int] = []
-        for line, row in enumerate(rows, start=2):    # line 1 is the header
-            path = Path(row["path"])
-            self.paths.append(path if path.is_absolute() else self.root / path)
-            try:
-                self.labels.append(int(row["label"]))
-            except (TypeError, ValueError):
-                raise ValueError(
-                    f"{self.manifest}, line {line} ({row['path']}): label {row['label']!r} is not an integer"
-                ) from None
-            if self.labels[-1] < 0:
-                raise ValueError(f"{self.manifest}, line {line} ({row['path']}): label {self.labels[-1]} is negative")
-        missing_files = [str(p) for p in self.paths if not p.is_file()]
-        if missing_files:
-            more = f" and {len(missing_files) - 3} more" if len(missing_files) > 3 else ""
-            raise FileNotFoundError(f"{self.manifest}: image file(s) not found: {', '.join(missing_files[:3])}{more}")
-        self.num_classes = num_classes if num_classes is not None else max(self.labels) + 1
-        if max(self.labels) >= self.num_classes:
-            raise ValueError(f"{self.manifest}: label {max(self.labels)} >= num_classes {self.num_classes}")
+        table = read_slide_table(self.root, manifest, classes=classes, require_labels=require_labels,
+                                 mask_suffix=mask_suffix)
+        self.manifest = table.source
+        entries, self.skipped = inspect_slides([r.path for r in table.rows], level=level, mpp=mpp, tissue=tissue,
+                                               masks=[r.mask for r in table.rows], mask_suffix=mask_suffix,
+                                               on_error=on_error)
+        kept = [(row, entry) for row, entry in zip(table.rows, entries) if entry is not None]
+        if not kept:
+            raise ValueError(f"{self.manifest}: no readable images left after skipping {len(self.skipped)} bad file(s)")
+        self.entries = [entry for _, entry in kept]
+        self.paths: list[Path] = [row.path for row, _ in kept]
+        self.labels: list[int] = [-1 if row.label is None else row.label for row, _ in kept]
+        self.classes: list[str] | None = table.classes
+        self.channels = self.entries[0].channels
+        known = max(self.labels) + 1
+        self.num_classes = num_classes if num_classes is not None else len(self.classes) if self.classes else known
+        if known > self.num_classes:
+            raise ValueError(f"{self.manifest}: label {known - 1} >= num_classes {self.num_classes}")
+
+    @property
+    def class_names(self) -> list[str]:
+        """The class names, or the label numbers as text when the table has integer labels."""
+        return list(self.classes) if self.classes else [str(i) for i in range(self.num_classes)]
+
+    def largest(self) -> int:
+        """Index of the image with the most pixels as read (the one that sets the memory bound)."""
+        return max(range(len(self.entries)), key=lambda i: (self.entries[i].size[0] * self.entries[i].size[1],
+                                                            self.entries[i].size))
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[ImageReader | torch.Tensor, int]:
-        reader = open_image(self.paths[index])
+    def __getitem__(self, index: int) -> tuple[ImageReader | SlideView | torch.Tensor, int]:
+        entry = self.entries[index]
+        reader = open_image(entry.path)
+        full = entry.level == 0 and entry.box == (0, 0, *reader.level_shapes[0][1:])
+        source: Any = reader if full else SlideView(reader, entry.level, entry.box)
         if self.lazy:
-            image: Any = reader
+            image: Any = source
         else:
             with reader:
-                image = torch.from_numpy(reader.read_level(0))
+                image = torch.from_numpy(source.read_region(0, 0, *entry.size))
         if self.transform is not None:
             image = self.transform(image)
         return image, self.labels[index]

@@ -1,7 +1,8 @@
 """The lazy image reader interface shared by every backend.
 
 An :class:`ImageReader` describes an image (``shape`` (C, H, W) at level 0, ``dtype``,
-pyramid ``level_shapes``) and reads windows of it, ``read_region`` -> (C, h, w) numpy,
+pyramid ``level_shapes``, ``mpp`` (microns per pixel of each level, from the file's
+metadata, see :mod:`streamcnn.io.resolution`)) and reads windows of it, ``read_region`` -> (C, h, w) numpy,
 decoding only what the window touches. It satisfies :class:`streamcnn.RegionSource`, so
 ``StreamingModule(trunk, tile)(reader)`` reads each tile's window on demand.
 
@@ -19,7 +20,23 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ImageReader"]
+__all__ = ["ImageReader", "shrink_to"]
+
+
+def shrink_to(image: np.ndarray, max_size: int) -> np.ndarray:
+    """(C, h, w) ``image`` area-averaged so its longer side is at most ``max_size`` (aspect and dtype kept)."""
+    _, h, w = image.shape
+    factor = max_size / max(h, w)
+    if factor >= 1:
+        return image
+    import torch
+    import torch.nn.functional as F
+
+    size = (max(1, round(h * factor)), max(1, round(w * factor)))
+    small = F.interpolate(torch.from_numpy(image.astype(np.float32))[None], size=size, mode="area")[0]
+    if np.issubdtype(image.dtype, np.integer):
+        small = small.round()
+    return small.numpy().astype(image.dtype)
 
 
 class ImageReader(ABC):
@@ -59,11 +76,22 @@ class ImageReader(ABC):
     def _close(self, handle: Any) -> None:
         handle.close()
 
+    def _mpp(self, handle: Any) -> float | None:
+        """Level-0 microns per pixel from the file's metadata (see :mod:`.resolution`), or None."""
+        return None
+
     # -- public interface -------------------------------------------------------------------
     @property
     def shape(self) -> tuple[int, int, int]:
         """(C, H, W) at full resolution (level 0)."""
         return self.level_shapes[0]
+
+    @property
+    def mpp(self) -> list[float | None]:
+        """Microns per pixel of each level (None for every level when the file does not say)."""
+        from .resolution import level_mpps
+
+        return level_mpps(self._mpp(self._file()), self.level_shapes)
 
     @property
     def level_count(self) -> int:
@@ -111,19 +139,7 @@ class ImageReader(ABC):
         for k, (_, h, w) in enumerate(self.level_shapes):
             if max(h, w) >= max_size:
                 level = k
-        image = self.read_level(level)
-        _, h, w = image.shape
-        factor = max_size / max(h, w)
-        if factor >= 1:
-            return image
-        import torch
-        import torch.nn.functional as F
-
-        size = (max(1, round(h * factor)), max(1, round(w * factor)))
-        small = F.interpolate(torch.from_numpy(image.astype(np.float32))[None], size=size, mode="area")[0]
-        if np.issubdtype(image.dtype, np.integer):
-            small = small.round()
-        return small.numpy().astype(image.dtype)
+        return shrink_to(self.read_level(level), max_size)
 
     # -- file handle lifecycle ----------------------------------------------------------------
     def _file(self) -> Any:

@@ -72,6 +72,11 @@ class SlideReader(ImageReader):
             array = array[..., :3]
         return np.ascontiguousarray(np.moveaxis(array, -1, 0))
 
+    def _mpp(self, handle) -> float | None:
+        from .resolution import properties_mpp
+
+        return properties_mpp(handle.properties)
+
     def _read(self, handle, level, top, left, height, width) -> np.ndarray:
         scale = self._downsamples[level]
         location = (round(left * scale), round(top * scale))     # OpenSlide wants level-0 coordinates

@@ -57,6 +57,13 @@ class DataConfig(_Section):
     generate_seed: int = 0
     synthetic_size: int = Field(256, ge=32)
     synthetic_count: int = Field(64, ge=1)
+    # Slides (see docs/pathology.md): pyramid level or microns per pixel, tissue crop, bad files.
+    level: Optional[int] = Field(None, ge=0)
+    mpp: Optional[float] = Field(None, gt=0)
+    tissue: Literal["none", "otsu", "mask"] = "none"
+    mask_suffix: str = "_mask"
+    on_error: Literal["raise", "skip"] = "raise"
+    classes: Optional[list[str]] = None  # class names in label order; default: from the data
 
 
 class ModelConfig(_Section):
@@ -71,6 +78,9 @@ class ModelConfig(_Section):
     in_channels: Optional[int] = Field(None, ge=1)   # None: the training images' channels
     num_classes: Optional[int] = Field(None, ge=2)   # None: the training data's (dataset.num_classes)
     input_size: int = Field(512, ge=32)
+    # downsample mode: "pad" fits the long side to input_size and pads the short side (square
+    # batches); "long_side" fits the long side and keeps the short side (batch of one shape).
+    input_fit: Literal["pad", "long_side"] = "pad"
 
 
 class PlanConfig(_Section):
@@ -119,6 +129,7 @@ class LoopConfig(_Section):
     workers: int = Field(0, ge=0)
     device: str = "auto"
     progress: bool = True
+    checkpoint_minutes: float = Field(5.0, gt=0)  # last.pt is also written mid-epoch this often
 
 
 class TrainConfig(_Section):

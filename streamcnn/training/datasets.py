@@ -25,7 +25,8 @@ from .config import TrainConfig
 from .distributed import DistributedContext
 from .synthetic import SyntheticTextures
 
-__all__ = ["default_cache_dir", "build_datasets", "model_input", "make_loader", "ShardedBatchSampler", "image_size_of"]
+__all__ = ["default_cache_dir", "build_datasets", "model_input", "make_loader", "ShardedBatchSampler", "image_size_of",
+           "slide_options", "fit_model_to_data", "plan_size", "unwrap_dataset"]
 
 
 def default_cache_dir() -> Path:
@@ -60,12 +61,21 @@ def _manifest(config: TrainConfig) -> tuple[Dataset, Dataset | None]:
     root = Path(data.root)
     if not root.is_dir():
         raise FileNotFoundError(f"data folder {root} does not exist (pass --data DIR with a manifest.csv)")
-    classes = config.model.num_classes
-    train = ManifestDataset(root, data.manifest, lazy=data.lazy, num_classes=classes)
+    train = ManifestDataset(root, data.manifest, **slide_options(config))
     if data.val_manifest is not None:
         val_root = Path(data.val_root) if data.val_root else root
-        return train, ManifestDataset(val_root, data.val_manifest, lazy=data.lazy, num_classes=classes)
+        # the validation labels are numbered with the training set's class names
+        options = {**slide_options(config), "classes": train.classes, "num_classes": train.num_classes}
+        return train, ManifestDataset(val_root, data.val_manifest, **options)
     return train, None
+
+
+def slide_options(config: TrainConfig) -> dict[str, Any]:
+    """The :class:`~streamcnn.data.ManifestDataset` options a config sets (level, mpp, tissue, ...)."""
+    data = config.data
+    return {"lazy": data.lazy, "num_classes": config.model.num_classes, "classes": data.classes,
+            "level": data.level, "mpp": data.mpp, "tissue": data.tissue, "mask_suffix": data.mask_suffix,
+            "on_error": data.on_error}
 
 
 def _hold_out(train: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
@@ -98,7 +108,7 @@ def build_datasets(config: TrainConfig, context: DistributedContext) -> tuple[Da
 def model_input(dataset: Dataset, config: TrainConfig) -> Dataset:
     """``dataset`` as the model reads it: downsampled to ``model.input_size`` in the baseline mode."""
     if config.model.mode == "downsample":
-        return DownsampledDataset(dataset, config.model.input_size)
+        return DownsampledDataset(dataset, config.model.input_size, config.model.input_fit)
     return dataset
 
 
@@ -121,10 +131,11 @@ class ShardedBatchSampler(Sampler[list[int]]):
     def __init__(self, size: int, batch_size: int, rank: int = 0, world_size: int = 1, *, shuffle: bool = True,
                  seed: int = 0):
         self.size, self.batch_size, self.rank, self.world_size = size, batch_size, rank, world_size
-        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+        self.shuffle, self.seed, self.epoch, self.start = shuffle, seed, 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Deal ``epoch``'s batches, leaving out the first ``start`` (done before a mid-epoch checkpoint)."""
+        self.epoch, self.start = epoch, start
 
     def __iter__(self) -> Iterator[list[int]]:
         if not self.shuffle:
@@ -134,7 +145,7 @@ class ShardedBatchSampler(Sampler[list[int]]):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.size, generator=generator).tolist()
         step = self.batch_size * self.world_size
-        for start in range(0, self.size - step + 1, step):
+        for start in range(self.start * step, self.size - step + 1, step):
             offset = start + self.rank * self.batch_size
             yield order[offset:offset + self.batch_size]
 
@@ -151,5 +162,75 @@ def make_loader(dataset: Dataset, config: TrainConfig, context: DistributedConte
 
     sampler = ShardedBatchSampler(len(dataset), config.train.batch_size, context.rank,  # type: ignore[arg-type]
                                   context.world_size, shuffle=train, seed=config.train.seed)
+    # Its own generator: making an iterator must not draw from the global RNG, or a run resumed
+    # mid-epoch (which makes one more iterator) would see different dropout than an uninterrupted one.
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_images, num_workers=config.train.workers,
-                      persistent_workers=config.train.workers > 0)
+                      persistent_workers=config.train.workers > 0,
+                      generator=torch.Generator().manual_seed(config.train.seed))
+
+
+def unwrap_dataset(dataset: Dataset) -> tuple[Dataset, list[int] | None]:
+    """The dataset under Subset/DownsampledDataset wrappers, and the indices the wrappers keep."""
+    indices = None
+    while True:
+        if isinstance(dataset, Subset):
+            indices = [dataset.indices[i] for i in indices] if indices is not None else list(dataset.indices)
+            dataset = dataset.dataset
+        elif isinstance(dataset, DownsampledDataset):
+            dataset = dataset.dataset
+        else:
+            return dataset, indices
+
+
+def fit_model_to_data(config: TrainConfig, train: Dataset) -> tuple[TrainConfig, tuple[int, int], str]:
+    """``config`` with ``model.in_channels``, ``model.num_classes`` and ``data.classes`` from the data
+    where the config leaves them unset (a value the config fixes that the data contradicts is an
+    error), and the :func:`plan_size` of ``train``. Reads at most one image (datasets without headers)."""
+    base, _ = unwrap_dataset(train)
+    probe: list = []
+
+    def first() -> Any:
+        if not probe:
+            probe.append(train[0][0])
+        return probe[0]
+
+    channels = getattr(base, "channels", None)
+    if channels is None:
+        channels = config.model.in_channels or int(first().shape[0])
+    classes = getattr(base, "classes", None)
+    needed = getattr(base, "num_classes", None)
+    m, where = config.model, getattr(base, "manifest", "the training data")
+    if m.in_channels is not None and m.in_channels != channels:
+        raise ValueError(f"model.in_channels is {m.in_channels} but the images of {where} have {channels} "
+                         "channels: remove model.in_channels (it is then taken from the data) or set it to "
+                         f"{channels}")
+    if m.num_classes is not None and needed is not None and m.num_classes < needed:
+        raise ValueError(f"model.num_classes is {m.num_classes} but the labels of {where} need {needed}"
+                         + (f" (classes {classes})" if classes else "") + ": remove model.num_classes "
+                         "(it is then taken from the data)")
+    overrides: list[tuple[str, Any]] = [("model.in_channels", channels),
+                                        ("model.num_classes", m.num_classes or needed)]
+    if classes and config.data.classes is None:
+        overrides.append(("data.classes", list(classes)))
+    from .config import apply_overrides
+
+    config = apply_overrides(config, overrides)
+    return (config, *plan_size(train, config, first))
+
+
+def plan_size(dataset: Dataset, config: TrainConfig, first: Any = None) -> tuple[tuple[int, int], str]:
+    """(H, W) to plan memory for, and which image sets it: the largest image of the set as
+    read (level, tissue crop; from headers), or ``input_size`` in the downsampling baseline.
+    ``first``: a function returning the dataset's first image, for datasets without headers."""
+    if config.model.mode == "downsample":
+        size = config.model.input_size
+        return (size, size), f"model.input_size={size} (downsample mode, long side)"
+    base, indices = unwrap_dataset(dataset)
+    entries = getattr(base, "entries", None)
+    if entries is None:
+        size = image_size_of(first() if first is not None else dataset[0][0])
+        return size, f"the first image ({size[0]} x {size[1]}; this dataset has no headers to compare)"
+    chosen = indices if indices is not None else range(len(entries))
+    best = max(chosen, key=lambda i: (entries[i].size[0] * entries[i].size[1], entries[i].size))
+    h, w = entries[best].size
+    return (h, w), f"{entries[best].path} ({h} x {w} px at level {entries[best].level}), the largest of {len(chosen)}"

@@ -3,7 +3,9 @@
 The checkpoint carries its config, so the model (trunk, head, streamed or downsampling
 baseline) is rebuilt exactly as it was trained; the memory plan is made again for the
 budget given here (or the training budget), so a model trained on a large GPU can be
-evaluated on a small one. Writes ``evaluation.json`` and ``confusion_matrix.png``.
+evaluated on a small one. Writes ``evaluation.json``, ``confusion_matrix.png`` (with the
+class names) and ``predictions.csv`` (one row per image, see
+:func:`streamcnn.training.prediction.write_predictions`).
 """
 from __future__ import annotations
 
@@ -11,14 +13,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..data import ManifestDataset
 from ..files import atomic_write_text
 from .checkpointing import load_checkpoint
 from .config import TrainConfig, apply_overrides
-from .datasets import image_size_of, make_loader, model_input
+from .datasets import make_loader, model_input, plan_size
 from .distributed import init_distributed
 from .loop import evaluate, resolve_amp
 from .metrics import plot_confusion_matrix
+from .prediction import open_data, write_predictions
 from .runner import planned_model
 
 __all__ = ["evaluate_checkpoint"]
@@ -42,12 +44,14 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, manifest: s
     config = apply_overrides(TrainConfig.model_validate(state["config"]), overrides)
     context = init_distributed(config.train.device)
     try:
-        dataset = ManifestDataset(data, manifest, lazy=config.data.lazy, num_classes=config.model.num_classes)
-        dataset = model_input(dataset, config)
-        model, plan_text, _ = planned_model(config, image_size_of(dataset[0][0]), context.device, state["model"])
+        raw = open_data(Path(data) / manifest, config, require_labels=True)
+        dataset = model_input(raw, config)
+        image_size, planned_for = plan_size(dataset, config)
+        model, plan_text, _ = planned_model(config, image_size, context.device, state["model"])
+        plan_text = f"planned for {planned_for}\n{plan_text}"
         result = evaluate(model, make_loader(dataset, config, context, train=False), context=context,
                           num_classes=config.model.num_classes, amp_dtype=resolve_amp(config.train.amp, context.device),
-                          progress=progress, desc="evaluate")
+                          progress=progress, desc="evaluate", per_image=context.world_size == 1)
     finally:
         context.close()
     report = {"checkpoint": str(checkpoint), "epoch": state["epoch"], "data": str(Path(data) / manifest),
@@ -58,6 +62,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, manifest: s
         folder = Path(out) if out is not None else checkpoint.parent / f"eval-{Path(data).resolve().name}"
         atomic_write_text(folder / "evaluation.json", json.dumps(report, indent=1))
         plot_confusion_matrix(result.confusion, folder / "confusion_matrix.png",
-                              title=f"{checkpoint.name} on {Path(data).name}")
+                              title=f"{checkpoint.name} on {Path(data).name}", class_names=raw.class_names)
+        if result.logits is not None:
+            write_predictions(folder / "predictions.csv", raw.paths, result.logits, raw.labels, raw.class_names)
         report["out"] = str(folder)
     return report

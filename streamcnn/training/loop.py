@@ -18,7 +18,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -90,7 +90,9 @@ def train_one_epoch(model: nn.Module, batches: DataLoader, optimizer: torch.opti
                     scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler, *,
                     context: DistributedContext, num_classes: int, accumulate: int = 1,
                     amp_dtype: torch.dtype | None = None, step: int = 0, max_steps: int | None = None,
-                    deadline: float | None = None, epoch: int = 0, progress: bool = True) -> EpochResult:
+                    deadline: float | None = None, epoch: int = 0, progress: bool = True,
+                    resume: dict[str, Any] | None = None,
+                    on_step: Callable[[int, int, torch.Tensor, float], None] | None = None) -> EpochResult:
     """Train over ``batches`` (this process's micro-batches).
 
     Stops early after ``max_steps`` optimizer steps in total, or after the optimizer step
@@ -100,20 +102,28 @@ def train_one_epoch(model: nn.Module, batches: DataLoader, optimizer: torch.opti
     Micro-batches after the last complete group of ``accumulate`` are skipped, so every
     optimizer step averages the same number of images. ``step`` is the global optimizer
     step before this epoch; the result's ``steps`` counts this epoch's steps.
+
+    Mid-epoch resume: ``resume`` (``batches`` done, running ``totals``, ``seconds``) continues an
+    epoch whose first ``batches`` micro-batches ``batches`` no longer yields (see
+    :meth:`ShardedBatchSampler.set_epoch`). ``on_step(batches_done, steps, totals, seconds)``
+    runs after every optimizer step but the epoch's last (the runner saves mid-epoch checkpoints).
     """
     from tqdm.auto import tqdm
 
     device = context.device
     model.train()
     usable = (len(batches) // accumulate) * accumulate
-    bar = tqdm(total=usable, desc=f"epoch {epoch}", unit="batch", disable=not (progress and context.is_main),
-               dynamic_ncols=True)
+    first = resume["batches"] if resume else 0
+    bar = tqdm(total=usable, initial=first, desc=f"epoch {epoch}", unit="batch",
+               disable=not (progress and context.is_main), dynamic_ncols=True)
     totals = torch.zeros(4, dtype=torch.float64)  # loss * images, images, pixels, correct
-    start, steps, out_of_time = time.perf_counter(), 0, False
+    if resume:
+        totals += torch.tensor(resume["totals"], dtype=torch.float64)
+    start, steps, out_of_time = time.perf_counter() - (resume["seconds"] if resume else 0.0), 0, False
     reset_peak_memory(device)
     optimizer.zero_grad(set_to_none=True)
     with bar:
-        for index, (images, labels) in enumerate(batches):
+        for index, (images, labels) in enumerate(batches, start=first):
             if index >= usable or (max_steps is not None and step + steps >= max_steps) or out_of_time:
                 break
             _check_labels(labels, num_classes)
@@ -139,6 +149,8 @@ def train_one_epoch(model: nn.Module, batches: DataLoader, optimizer: torch.opti
                 scheduler.step()
                 steps += 1
                 out_of_time = bool(reduced[1] > 0)
+                if on_step is not None and index + 1 < usable:
+                    on_step(index + 1, steps, totals.clone(), time.perf_counter() - start)
             elapsed = time.perf_counter() - start
             bar.update()
             bar.set_postfix(loss=f"{totals[0] / totals[1]:.4f}",
@@ -161,12 +173,15 @@ class EvalResult:
     images: int
     confusion: torch.Tensor
     seconds: float
+    logits: torch.Tensor | None = None     # (images, classes) of this process, with ``per_image=True``
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable, *, context: DistributedContext, num_classes: int,
-             amp_dtype: torch.dtype | None = None, progress: bool = True, desc: str = "eval") -> EvalResult:
-    """Accuracy, mean loss and confusion matrix over this process's ``batches``, summed over processes."""
+             amp_dtype: torch.dtype | None = None, progress: bool = True, desc: str = "eval",
+             per_image: bool = False) -> EvalResult:
+    """Accuracy, mean loss and confusion matrix over this process's ``batches``, summed over processes
+    (and with ``per_image``, this process's logits in batch order)."""
     from tqdm.auto import tqdm
 
     device = context.device
@@ -174,6 +189,7 @@ def evaluate(model: nn.Module, batches: Iterable, *, context: DistributedContext
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     loss_sum = torch.zeros(1, dtype=torch.float64)
     start = time.perf_counter()
+    kept: list[torch.Tensor] = []
     for images, labels in tqdm(batches, desc=desc, unit="batch", disable=not (progress and context.is_main),
                                dynamic_ncols=True, leave=False):
         _check_labels(labels, num_classes)
@@ -181,9 +197,12 @@ def evaluate(model: nn.Module, batches: Iterable, *, context: DistributedContext
             logits = model(model_input(images)).float().cpu()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
         confusion += confusion_matrix(logits.argmax(dim=1), labels, num_classes)
+        if per_image:
+            kept.append(logits)
         _release(images)
     confusion = all_reduce_sum(confusion, context)
     loss_sum = all_reduce_sum(loss_sum, context)
     count = int(confusion.sum())
     return EvalResult(accuracy=float(confusion.diagonal().sum()) / max(count, 1), loss=float(loss_sum) / max(count, 1),
-                      images=count, confusion=confusion, seconds=time.perf_counter() - start)
+                      images=count, confusion=confusion, seconds=time.perf_counter() - start,
+                      logits=torch.cat(kept) if kept else None)

@@ -81,8 +81,9 @@ def plot_loss_curve(history: Sequence[dict[str, Any]], path: str | Path, title: 
     return save_figure(fig, path, dpi=120, bbox_inches="tight")
 
 
-def plot_confusion_matrix(matrix: torch.Tensor, path: str | Path, title: str = "") -> Path:
-    """Row-normalised confusion matrix (true class per row) as a PNG."""
+def plot_confusion_matrix(matrix: torch.Tensor, path: str | Path, title: str = "",
+                          class_names: Sequence[str] | None = None) -> Path:
+    """Row-normalised confusion matrix (true class per row) as a PNG, labelled with ``class_names``."""
     plt = _pyplot()
     counts = matrix.double()
     rates = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
@@ -94,6 +95,9 @@ def plot_confusion_matrix(matrix: torch.Tensor, path: str | Path, title: str = "
     step = 1 if n <= 30 else n // 15
     axis.set_xticks(range(0, n, step))
     axis.set_yticks(range(0, n, step))
+    if class_names is not None and step == 1:
+        axis.set_xticklabels(class_names, rotation=45 if max(map(len, class_names)) > 3 else 0, ha="right")
+        axis.set_yticklabels(class_names)
     fig.colorbar(image, ax=axis, label="fraction of true class")
     accuracy = counts.diagonal().sum() / counts.sum().clamp_min(1)
     axis.set_title(f"{title + ': ' if title else ''}accuracy {accuracy:.1%} ({int(counts.sum())} images)", fontsize=10)

@@ -3,13 +3,17 @@
 :func:`fit` is what ``tools/train.py`` calls. Its output directory holds
 ``config.yaml`` (the resolved config), ``plan.txt``/``plan.json`` (the memory plan),
 ``metrics.jsonl`` (one line per evaluated epoch), ``last.pt`` and ``best.pt`` (written
-atomically after every epoch), ``loss_curve.png`` and ``confusion_matrix.png``.
+atomically after every epoch, and ``last.pt`` also every ``train.checkpoint_minutes``
+within an epoch), ``loss_curve.png``, ``confusion_matrix.png`` and, with
+``data.on_error=skip``, ``skipped.txt``.
 
 Resume: ``fit(config, resume=True)`` continues from ``OUT/last.pt`` with the model,
-optimizer, scheduler, scaler and random state of the end of its last epoch, and
-rewrites ``metrics.jsonl`` from the history stored in that checkpoint. A run killed
-at any point (even ``kill -9``) and resumed therefore evaluates every epoch exactly
-once and, on the same machine, reproduces the uninterrupted run's metrics.
+optimizer, scheduler, scaler and random state it holds, mid-epoch if it was written
+mid-epoch (the epoch's batch order is a function of (seed, epoch), so the remaining
+batches are known; the epoch's running totals are in the checkpoint), and rewrites
+``metrics.jsonl`` from the history stored in that checkpoint. A run killed at any point
+(even ``kill -9``) and resumed therefore evaluates every epoch exactly once and, on
+the same machine, reproduces the uninterrupted run's metrics and weights.
 
 :func:`apply_memory_plan` is the one place where the memory budget meets the model.
 """
@@ -32,8 +36,8 @@ from ..planning import enforce_budget, plan
 from ..files import atomic_write_text
 from .checkpointing import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
 from .config import TrainConfig, apply_overrides
-from .datasets import build_datasets, image_size_of, make_loader
-from .distributed import DistributedContext, broadcast_object, gather_objects, init_distributed
+from .datasets import build_datasets, fit_model_to_data, make_loader, unwrap_dataset
+from .distributed import DistributedContext, all_reduce_sum, broadcast_object, gather_objects, init_distributed
 from .loop import evaluate, resolve_amp, train_one_epoch
 from .metrics import plot_confusion_matrix, plot_loss_curve, write_metrics
 from .optim import build_optimizer, build_scheduler
@@ -63,9 +67,9 @@ class RunFiles:
 def build_training_model(config: TrainConfig) -> StreamingClassifier:
     """The config's model (untrained unless ``model.weights``), not yet planned."""
     m = config.model
-    if m.num_classes is None or m.in_channels is None:
-        raise ValueError("model.num_classes and model.in_channels come from the data when the config leaves them "
-                         "unset; set them in the config (or train with fit(), which reads them from the data)")
+    if m.in_channels is None or m.num_classes is None:
+        raise ValueError("model.in_channels and model.num_classes come from the data: resolve them first with "
+                         "streamcnn.training.datasets.fit_model_to_data(config, dataset), or set them")
     return build_model(m.trunk, m.head, num_classes=m.num_classes, in_channels=m.in_channels, weights=m.weights,
                        head_kwargs=m.head_kwargs)
 
@@ -115,20 +119,6 @@ def planned_model(config: TrainConfig, image_size: tuple[int, int], device: torc
     if config.plan.budget is not None and device.type == "cuda":
         enforce_budget(config.plan.budget, device)
     return model, plan_text, plan_json
-
-
-def _from_data(config: TrainConfig, train_set: Dataset, sample_image: Any) -> TrainConfig:
-    """``config`` with ``model.num_classes`` / ``model.in_channels`` the data's where it leaves them unset."""
-    overrides: list[tuple[str, Any]] = []
-    if config.model.num_classes is None:
-        classes = getattr(train_set, "num_classes", None)
-        if classes is None:
-            raise ValueError(f"model.num_classes is not set and {type(train_set).__name__} has no num_classes; "
-                             "set model.num_classes in the config")
-        overrides.append(("model.num_classes", int(classes)))
-    if config.model.in_channels is None:
-        overrides.append(("model.in_channels", int(sample_image.shape[0])))
-    return apply_overrides(config, overrides) if overrides else config
 
 
 def _is_better(row: dict[str, Any], best: dict[str, Any] | None) -> bool:
@@ -185,6 +175,26 @@ def _epoch_row(epoch: int, step: int, result, lr: float, val) -> dict[str, Any]:
     return row
 
 
+def _mid_epoch_saver(trainer: _Trainer, files: RunFiles, config: TrainConfig, context: DistributedContext,
+                     epoch: int, step: int, history: list, image_size: tuple[int, int]):
+    """``on_step`` for :func:`train_one_epoch`: every ``train.checkpoint_minutes``, write ``last.pt``
+    with the epoch in progress (batches done, running totals), so ``--resume`` continues mid-epoch."""
+    last = time.monotonic()
+
+    def save(batches: int, steps: int, totals: torch.Tensor, seconds: float) -> None:
+        nonlocal last
+        due = torch.tensor([float(time.monotonic() - last >= 60 * config.train.checkpoint_minutes)])
+        if not float(all_reduce_sum(due, context)[0]):      # every rank decides alike
+            return
+        rng = gather_objects(rng_state(), context)
+        if context.is_main:
+            state = trainer.state(rng, epoch - 1, step + steps, history, config, image_size)
+            state["in_progress"] = {"epoch": epoch, "batches": batches, "totals": totals.tolist(), "seconds": seconds}
+            save_checkpoint(files.last, state)
+        last = time.monotonic()
+    return save
+
+
 def fit(config: TrainConfig, *, resume: bool = False, train_set: Dataset | None = None,
         val_set: Dataset | None = None) -> list[dict[str, Any]]:
     """Train as ``config`` says; return the metrics history (one dict per epoch).
@@ -212,11 +222,12 @@ def _fit(config: TrainConfig, context: DistributedContext, resume: bool, train_s
     amp_dtype = resolve_amp(config.train.amp, device)
     if train_set is None:
         train_set, val_set = build_datasets(config, context)
+    config, image_size, planned_for = fit_model_to_data(config, train_set)
     seed_everything(config.train.seed)
-    sample_image, _ = train_set[0]
-    config = _from_data(config, train_set, sample_image)
-    image_size = image_size_of(sample_image)
     model, plan_text, plan_json = planned_model(config, image_size, device)
+    plan_text = f"planned for {planned_for}\n{plan_text}"
+    if plan_json is not None:
+        plan_json["planned_for"] = planned_for
 
     train_loader = make_loader(train_set, config, context, train=True)
     val_loader = make_loader(val_set, config, context, train=False) if val_set is not None else None
@@ -231,9 +242,11 @@ def _fit(config: TrainConfig, context: DistributedContext, resume: bool, train_s
     optimizer = build_optimizer(model, config.optim)
     trainer = _Trainer(model, optimizer, build_scheduler(optimizer, config.optim, total_steps, steps_per_epoch),
                        torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16))
-    epoch, step, history = 0, 0, []
+    epoch, step, history, in_progress = 0, 0, [], None
     if resume and files.last.exists():
-        epoch, step, history = trainer.restore(load_checkpoint(files.last, map_location=device), context)
+        saved = load_checkpoint(files.last, map_location=device)
+        epoch, step, history = trainer.restore(saved, context)
+        in_progress = saved.get("in_progress")
     elif resume and context.is_main:
         print(f"{files.last} does not exist yet: starting the run from the beginning", flush=True)
     best = _best(history)
@@ -248,6 +261,11 @@ def _fit(config: TrainConfig, context: DistributedContext, resume: bool, train_s
         if plan_json is not None:
             atomic_write_text(files.out / "plan.json", json.dumps(plan_json, indent=1))
         write_metrics(files.metrics, history)  # a resumed run forgets what happened after last.pt
+        skipped = getattr(unwrap_dataset(train_set)[0], "skipped", None)
+        if skipped:
+            atomic_write_text(files.out / "skipped.txt", "".join(f"{reason}\n" for _, reason in skipped))
+            print(f"skipped {len(skipped)} bad file(s) (data.on_error=skip), listed in {files.out / 'skipped.txt'}",
+                  flush=True)
         if config.train.progress:
             print(plan_text, flush=True)
 
@@ -256,12 +274,14 @@ def _fit(config: TrainConfig, context: DistributedContext, resume: bool, train_s
     while epoch < config.train.epochs and (config.train.max_steps is None or step < config.train.max_steps) \
             and not out_of_time:
         epoch += 1
-        train_loader.batch_sampler.set_epoch(epoch)  # type: ignore[union-attr]
+        part, in_progress = (in_progress if in_progress and in_progress["epoch"] == epoch else None), None
+        train_loader.batch_sampler.set_epoch(epoch, part["batches"] if part else 0)  # type: ignore[union-attr]
+        save_mid_epoch = _mid_epoch_saver(trainer, files, config, context, epoch, step, history, image_size)
         result = train_one_epoch(train_model, train_loader, optimizer, trainer.scheduler, trainer.scaler,
                                  context=context, num_classes=config.model.num_classes,
                                  accumulate=config.train.accumulate, amp_dtype=amp_dtype, step=step,
                                  max_steps=config.train.max_steps, deadline=deadline, epoch=epoch,
-                                 progress=config.train.progress)
+                                 progress=config.train.progress, resume=part, on_step=save_mid_epoch)
         step, out_of_time = step + result.steps, result.out_of_time
         if val_loader is not None:
             last_eval = evaluate(model, val_loader, context=context, num_classes=config.model.num_classes,
@@ -284,5 +304,6 @@ def _fit(config: TrainConfig, context: DistributedContext, resume: bool, train_s
     if context.is_main and history:
         plot_loss_curve(history, files.out / "loss_curve.png", title=f"{config.model.trunk} {config.model.mode}")
         if last_eval is not None:
-            plot_confusion_matrix(last_eval.confusion, files.out / "confusion_matrix.png", title=f"validation, epoch {epoch}")
+            plot_confusion_matrix(last_eval.confusion, files.out / "confusion_matrix.png", title=f"validation, epoch {epoch}",
+                                  class_names=config.data.classes)
     return history

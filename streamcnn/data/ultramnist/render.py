@@ -16,6 +16,7 @@ import math
 import numpy as np
 
 from ..digits import DigitBank
+from ..tissue import otsu_threshold as _otsu_threshold
 from .layout import Layout
 
 __all__ = ["render_layout"]
@@ -90,17 +91,6 @@ def _shapes(layout: Layout) -> np.ndarray:
         hit = ~np.all(np.isnan(crossings), axis=0)
         _fill_spans(canvas, rows[hit], np.nanmin(crossings[:, hit], axis=0), np.nanmax(crossings[:, hit], axis=0))
     return canvas
-
-
-def _otsu_threshold(histogram: np.ndarray) -> int:
-    """Otsu's threshold t of a 256-bin histogram; foreground is value > t."""
-    p = histogram.astype(np.float64) / histogram.sum()
-    omega = np.cumsum(p)
-    mu = np.cumsum(p * np.arange(len(p)))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        between = (mu[-1] * omega - mu) ** 2 / (omega * (1 - omega))
-    between[~np.isfinite(between)] = -1
-    return int(np.argmax(between))
 
 
 def _nearest_resize(digit: np.ndarray, side: int) -> np.ndarray:
