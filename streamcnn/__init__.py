@@ -5,7 +5,8 @@ Public API (details in README.md):
 - Streaming: :class:`StreamingModule`, :func:`freeze_batchnorm`, :class:`RegionSource`.
 - Geometry: :func:`tile_plan`, :class:`TilePlan`, :class:`TrunkGeometry`,
   :func:`register_rule`, :class:`Window`, :class:`UnsupportedLayerError`.
-- Models: :func:`build_model`, :class:`StreamingClassifier`.
+- Models: :func:`build_model` (trunks by name, ``torchvision:<arch>``, ``timm:<arch>``),
+  :class:`StreamingClassifier`, :func:`split_model` (a whole network -> trunk + head).
 - Memory: :func:`plan`, :class:`PlanReport`, :class:`Candidate`, :class:`BudgetError`,
   :func:`enforce_budget`, :func:`parse_size`, :func:`format_size`.
 - Images: :func:`open_image` (lazy readers; imported on first use, as it loads libvips).
@@ -16,6 +17,7 @@ from .batchnorm import FrozenBatchNorm2d, freeze_batchnorm
 from .geometry import TilePlan, TrunkGeometry, UnsupportedLayerError, Window, register_rule, tile_plan
 from .memory import format_size, parse_size
 from .models import StreamingClassifier, build_model
+from .split import Split, split_model
 from .planning import BudgetError, Candidate, PlanReport, enforce_budget, plan
 from .streaming import RegionSource, StreamingModule
 
@@ -34,6 +36,8 @@ __all__ = [
     "UnsupportedLayerError",
     "build_model",
     "StreamingClassifier",
+    "split_model",
+    "Split",
     "plan",
     "PlanReport",
     "Candidate",

@@ -107,7 +107,8 @@ class Wrapper(nn.Module):
     (nn.Dropout2d(0.2), r"features\.1 \(Dropout2d\): dropout in training mode"),
     (nn.AdaptiveAvgPool2d(1), r"features\.1 \(AdaptiveAvgPool2d\): adaptive/global pooling"),
     (nn.Linear(4, 4), r"features\.1 \(Linear\): Linear layers"),
-    (nn.PixelShuffle(2), r"features\.1 \(torch\.nn\.modules\.pixelshuffle\.PixelShuffle\): unknown layer"),
+    (nn.PixelShuffle(2), r"features\.1 \(PixelShuffle\): unknown layer torch\.nn\.modules\.pixelshuffle\.PixelShuffle\. "
+                        r"Fix: if it is local, describe it with streamcnn\.register_rule"),
     (nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"), r"features\.1 \(Conv2d\): circular padding"),
 ])
 def test_refusals_name_module_and_reason(inner, match):
