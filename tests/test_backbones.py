@@ -183,3 +183,40 @@ def test_unknown_names_and_missing_timm(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "timm", None)
     with pytest.raises(ImportError, match=r'^timm is not installed; install the extra: pip install -e "\.\[timm\]"$'):
         build_trunk("timm:resnet50d")
+
+
+def test_weights_from_torchvision_state_dict_for_any_family(tmp_path):
+    torch.manual_seed(1)
+    reference = torchvision.models.mobilenet_v2()
+    torch.save(reference.state_dict(), tmp_path / "mnv2.pth")
+    trunk, _ = build_trunk("torchvision:mobilenet_v2", in_channels=1, weights=tmp_path / "mnv2.pth")
+    assert torch.equal(trunk[18][0].weight, reference.features[18][0].weight)
+    assert torch.allclose(trunk[0][0].weight[:, 0], reference.features[0][0].weight.sum(dim=1))
+    trunk, _ = build_trunk("torchvision:mobilenet_v2", in_channels=4, weights=tmp_path / "mnv2.pth")
+    assert torch.allclose(trunk[0][0].weight[:, 3], reference.features[0][0].weight.sum(dim=1) / 4)
+    with pytest.raises(ValueError, match=r"mnv2\.pth: not a torchvision mobilenet_v3_small state dict \(missing"):
+        build_trunk("torchvision:mobilenet_v3_small", weights=tmp_path / "mnv2.pth")
+
+
+def test_weights_from_timm_checkpoints_and_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    kwargs = dict(depths=(1, 1, 1, 1), dims=(8, 8, 16, 16))
+    torch.manual_seed(2)
+    reference = timm.create_model("convnext_atto", num_classes=7, **kwargs)   # any classifier: it is dropped
+    state = reference.state_dict()
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "ckpt.pth.tar")
+    save_file(state, str(tmp_path / "model.safetensors"))
+    for name in ("ckpt.pth.tar", "model.safetensors"):
+        trunk, channels = build_trunk("timm:convnext_atto", in_channels=1, weights=tmp_path / name, **kwargs)
+        assert channels == 16
+        assert torch.equal(trunk.model.stages[3].blocks[0].mlp.fc2.weight, reference.stages[3].blocks[0].mlp.fc2.weight)
+        stem = trunk.model.stem[0]                              # the first conv has a bias: kept
+        assert torch.allclose(stem.weight[:, 0], reference.stem[0].weight.sum(dim=1))
+        assert torch.equal(stem.bias, reference.stem[0].bias)
+        assert isinstance(trunk.model.head, nn.Identity)        # unused classifier parameters removed
+    (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(ValueError, match=r"broken\.safetensors: not a readable weights file"):
+        build_trunk("timm:convnext_atto", weights=tmp_path / "broken.safetensors", **kwargs)
+    with pytest.raises(FileNotFoundError, match=r"nothere\.pt: weights file not found"):
+        build_trunk("timm:convnext_atto", weights=tmp_path / "nothere.pt", **kwargs)

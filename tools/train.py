@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         history = fit(config, resume=args.resume)
-    except (ConfigError, BudgetError, NonFiniteLossError, FileNotFoundError, FileExistsError, ValueError) as error:
+    except (ConfigError, BudgetError, NonFiniteLossError, FileNotFoundError, FileExistsError, ValueError,
+            ImportError) as error:
         # Bad configs, budgets nothing fits, bad data, NaN losses: one line, no traceback.
         print(f"train.py: error: {error}", file=sys.stderr)
         return 1
