@@ -300,10 +300,14 @@ class StreamingModule(nn.Module):
 
     def _check_channels(self, channels: int) -> None:
         """One line, before anything runs, when the image's channels do not fit the trunk."""
+        key = self._training_state()
+        if getattr(self, "_unstreamable", None) == key:
+            return
         try:
             geometry = self.geometry
         except UnsupportedLayerError:
-            return  # not streamable, so only ever run conventionally: torch's own error stands
+            self._unstreamable = key  # only ever run conventionally: torch's own error stands
+            return
         geometry.check_channels(channels)
 
     def extra_repr(self) -> str:
