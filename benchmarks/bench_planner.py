@@ -7,7 +7,7 @@
 Each row builds a model (conv head, 1 input channel, 28 classes, AdamW), sets a plan
 (conventional, checkpoint, stream at a tile, stream+checkpoint, offload), predicts one
 training step's peak with :func:`streamcnn.memory.predict_step_memory` and measures it with
-:func:`streamcnn.memory.measure_step_memory` (one warm-up step first). CPU: allocator peak
+:func:`streamcnn.measurement.measure_step_memory` (one warm-up step first). CPU: allocator peak
 from torch.profiler. CUDA: ``max_memory_allocated`` and ``max_memory_reserved`` of the step,
 the CUDA context from ``mem_get_info``, and the raw (un-allocated) prediction, so the CUDA
 allowances in ``streamcnn/memory.py`` can be calibrated from the JSON. On CUDA it also plans
@@ -29,16 +29,11 @@ import torch
 from common import RESULTS
 
 from streamcnn.files import save_figure
-from streamcnn.memory import (
-    CUDA_CONTEXT_BYTES,
-    CUDA_RESERVED_OVERHEAD,
-    CUDA_WORKSPACE_BYTES,
-    format_size,
-    measure_step_memory,
-    predict_step_memory,
-)
+from streamcnn.measurement import measure_step_memory
+from streamcnn.memory import CUDA_CONTEXT_BYTES, CUDA_RESERVED_OVERHEAD, CUDA_WORKSPACE_BYTES, predict_step_memory
 from streamcnn.models import build_model
 from streamcnn.planning import BudgetError, Candidate, enforce_budget, plan
+from streamcnn.units import format_size
 
 PLANS = {
     "conventional": dict(tile=None, checkpoint=False, offload=False),
@@ -115,7 +110,7 @@ def budget_rows(device: str) -> list[dict]:
         for dtype in ("fp32", "bf16"):
             row = {"model": model_name, "image": 4000, "budget": "11GB", "dtype": dtype}
             try:
-                report = plan(model_name, 4000, "11GB", in_channels=1, dtype=dtype, device=device)
+                report = plan(model_name, 4000, "11GB", in_channels=1, num_classes=28, dtype=dtype, device=device)
             except BudgetError as e:
                 rows.append({**row, "error": str(e)})
                 continue
@@ -148,7 +143,7 @@ def planning_speed() -> dict:
                          ("resnet50_4000_11GB_fp32_exhaustive", {"exhaustive": True})):
         kwargs = {"budget": "11GB", **kwargs}
         t0 = time.perf_counter()
-        report = plan("resnet50", 4000, kwargs.pop("budget"), in_channels=1, device="cuda", **kwargs)
+        report = plan("resnet50", 4000, kwargs.pop("budget"), in_channels=1, num_classes=28, device="cuda", **kwargs)
         out[name] = {"seconds": time.perf_counter() - t0, "chosen": report.chosen.name,
                      "tile": report.chosen.tile_size, "simulated": sum(c.fits is not None for c in report.candidates)}
         if kwargs.get("exhaustive"):

@@ -34,7 +34,9 @@ import torch.nn as nn
 
 from .rules import (NCHW, POINTWISE, Refusal, UnsupportedLayerError, Window, is_leaf, leaf_functions, node_rule,
                     register_rule, within_squeeze_excitation)
-from .rules import HEAD, SE_FIX, _pair
+from .rules import HEAD, SE_FIX
+
+from .units import pair as _pair
 
 __all__ = [
     "UnsupportedLayerError",

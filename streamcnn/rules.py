@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torchvision.models.shufflenetv2 import channel_shuffle as _tv_channel_shuffle
 from torchvision.ops import StochasticDepth
 
+from .units import pair as _pair
+
 __all__ = ["Window", "POINTWISE", "Refusal", "UnsupportedLayerError", "register_rule", "node_rule",
            "is_leaf", "leaf_functions", "NCHW"]
 
@@ -101,10 +103,6 @@ PER_PIXEL_NORM = ("normalise per pixel over channels instead (LayerNorm2d as in 
 SE_FIX = ("use a variant without SE (e.g. torchvision:mobilenet_v2, torchvision:regnet_x_400mf, timm:resnet50d, "
           "torchvision:convnext_tiny), or cut the trunk before it (streamcnn.split_model) and run it in the head")
 REGISTER = "if it is local, describe it with streamcnn.register_rule(cls, rule); otherwise " + HEAD
-
-
-def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 def _conv_windows(m: nn.Conv2d):

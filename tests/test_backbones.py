@@ -204,10 +204,12 @@ def test_plan_cli_takes_ecosystem_names_and_says_what_is_wrong_in_one_line(capsy
     spec = importlib.util.spec_from_file_location("plan_cli", Path(__file__).parents[1] / "tools" / "plan.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
-    assert cli.build_parser().parse_args(["--model", "timm:resnet50d", "--image-size", "64", "--budget", "1GB"]).model \
+    assert cli.build_parser().parse_args(["--model", "timm:resnet50d", "--image-size", "64", "--budget", "1GB",
+                                     "--num-classes", "2"]).model \
         == "timm:resnet50d"
     for model, error in (("torchvision:convnext_tiniest", "unknown torchvision model 'convnext_tiniest'"),
                          ("torchvision:efficientnet_b0", "1.0.block.1 (SqueezeExcitation): squeeze-and-excitation")):
-        assert cli.main(["--model", model, "--image-size", "256", "--budget", "1GB", "--device", "cpu"]) == 1
+        assert cli.main(["--model", model, "--image-size", "256", "--budget", "1GB", "--device", "cpu",
+                         "--num-classes", "2"]) == 1
         err = capsys.readouterr().err
         assert err.startswith(f"error: {error}") and err.count("\n") == 1
