@@ -11,6 +11,7 @@ across the new channels; without weights the new convolution is freshly initiali
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Callable
 
@@ -81,14 +82,15 @@ def adapt_in_channels(model: nn.Module, in_channels: int, pretrained: bool) -> n
         return model
     if conv.groups != 1:
         raise ValueError(f"{path}: a grouped first convolution cannot be adapted to {in_channels} channels")
-    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                    1, conv.bias is not None, conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
+    new = copy.deepcopy(conv)  # keeps the class (e.g. timm's StdConv2d, Conv2dSame), bias and settings
+    new.in_channels = in_channels
+    new.weight = nn.Parameter(conv.weight.new_empty(conv.out_channels, in_channels, *conv.kernel_size))
     if pretrained:
         with torch.no_grad():
             summed = conv.weight.sum(dim=1, keepdim=True)
             new.weight.copy_(summed.expand(-1, in_channels, -1, -1) / in_channels)
-            if conv.bias is not None:
-                new.bias.copy_(conv.bias)
+    else:
+        new.reset_parameters()
     parent, _, leaf = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
     return model
