@@ -8,7 +8,8 @@ Public API (details in README.md):
 - Models: :func:`build_model` (trunks by name, ``torchvision:<arch>``, ``timm:<arch>``),
   :class:`StreamingClassifier`, :func:`split_model` (a whole network -> trunk + head).
 - Memory: :func:`plan`, :class:`PlanReport`, :class:`Candidate`, :class:`BudgetError`,
-  :func:`enforce_budget`, :func:`parse_size`, :func:`format_size`.
+  :func:`enforce_budget`, :func:`parse_size`, :func:`format_size`; :class:`Plannable` (what
+  the planner needs of a model).
 - Images: :func:`open_image` (lazy readers; imported on first use, as it loads libvips).
 - Subpackages: ``streamcnn.io``, ``streamcnn.data`` (UltraMNIST, datasets),
   ``streamcnn.training`` (the trainer behind ``tools/train.py``).
@@ -16,6 +17,7 @@ Public API (details in README.md):
 from .batchnorm import FrozenBatchNorm2d, freeze_batchnorm
 from .geometry import TilePlan, TrunkGeometry, UnsupportedLayerError, Window, register_rule, tile_plan
 from .models import StreamingClassifier, build_model
+from .plannable import Plannable
 from .split import Split, split_model
 from .planning import BudgetError, Candidate, PlanReport, enforce_budget, plan
 from .streaming import RegionSource, StreamingModule
@@ -39,6 +41,7 @@ __all__ = [
     "split_model",
     "Split",
     "plan",
+    "Plannable",
     "PlanReport",
     "Candidate",
     "BudgetError",
