@@ -5,7 +5,8 @@ Public API (details in README.md):
 - Streaming: :class:`StreamingModule`, :func:`freeze_batchnorm`, :class:`RegionSource`.
 - Geometry: :func:`tile_plan`, :class:`TilePlan`, :class:`TrunkGeometry`,
   :func:`register_rule`, :class:`Window`, :class:`UnsupportedLayerError`.
-- Models: :func:`build_model`, :class:`StreamingClassifier`.
+- Models: :func:`build_model` (trunks by name, ``torchvision:<arch>``, ``timm:<arch>``),
+  :class:`StreamingClassifier`, :func:`split_model` (a whole network -> trunk + head).
 - Memory: :func:`plan`, :class:`PlanReport`, :class:`Candidate`, :class:`BudgetError`,
   :func:`enforce_budget`, :func:`parse_size`, :func:`format_size`; :class:`Plannable` (what
   the planner needs of a model).
@@ -17,6 +18,7 @@ from .batchnorm import FrozenBatchNorm2d, freeze_batchnorm
 from .geometry import TilePlan, TrunkGeometry, UnsupportedLayerError, Window, register_rule, tile_plan
 from .models import StreamingClassifier, build_model
 from .plannable import Plannable
+from .split import Split, split_model
 from .planning import BudgetError, Candidate, PlanReport, enforce_budget, plan
 from .streaming import RegionSource, StreamingModule
 from .units import format_size, parse_size
@@ -36,6 +38,8 @@ __all__ = [
     "UnsupportedLayerError",
     "build_model",
     "StreamingClassifier",
+    "split_model",
+    "Split",
     "plan",
     "Plannable",
     "PlanReport",

@@ -11,10 +11,11 @@ arithmetic, never by experiment:
   meet, clamping to each tensor's extent, and aligning the start down to the trunk's
   total stride so the strided sampling grid of a crop matches the full image).
 
-Anything that is not local (global pooling, Linear, attention, normalisation over
-space or batch, train-mode dropout, ops the analysis does not know) is refused
-with an :class:`UnsupportedLayerError` naming the module path. New local layers can
-be taught with :func:`register_rule` (timm-style registry, no if/else chains).
+Anything that is not local (global pooling, Linear over space, attention, normalisation
+over space or batch, train-mode dropout, ops the analysis does not know) is refused
+with an :class:`UnsupportedLayerError` naming the module path, the reason and the fix.
+The rules themselves live in :mod:`streamcnn.rules`; new local layers can be taught
+with :func:`register_rule` (a registry, no if/else chains).
 
 :func:`tile_plan` partitions the feature map into disjoint rectangles and returns
 each tile's region and input window, and the overlap factor (total window area /
@@ -25,12 +26,15 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.fx
 import torch.nn as nn
-import torch.nn.functional as F
+
+from .rules import (NCHW, POINTWISE, Refusal, UnsupportedLayerError, Window, is_leaf, leaf_functions, node_rule,
+                    register_rule, within_squeeze_excitation)
+from .rules import HEAD, SE_FIX
 
 from .units import pair as _pair
 
@@ -39,186 +43,13 @@ __all__ = [
     "Window",
     "POINTWISE",
     "register_rule",
+    "trace",
+    "analyse",
     "TrunkGeometry",
     "Tile",
     "TilePlan",
     "tile_plan",
 ]
-
-
-class UnsupportedLayerError(ValueError):
-    """A trunk contains an operation that cannot be streamed exactly."""
-
-
-# --------------------------------------------------------------------------------------
-# Window rules
-# --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Window:
-    """How one spatial axis of a layer's output depends on its input.
-
-    Output position ``j`` reads inputs ``j*stride - pad_lo + dilation*i`` for
-    ``i in range(kernel)``. Pointwise layers are ``Window()``.
-    """
-
-    kernel: int = 1
-    stride: int = 1
-    pad_lo: int = 0
-    pad_hi: int = 0
-    dilation: int = 1
-    ceil_mode: bool = False
-
-    @property
-    def extent(self) -> int:
-        return self.dilation * (self.kernel - 1) + 1
-
-    def output_size(self, n: int) -> int:
-        span = n + self.pad_lo + self.pad_hi - self.extent
-        if span < 0:
-            raise ValueError(f"input of size {n} is smaller than the kernel extent {self.extent}")
-        if not self.ceil_mode:
-            return span // self.stride + 1
-        out = -(-span // self.stride) + 1
-        # PyTorch: the last pooling window must start inside the input or the left padding.
-        if (out - 1) * self.stride >= n + self.pad_lo:
-            out -= 1
-        return out
-
-    def input_interval(self, a: int, b: int) -> tuple[int, int]:
-        """Input interval ``[lo, hi)`` read by output interval ``[a, b)`` (unclamped)."""
-        return a * self.stride - self.pad_lo, (b - 1) * self.stride - self.pad_lo + self.extent
-
-
-POINTWISE = Window()
-
-
-def _conv_windows(m: nn.Conv2d) -> tuple[Window, Window]:
-    if m.padding_mode == "circular":
-        raise UnsupportedLayerError("circular padding wraps around the image, so it is not local")
-    k, s, d = _pair(m.kernel_size), _pair(m.stride), _pair(m.dilation)
-    if m.padding == "valid":
-        pads = [(0, 0), (0, 0)]
-    elif m.padding == "same":
-        pads = []
-        for ki, di in zip(k, d):
-            total = di * (ki - 1)
-            pads.append((total // 2, total - total // 2))
-    else:
-        pads = [(p, p) for p in _pair(m.padding)]
-    return tuple(Window(k[i], s[i], pads[i][0], pads[i][1], d[i]) for i in range(2))  # type: ignore[return-value]
-
-
-def _pool_windows(m: nn.Module) -> tuple[Window, Window]:
-    k = _pair(m.kernel_size)
-    s = _pair(m.stride if m.stride is not None else m.kernel_size)
-    p = _pair(m.padding)
-    d = _pair(getattr(m, "dilation", 1))
-    return tuple(Window(k[i], s[i], p[i], p[i], d[i], bool(m.ceil_mode)) for i in range(2))  # type: ignore[return-value]
-
-
-def _pointwise(_: nn.Module) -> tuple[Window, Window]:
-    return POINTWISE, POINTWISE
-
-
-def _batchnorm_windows(m: nn.modules.batchnorm._BatchNorm) -> tuple[Window, Window]:
-    if m.training or not m.track_running_stats or m.running_mean is None:
-        raise UnsupportedLayerError(
-            "BatchNorm in training mode normalises with statistics of the whole batch and image, "
-            "so tiles would see different statistics; call streamcnn.freeze_batchnorm(trunk) to use "
-            "running statistics (eval mode; the affine weight and bias stay trainable)"
-        )
-    return POINTWISE, POINTWISE
-
-
-def _dropout_windows(m: nn.Module) -> tuple[Window, Window]:
-    if m.training and m.p > 0:
-        raise UnsupportedLayerError(
-            "dropout in training mode draws a different mask per tile; put dropout in the head, "
-            "or set p=0 / eval mode for the trunk"
-        )
-    return POINTWISE, POINTWISE
-
-
-# A rule maps a module (or a call's args and kwargs) to one Window per spatial axis,
-# or raises UnsupportedLayerError with the reason.
-ModuleRule = Callable[[nn.Module], "tuple[Window, Window]"]
-_MODULE_RULES: dict[type, ModuleRule] = {}
-_REFUSED_MODULES: dict[type, str] = {}
-
-# Functions and tensor methods that are pointwise in space (any number of tensor args).
-_POINTWISE_FUNCTIONS: set = {
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.iadd,
-    operator.imul, torch.add, torch.sub, torch.mul, torch.div, torch.relu, torch.sigmoid,
-    torch.tanh, torch.clamp, torch.abs, torch.exp, torch.neg, F.relu, F.relu6, F.gelu, F.silu,
-    F.leaky_relu, F.hardswish, F.hardsigmoid, F.elu, F.mish, F.sigmoid, F.tanh, torch.maximum,
-    torch.minimum,
-}
-_POINTWISE_METHODS: set[str] = {
-    "add", "add_", "sub", "mul", "mul_", "div", "relu", "relu_", "sigmoid", "tanh", "clamp",
-    "clamp_min", "abs", "neg", "exp", "contiguous", "clone", "float", "to", "type_as", "half",
-    "bfloat16", "double",
-}
-
-
-def register_rule(cls: type, rule: ModuleRule | None = None):
-    """Teach the geometry a local module type.
-
-    ``rule(module) -> (Window, Window)`` gives the window along height and width.
-    Without ``rule`` the module is registered as pointwise. Usable as a decorator.
-    """
-    if rule is None:
-        rule = _pointwise
-    _MODULE_RULES[cls] = rule
-    return cls
-
-
-for _cls in (nn.Conv2d,):
-    register_rule(_cls, _conv_windows)
-for _cls in (nn.MaxPool2d, nn.AvgPool2d):
-    register_rule(_cls, _pool_windows)
-register_rule(nn.modules.batchnorm._BatchNorm, _batchnorm_windows)
-for _cls in (nn.Dropout, nn.Dropout2d):
-    register_rule(_cls, _dropout_windows)
-for _cls in (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
-    nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus,
-    nn.Identity,
-):
-    register_rule(_cls)
-
-_REFUSED_MODULES.update({
-    nn.GroupNorm: "GroupNorm normalises over the whole spatial extent of each group",
-    nn.modules.instancenorm._InstanceNorm: "InstanceNorm normalises over the whole image",
-    nn.LayerNorm: "LayerNorm over spatial dimensions mixes the whole image",
-    nn.modules.pooling._AdaptiveAvgPoolNd: "adaptive/global pooling mixes the whole image",
-    nn.modules.pooling._AdaptiveMaxPoolNd: "adaptive/global pooling mixes the whole image",
-    nn.Linear: "Linear layers mix all positions they see",
-    nn.MultiheadAttention: "attention mixes all positions",
-    nn.Flatten: "flattening destroys the spatial layout",
-    nn.Upsample: "upsampling is not supported by the geometry yet",
-    nn.ConvTranspose2d: "transposed convolutions are not supported by the geometry yet",
-})
-
-_NONLOCAL_FUNCTIONS = {
-    F.adaptive_avg_pool2d: "adaptive/global pooling mixes the whole image",
-    F.adaptive_max_pool2d: "adaptive/global pooling mixes the whole image",
-    torch.flatten: "flattening destroys the spatial layout",
-    F.linear: "Linear layers mix all positions they see",
-    F.group_norm: "GroupNorm normalises over the whole spatial extent",
-    F.instance_norm: "InstanceNorm normalises over the whole image",
-    F.layer_norm: "LayerNorm over spatial dimensions mixes the whole image",
-    F.interpolate: "interpolation is not supported by the geometry yet",
-    F.scaled_dot_product_attention: "attention mixes all positions",
-}
-
-
-def _lookup(table: dict, cls: type):
-    for base in cls.__mro__:
-        if base in table:
-            return table[base]
-    return None
 
 
 # --------------------------------------------------------------------------------------
@@ -233,6 +64,10 @@ class _Node:
     inputs: list[int]   # indices of spatial producer nodes
     windows: tuple[Window, Window]
     stride: tuple[int, int] = (1, 1)  # cumulative stride from the image
+    layout: tuple = NCHW              # which logical axis each tensor dimension holds
+    is_tuple: bool = False            # a tuple of tensors (chunk/split)
+    image_channels: bool = False      # still has the image's channels (no conv or channel op yet)
+    module: nn.Module | None = None   # the layer, for module nodes
 
 
 def _node_location(node: torch.fx.Node) -> str:
@@ -246,8 +81,10 @@ def _node_location(node: torch.fx.Node) -> str:
     return node.name
 
 
-def _call_name(node: torch.fx.Node) -> str:
+def _call_name(node: torch.fx.Node, root: nn.Module) -> str:
     target = node.target
+    if node.op == "call_module":
+        return type(root.get_submodule(str(target))).__name__
     if node.op == "call_method":
         return f"Tensor.{target}"
     name = getattr(target, "__name__", None)
@@ -258,110 +95,131 @@ def _call_name(node: torch.fx.Node) -> str:
 
 
 class _LeafTracer(torch.fx.Tracer):
-    """Keeps every module with a known rule (or a known refusal) as one graph node."""
+    """Keeps every module with a rule as one graph node, and the functions rules describe."""
+
+    def __init__(self):
+        super().__init__(autowrap_functions=leaf_functions())
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if _lookup(_MODULE_RULES, type(m)) or _lookup(_REFUSED_MODULES, type(m)):
-            return True
-        return super().is_leaf_module(m, qualname)
+        return is_leaf(m) or super().is_leaf_module(m, qualname)
+
+
+def trace(module: nn.Module) -> tuple[nn.Module, torch.fx.Graph]:
+    """``(root, graph)``: the module's ``torch.fx`` graph with rule-described layers as leaves."""
+    # fx never treats the root as a leaf: wrap a lone layer so its rule applies.
+    root = nn.Sequential(module) if is_leaf(module) else module
+    try:
+        return root, _LeafTracer().trace(root)
+    except Exception as exc:  # noqa: BLE001 - fx raises many exception types
+        raise UnsupportedLayerError(
+            f"torch.fx could not trace {type(module).__name__}: {exc}. Fix: streaming needs a trunk without "
+            "data-dependent control flow; wrap such a block as a leaf and describe it with "
+            "streamcnn.register_rule, or cut the network before it with streamcnn.split_model"
+        ) from exc
+
+
+def _refused(node: torch.fx.Node, root: nn.Module, where: str, refusal: Refusal) -> UnsupportedLayerError:
+    se = within_squeeze_excitation(node) if "global pooling" in refusal.why else None
+    if se is not None:
+        where = se
+        refusal = Refusal("squeeze-and-excitation: its global average pool gates every pixel's channels "
+                          "with a value computed from the whole image", SE_FIX)
+    err = UnsupportedLayerError(f"{where} ({_call_name(node, root)}): {refusal}", fixable=refusal.fixable)
+    err.node = node.name  # type: ignore[attr-defined]
+    return err
+
+
+def analyse(graph: torch.fx.Graph, root: nn.Module) -> tuple[list[_Node], int]:
+    """The spatial nodes of ``graph`` (input first) and the index of the output node.
+
+    Raises :class:`UnsupportedLayerError` at the first node that is not local; its
+    ``node`` attribute names that fx node and ``analysed`` holds the nodes before it
+    (so :func:`streamcnn.split_model` can cut there).
+    """
+    nodes: list[_Node] = []
+    try:
+        return _analyse(graph, root, nodes)
+    except UnsupportedLayerError as err:
+        err.analysed = nodes  # type: ignore[attr-defined]
+        raise
+
+
+def _analyse(graph: torch.fx.Graph, root: nn.Module, nodes: list[_Node]) -> tuple[list[_Node], int]:
+    index: dict[str, int] = {}
+    constants: set[str] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            if index:
+                raise UnsupportedLayerError("the trunk must take exactly one tensor input")
+            index[node.name] = len(nodes)
+            nodes.append(_Node(node.name, "input", [], (POINTWISE, POINTWISE), image_channels=True))
+            continue
+        if node.op == "get_attr":
+            constants.add(node.name)
+            continue
+        if node.op == "output":
+            out = node.args[0]
+            if not isinstance(out, torch.fx.Node) or out.name not in index or nodes[index[out.name]].is_tuple:
+                raise UnsupportedLayerError("the trunk must return a single feature-map tensor")
+            if nodes[index[out.name]].layout != NCHW:
+                raise UnsupportedLayerError(f"{nodes[index[out.name]].where}: the trunk returns a tensor whose "
+                                            "dimensions are permuted. Fix: permute it back to (N, C, H, W)")
+            return nodes, index[out.name]
+        spatial = [index[a.name] for a in node.all_input_nodes if a.name in index]
+        others = [a.name for a in node.all_input_nodes if a.name not in index and a.name not in constants]
+        where = _node_location(node)
+        if others:
+            raise _refused(node, root, where, Refusal(f"uses a value the geometry cannot follow ({others})",
+                                                      "compute it from the image tensor only, or " + HEAD))
+        if not spatial:  # a pure function of constants
+            constants.add(node.name)
+            continue
+        try:
+            rule = node_rule(node, root, [(nodes[i].layout, nodes[i].is_tuple) for i in spatial])
+        except Refusal as refusal:
+            raise _refused(node, root, where, refusal) from None
+        strides = {nodes[i].stride for i in spatial}
+        if len(strides) > 1:
+            raise _refused(node, root, where, Refusal(f"combines tensors of different resolutions {sorted(strides)}",
+                                                      "stream only the part before the merge; " + HEAD))
+        base = strides.pop()
+        windows = rule.windows
+        sub = root.get_submodule(str(node.target)) if node.op == "call_module" else None
+        keeps_channels = (len(spatial) == 1 and nodes[spatial[0]].image_channels and rule.layout == NCHW
+                          and not rule.is_tuple and all(w == POINTWISE for w in windows)
+                          and not isinstance(sub, (nn.Conv2d, nn.Linear)) and node.target is not operator.getitem)
+        index[node.name] = len(nodes)
+        nodes.append(_Node(node.name, where, spatial, windows,
+                           (base[0] * windows[0].stride, base[1] * windows[1].stride),
+                           rule.layout, rule.is_tuple, keeps_channels, sub))
+    raise UnsupportedLayerError("the trunk has no output")
 
 
 class TrunkGeometry:
     """The window rules of a trunk, derived from its ``torch.fx`` graph.
 
     Raises :class:`UnsupportedLayerError` if any operation cannot be streamed exactly.
-    Re-create it (or call :meth:`validate`) after changing train/eval modes.
+    Re-create it after changing train/eval modes.
     """
 
     def __init__(self, module: nn.Module):
         self.module = module
-        # fx never treats the root as a leaf: wrap a lone layer so its rule applies.
-        self._root = nn.Sequential(module) if _LeafTracer().is_leaf_module(module, "") else module
-        try:
-            graph = _LeafTracer().trace(self._root)
-        except Exception as exc:  # noqa: BLE001 - fx raises many exception types
-            raise UnsupportedLayerError(
-                f"torch.fx could not trace {type(module).__name__}: {exc}. Streaming needs a trunk "
-                "without data-dependent control flow; wrap such a block as a leaf and describe it "
-                "with streamcnn.register_rule."
-            ) from exc
-        self._nodes: list[_Node] = []
-        index: dict[str, int] = {}
-        constants: set[str] = set()
-        output_seen = False
-        for node in graph.nodes:
-            if node.op == "placeholder":
-                if index:
-                    raise UnsupportedLayerError("the trunk must take exactly one tensor input")
-                index[node.name] = len(self._nodes)
-                self._nodes.append(_Node(node.name, "input", [], (POINTWISE, POINTWISE)))
-                continue
-            if node.op == "get_attr":
-                constants.add(node.name)
-                continue
-            if node.op == "output":
-                out = node.args[0]
-                if not isinstance(out, torch.fx.Node) or out.name not in index:
-                    raise UnsupportedLayerError("the trunk must return a single feature-map tensor")
-                self._output = index[out.name]
-                output_seen = True
-                continue
-            spatial = [a.name for a in node.all_input_nodes if a.name in index]
-            others = [a.name for a in node.all_input_nodes if a.name not in index and a.name not in constants]
-            where = _node_location(node)
-            if others:
-                raise UnsupportedLayerError(f"{where}: uses a value the geometry cannot follow ({others})")
-            if not spatial:  # a pure function of constants
-                constants.add(node.name)
-                continue
-            windows = self._windows_for(node, where, len(spatial))
-            index[node.name] = len(self._nodes)
-            self._nodes.append(_Node(node.name, where, [index[n] for n in spatial], windows))
-        if not output_seen:
-            raise UnsupportedLayerError("the trunk has no output")
-        self._assign_strides()
+        self._root, graph = trace(module)
+        self._nodes, self._output = analyse(graph, self._root)
+        first = next((n for n in self._nodes[1:] if isinstance(n.module, nn.Conv2d)
+                      and self._nodes[n.inputs[0]].image_channels), None)
+        # (module path, in_channels) of the convolution that reads the image, if one does
+        self.first_conv: tuple[str, int] | None = None if first is None else (first.where, first.module.in_channels)
 
-    def _windows_for(self, node: torch.fx.Node, where: str, n_spatial: int) -> tuple[Window, Window]:
-        if node.op == "call_module":
-            sub = self._root.get_submodule(str(node.target))
-            refused = _lookup(_REFUSED_MODULES, type(sub))
-            if refused:
-                raise UnsupportedLayerError(f"{where} ({type(sub).__name__}): {refused}")
-            rule = _lookup(_MODULE_RULES, type(sub))
-            if rule is None:
-                raise UnsupportedLayerError(
-                    f"{where} ({type(sub).__module__}.{type(sub).__name__}): unknown layer; if it is "
-                    "local, describe it with streamcnn.register_rule"
-                )
-            try:
-                return rule(sub)
-            except UnsupportedLayerError as exc:
-                raise UnsupportedLayerError(f"{where} ({type(sub).__name__}): {exc}") from None
-        target = node.target
-        if node.op == "call_function" and target in _NONLOCAL_FUNCTIONS:
-            raise UnsupportedLayerError(f"{where} ({_call_name(node)}): {_NONLOCAL_FUNCTIONS[target]}")
-        if node.op == "call_function" and target in (torch.cat, torch.concat):
-            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-            if dim not in (1, -3):
-                raise UnsupportedLayerError(f"{where}: concatenation along dim {dim}; only channels (dim=1) stream")
-            return POINTWISE, POINTWISE
-        if (node.op == "call_function" and target in _POINTWISE_FUNCTIONS) or (
-            node.op == "call_method" and target in _POINTWISE_METHODS
-        ):
-            return POINTWISE, POINTWISE
-        raise UnsupportedLayerError(
-            f"{where} ({_call_name(node)}): an operation the streaming geometry does not know; "
-            "only local layers (convolution, pooling, pointwise ops, eval-mode BatchNorm, residual "
-            "additions, channel concatenation) can be streamed"
-        )
-
-    def _assign_strides(self) -> None:
-        for node in self._nodes[1:]:
-            ins = {self._nodes[i].stride for i in node.inputs}
-            if len(ins) > 1:
-                raise UnsupportedLayerError(f"{node.where}: combines tensors of different resolutions {sorted(ins)}")
-            base = ins.pop()
-            node.stride = (base[0] * node.windows[0].stride, base[1] * node.windows[1].stride)
+    def check_channels(self, channels: int) -> None:
+        """Raise a one-line ``ValueError`` if images of ``channels`` channels cannot enter the trunk."""
+        if self.first_conv is not None and self.first_conv[1] != channels:
+            where, expected = self.first_conv
+            raise ValueError(
+                f"the image has {channels} channel{'s' if channels != 1 else ''} but the trunk's first layer "
+                f"'{where}' expects {expected}; build the model with in_channels={channels} "
+                f"(streamcnn.build_model(..., in_channels={channels}), model.in_channels in a config, "
+                f"--in-channels for tools/plan.py)")
 
     # ----------------------------------------------------------------------------------
     @property

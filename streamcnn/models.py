@@ -9,22 +9,25 @@ computes the same function; without pretrained weights the last BatchNorm of eac
 residual block starts at zero (``zero_init_residual``), so each block starts as the
 identity and the un-normalised trunk still trains.
 
-No weights are downloaded: pass ``weights=`` a local torchvision state-dict file.
+Trunk names: the short names in ``TRUNKS`` (``resnet18`` ...) and ``torchvision:<arch>`` /
+``timm:<arch>`` (:mod:`streamcnn.backbones`). No weights are downloaded: pass ``weights=``
+a local file (:mod:`streamcnn.weights`).
 """
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
-import torchvision
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from .backbones import SOURCES, torchvision_trunk
 from .batchnorm import freeze_batchnorm
 from .streaming import StreamingModule
 
-__all__ = ["TRUNKS", "HEADS", "register_trunk", "register_head", "build_trunk", "build_head",
+__all__ = ["TRUNKS", "HEADS", "register_trunk", "register_head", "trunk_factory", "build_trunk", "build_head",
            "StreamingClassifier", "build_model"]
 
 TrunkFactory = Callable[..., "tuple[nn.Module, int]"]
@@ -46,37 +49,15 @@ register_trunk = _registrar(TRUNKS)   # @register_trunk("name"): fn(in_channels,
 register_head = _registrar(HEADS)     # @register_head("name"): fn(channels, num_classes, **kwargs) -> head
 
 
-def _adapt_first_conv(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
-    """A copy of ``conv`` for ``in_channels`` inputs; pretrained filters are summed (grey)."""
-    if in_channels == conv.in_channels:
-        return conv
-    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                    conv.dilation, conv.groups, conv.bias is not None)
-    with torch.no_grad():
-        mean = conv.weight.sum(dim=1, keepdim=True)
-        new.weight.copy_(mean.expand(-1, in_channels, -1, -1) / in_channels)
-    return new
+def _short_resnet(arch: str):
+    def factory(in_channels: int = 3, weights: str | Path | None = None, **kwargs) -> tuple[nn.Module, int]:
+        kwargs.setdefault("zero_init_residual", weights is None)
+        return torchvision_trunk(arch, in_channels, weights, **kwargs)
+    return factory
 
 
-def _resnet_trunk(arch: str, in_channels: int = 3, weights: str | Path | None = None) -> tuple[nn.Module, int]:
-    net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=weights is None)
-    if weights is not None:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        missing, unexpected = net.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("fc.")]
-        if missing or unexpected:
-            raise ValueError(f"{weights}: not a torchvision {arch} state dict "
-                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    trunk = nn.Sequential()
-    trunk.add_module("conv1", _adapt_first_conv(net.conv1, in_channels))
-    for name in ("bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
-        trunk.add_module(name, getattr(net, name))
-    return trunk, net.fc.in_features
-
-
-for _arch in ("resnet18", "resnet34", "resnet50", "resnet101"):
-    register_trunk(_arch)(lambda in_channels=3, weights=None, _a=_arch: _resnet_trunk(_a, in_channels, weights))
+for _arch in ("resnet18", "resnet34", "resnet50", "resnet101"):  # = torchvision:<arch>, zero-init residuals
+    register_trunk(_arch)(_short_resnet(_arch))
 
 
 @register_trunk("tiny-cnn")
@@ -121,11 +102,25 @@ class _GlobalPool(nn.Module):
         return torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)
 
 
-def build_trunk(name: str, in_channels: int = 3, weights: str | Path | None = None) -> tuple[nn.Module, int]:
-    """A streamable trunk by name, with frozen BatchNorm; returns (trunk, output channels)."""
+def trunk_factory(name: str) -> TrunkFactory:
+    """The factory behind a trunk name: a short name in ``TRUNKS`` or ``<source>:<arch>``
+    (``torchvision:convnext_tiny``, ``timm:resnet50d``; see :data:`streamcnn.backbones.SOURCES`)."""
+    source, sep, arch = name.partition(":")
+    if sep and source in SOURCES and arch:
+        return partial(SOURCES[source], arch)
     if name not in TRUNKS:
-        raise ValueError(f"unknown trunk {name!r}; choose one of {sorted(TRUNKS)}")
-    trunk, channels = TRUNKS[name](in_channels=in_channels, weights=weights)
+        raise ValueError(f"unknown trunk {name!r}; choose one of {sorted(TRUNKS)} or "
+                         f"{', '.join(f'{s}:<arch>' for s in sorted(SOURCES))}")
+    return TRUNKS[name]
+
+
+def build_trunk(name: str, in_channels: int = 3, weights: str | Path | None = None,
+                **kwargs) -> tuple[nn.Module, int]:
+    """A trunk by name, with frozen BatchNorm; returns (trunk, output channels).
+
+    ``kwargs`` go to the model's constructor (e.g. ``depths=(1, 1)`` for a timm ConvNeXt).
+    """
+    trunk, channels = trunk_factory(name)(in_channels=in_channels, weights=weights, **kwargs)
     return freeze_batchnorm(trunk), channels
 
 

@@ -33,7 +33,7 @@ import torch.nn as nn
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from .geometry import Tile, TilePlan, TrunkGeometry, tile_plan
+from .geometry import Tile, TilePlan, TrunkGeometry, UnsupportedLayerError, tile_plan
 from .units import pixels_to_unit
 
 __all__ = ["RegionSource", "StreamingModule"]
@@ -289,6 +289,7 @@ class StreamingModule(nn.Module):
     # -- forward -----------------------------------------------------------------------
     def forward(self, x: StreamInput) -> torch.Tensor:
         windows = _windows_for(x, self.compute_device, self._compute_dtype())
+        self._check_channels(windows.shape[1])
         if self.tile_size is None:
             h, w = windows.shape[2:]
             out = _run(self.module, windows.read(((0, h), (0, w))), self.checkpoint)
@@ -297,6 +298,18 @@ class StreamingModule(nn.Module):
         params = [p for p in self.module.parameters() if p.requires_grad]
         tensor_in = x if isinstance(x, torch.Tensor) else None
         return _StreamFunction.apply(self, plan, windows, tensor_in, *params)
+
+    def _check_channels(self, channels: int) -> None:
+        """One line, before anything runs, when the image's channels do not fit the trunk."""
+        key = self._training_state()
+        if getattr(self, "_unstreamable", None) == key:
+            return
+        try:
+            geometry = self.geometry
+        except UnsupportedLayerError:
+            self._unstreamable = key  # only ever run conventionally: torch's own error stands
+            return
+        geometry.check_channels(channels)
 
     def extra_repr(self) -> str:
         return f"tile_size={self.tile_size}, checkpoint={self.checkpoint}, output_device={self.output_device}"

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 
 import streamcnn
 from streamcnn.geometry import Window
@@ -99,16 +100,24 @@ class Wrapper(nn.Module):
         return self.features(x)
 
 
-@pytest.mark.parametrize("inner,match", [
-    (nn.BatchNorm2d(4), r"features\.1 \(BatchNorm2d\): BatchNorm in training mode .* streamcnn\.freeze_batchnorm"),
-    (nn.GroupNorm(2, 4), r"features\.1 \(GroupNorm\): GroupNorm normalises"),
-    (nn.InstanceNorm2d(4), r"features\.1 \(InstanceNorm2d\): InstanceNorm"),
-    (nn.Dropout(0.5), r"features\.1 \(Dropout\): dropout in training mode"),
-    (nn.Dropout2d(0.2), r"features\.1 \(Dropout2d\): dropout in training mode"),
-    (nn.AdaptiveAvgPool2d(1), r"features\.1 \(AdaptiveAvgPool2d\): adaptive/global pooling"),
-    (nn.Linear(4, 4), r"features\.1 \(Linear\): Linear layers"),
-    (nn.PixelShuffle(2), r"features\.1 \(torch\.nn\.modules\.pixelshuffle\.PixelShuffle\): unknown layer"),
-    (nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"), r"features\.1 \(Conv2d\): circular padding"),
+@pytest.mark.parametrize("inner,match", [  # every refusal names the module, the reason and the fix
+    (nn.BatchNorm2d(4), r"features\.1 \(BatchNorm2d\): BatchNorm in training mode .*Fix: call streamcnn\.freeze_batchnorm"),
+    (nn.GroupNorm(2, 4), r"features\.1 \(GroupNorm\): GroupNorm normalises.*Fix: normalise per pixel over channels"),
+    (nn.InstanceNorm2d(4), r"features\.1 \(InstanceNorm2d\): InstanceNorm.*Fix: normalise per pixel over channels"),
+    (nn.LayerNorm(32), r"features\.1 \(LayerNorm\): LayerNorm over the last dimension, which here is width, mixes "
+                       r"positions\. Fix: normalise per pixel over channels"),
+    (nn.Dropout(0.5), r"features\.1 \(Dropout\): dropout in training mode.*Fix: put dropout in the head"),
+    (nn.Dropout2d(0.2), r"features\.1 \(Dropout2d\): dropout in training mode.*Fix: put dropout in the head"),
+    (torchvision.ops.StochasticDepth(0.2, "row"), r"features\.1 \(StochasticDepth\): stochastic depth.*"
+                                                  r"Fix: build the model with drop_path_rate=0"),
+    (nn.AdaptiveAvgPool2d(1), r"features\.1 \(AdaptiveAvgPool2d\): adaptive/global pooling.*Fix: move it into the head"),
+    (nn.Linear(32, 4), r"features\.1 \(Linear\): Linear layers mix all positions along the last dimension, which "
+                       r"here is width\. Fix: move it into the head"),
+    (nn.Upsample(scale_factor=2), r"features\.1 \(Upsample\): upsampling.*Fix: stream the encoder only"),
+    (nn.PixelShuffle(2), r"features\.1 \(PixelShuffle\): unknown layer torch\.nn\.modules\.pixelshuffle\.PixelShuffle\. "
+                         r"Fix: if it is local, describe it with streamcnn\.register_rule"),
+    (nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"), r"features\.1 \(Conv2d\): circular padding.*"
+                                                             r"Fix: use padding_mode='zeros'"),
 ])
 def test_refusals_name_module_and_reason(inner, match):
     with pytest.raises(streamcnn.UnsupportedLayerError, match=match):
@@ -141,11 +150,11 @@ class Branchy(nn.Module):
 
 
 @pytest.mark.parametrize("module,match", [
-    (Attention(), r"attn \(MultiheadAttention\): attention mixes all positions"),
-    (GlobalMean(), r"adaptive_avg_pool2d.*adaptive/global pooling"),
-    (Rolled(), r"roll.*does not know"),
-    (Branchy(), r"torch\.fx could not trace Branchy"),
-    (nn.Sequential(nn.Conv2d(3, 3, 1), nn.Flatten()), r"1 \(Flatten\): flattening"),
+    (Attention(), r"attn \(MultiheadAttention\): attention mixes all positions\. Fix: move it into the head"),
+    (GlobalMean(), r"adaptive_avg_pool2d.*adaptive/global pooling.*Fix: move it into the head"),
+    (Rolled(), r"roll.*does not know.*Fix: if it is local, describe it with streamcnn\.register_rule"),
+    (Branchy(), r"torch\.fx could not trace Branchy.*Fix: .*streamcnn\.split_model"),
+    (nn.Sequential(nn.Conv2d(3, 3, 1), nn.Flatten()), r"1 \(Flatten\): flattening.*Fix: move it into the head"),
 ])
 def test_refusals_of_functions_and_untraceable_modules(module, match):
     with pytest.raises(streamcnn.UnsupportedLayerError, match=match):

@@ -4,6 +4,7 @@
     python tools/plan.py --model resnet50 --image-size 4000 --budget 11GB --num-classes 28
         [--dtype bf16] [--batch 1] [--accumulate 4] [--head conv] [--in-channels 1]
         [--device cuda|cpu] [--json] [--measure] [--all] [--plot plan.png]
+    python tools/plan.py --model torchvision:convnext_tiny ...   (or timm:<arch>)
 
 Sizes: ``11GB`` is 11 * 10^9 bytes, ``11GiB`` is 11 * 2^30 bytes. Prints the plan table (or
 JSON with ``--json``); exits with status 1 and says why when no plan fits the budget.
@@ -20,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from streamcnn.measurement import measure_step_memory  # noqa: E402
-from streamcnn.models import HEADS, TRUNKS, build_model  # noqa: E402
+from streamcnn.models import HEADS, TRUNKS, build_model, trunk_factory  # noqa: E402
 from streamcnn.step import OPTIMIZERS  # noqa: E402
 from streamcnn.planning import BudgetError, enforce_budget, plan  # noqa: E402
 from streamcnn.units import format_size, parse_size  # noqa: E402
@@ -37,6 +38,14 @@ def _image_size(text: str) -> tuple[int, int]:
     return (sizes[0], sizes[-1])
 
 
+def _trunk(name: str) -> str:
+    try:
+        trunk_factory(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+    return name
+
+
 def _budget(text: str) -> int:
     try:
         return parse_size(text)
@@ -46,7 +55,8 @@ def _budget(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="resnet50", choices=sorted(TRUNKS), help="trunk (default resnet50)")
+    p.add_argument("--model", default="resnet50", type=_trunk,
+                   help=f"trunk: {', '.join(sorted(TRUNKS))}, torchvision:<arch> or timm:<arch> (default resnet50)")
     p.add_argument("--image-size", type=_image_size, required=True, help="N or HxW pixels")
     p.add_argument("--budget", type=_budget, required=True, help="e.g. 11GB (10^9 bytes) or 11GiB (2^30 bytes)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast precision")
@@ -79,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     except BudgetError as e:
         if args.json:
             print(json.dumps({"error": str(e), "budget_bytes": args.budget, "min_bytes": e.min_bytes}, indent=2))
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, ImportError) as e:  # unknown architecture, a trunk that cannot stream, timm missing
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.plot is not None:

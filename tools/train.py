@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         history = fit(TrainConfig.model_validate(checked.to_dict()), resume=args.resume)
-    except (BudgetError, NonFiniteLossError, FileNotFoundError, FileExistsError, ValueError) as error:
+    except (BudgetError, NonFiniteLossError, FileNotFoundError, FileExistsError, ValueError, ImportError) as error:
         # Bad configs, budgets nothing fits, bad data, NaN losses: one line, no traceback.
         print(f"train.py: error: {error}", file=sys.stderr)
         return 1

@@ -1,0 +1,215 @@
+"""torchvision and timm families stream exactly (float64), or are refused with the reason and the fix.
+
+Float64 at small odd image sizes, two tile sizes each. Models are the families' own
+classes shrunk through their constructors (fewer blocks, fewer channels) so every layer
+kind of the family is present and the tests stay fast; timm models go through the same
+``build_trunk("timm:<arch>", **kwargs)`` path users take, torchvision ones through the
+same trunk extraction (``torchvision_features``) as ``torchvision:<arch>`` names.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+from torchvision.models import convnext, densenet, mobilenetv2, regnet, shufflenetv2
+
+import streamcnn
+from streamcnn.backbones import torchvision_features
+from streamcnn.models import build_trunk
+from helpers import assert_same_gradients, randomise_batchnorm
+
+EXACT = 1e-10
+timm = pytest.importorskip("timm")
+
+
+def _randomise(trunk: nn.Module) -> nn.Module:
+    """Non-trivial BN statistics, norm affines and layer scales, so no layer is an identity."""
+    randomise_batchnorm(trunk)
+    with torch.no_grad():
+        for name, p in trunk.named_parameters():
+            if name.endswith(("layer_scale", "gamma")) or (p.dim() == 1 and "norm" in name):
+                p.uniform_(0.5, 1.5)
+    return trunk
+
+
+def _tv(model: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision_features(model)[0]
+
+
+FAMILIES = {  # name: (trunk factory, image size, two tile sizes, train mode)
+    "torchvision-convnext": (lambda: _tv(convnext.ConvNeXt(
+        [convnext.CNBlockConfig(8, 16, 1), convnext.CNBlockConfig(16, None, 2)], layer_scale=0.5)),
+        (61, 83), (32, 40), True),
+    "timm-convnext": (lambda: build_trunk("timm:convnext_atto", depths=(1, 2, 1, 1), dims=(8, 16, 16, 24),
+                                          ls_init_value=0.5)[0], (97, 131), (64, 96), True),
+    "timm-convnext-conv-mlp": (lambda: build_trunk("timm:convnext_atto", depths=(1, 1, 1, 1), dims=(8, 8, 16, 16),
+                                                   conv_mlp=True, ls_init_value=0.5)[0], (99, 67), (32, 64), True),
+    "timm-resnet-d": (lambda: build_trunk("timm:resnet18d", layers=(1, 1, 1, 1), stem_width=8,
+                                          channels=(8, 16, 24, 32))[0], (193, 261), (64, 96), False),
+    "densenet": (lambda: _tv(densenet.DenseNet(4, (2, 2), 8, bn_size=2)), (61, 83), (32, 40), False),
+    "mobilenet-v2": (lambda: _tv(mobilenetv2.MobileNetV2(
+        width_mult=0.25, inverted_residual_setting=[[1, 8, 1, 1], [6, 8, 2, 2], [6, 16, 1, 2]])),
+        (61, 83), (32, 40), False),
+    "regnet-x": (lambda: _tv(regnet.RegNet(regnet.BlockParams.from_init_params(
+        depth=3, w_0=8, w_a=8.0, w_m=2.0, group_width=8))), (97, 67), (32, 48), False),
+    "shufflenet-v2": (lambda: _tv(shufflenetv2.ShuffleNetV2([1, 1, 1], [8, 16, 32, 48, 64])),
+                      (97, 131), (64, 96), False),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_streams_exactly(family):
+    factory, size, tiles, train = FAMILIES[family]
+    trunk = streamcnn.freeze_batchnorm(_randomise(factory().double())).train(train)
+    x = torch.randn(1, 3, *size, dtype=torch.float64)
+    for tile in tiles:
+        streamed = streamcnn.StreamingModule(trunk, tile)
+        plan = streamed.plan(size)
+        assert len(plan.tiles) > 1 and any(t.window_shape != size for t in plan.tiles)  # real crops
+        assert_same_gradients(trunk, streamed, x, EXACT)
+
+
+def test_split_model_trunk_streams_exactly():
+    torch.manual_seed(0)
+    model = shufflenetv2.ShuffleNetV2([1, 1, 1], [8, 16, 32, 48, 64], num_classes=5).double()
+    streamcnn.freeze_batchnorm(_randomise(model))
+    split = streamcnn.split_model(model)
+    assert split.cut_after == "conv5.2" and split.stopped_at == "mean"
+    assert "Tensor.mean over dims [2, 3] is global pooling. Fix: move it into the head" in split.reason
+    x = torch.randn(2, 3, 97, 75, dtype=torch.float64)
+    trunk, head = split
+    assert torch.equal(head(trunk(x)), model(x))
+    assert_same_gradients(trunk, streamcnn.StreamingModule(trunk, 32), x, EXACT)
+    assert trunk.get_submodule("conv1.0") is model.conv1[0]        # shares the model's layers
+
+
+def test_split_model_cuts_before_squeeze_excitation_and_refuses_fixable_layers():
+    with torch.device("meta"):
+        model = torchvision.models.mobilenet_v3_small()
+    with pytest.raises(streamcnn.UnsupportedLayerError, match=r"split_model: features\.0\.1 \(BatchNorm2d\): .*"
+                       r"Fix: call streamcnn\.freeze_batchnorm\(model\)"):
+        streamcnn.split_model(model)
+    split = streamcnn.split_model(streamcnn.freeze_batchnorm(model))
+    assert split.cut_after == "features.1.block.0.2" and split.stopped_at == "features.1.block.1"
+    assert "squeeze-and-excitation" in split.reason and "use a variant without SE" in split.reason
+    assert streamcnn.TrunkGeometry(split.trunk).output_stride == (4, 4)
+
+
+def _meta_trunk(name: str, **kwargs) -> nn.Module:
+    with torch.device("meta"):
+        return build_trunk(name, **kwargs)[0]
+
+
+@pytest.mark.parametrize("name,match", [
+    ("torchvision:efficientnet_b0", r"^1\.0\.block\.1 \(SqueezeExcitation\): squeeze-and-excitation: .*"
+     r"Fix: use a variant without SE \(e\.g\. torchvision:mobilenet_v2.*or cut the trunk before it \(streamcnn\.split_model\)"),
+    ("torchvision:regnet_y_400mf", r"trunk_output\.block1\.block1-0\.f\.se \(SqueezeExcitation\): squeeze-and-excitation"
+     r".*Fix: use a variant without SE"),
+    ("timm:efficientnet_b0", r"model\.blocks\.0\.0\.se \(SqueezeExcite\): squeeze-and-excitation.*Fix: use a variant"),
+    ("timm:convnextv2_atto", r"grn \(GlobalResponseNorm\): global response normalisation .* Fix: use ConvNeXt V1"),
+])
+def test_refused_families_name_the_layer_and_the_fix(name, match):
+    with pytest.raises(streamcnn.UnsupportedLayerError, match=match):
+        streamcnn.TrunkGeometry(_meta_trunk(name))
+
+
+def _net(layer: nn.Module) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), layer)
+
+
+def test_train_mode_stochastic_depth_is_local_when_off_or_in_eval():
+    for layer in (torchvision.ops.StochasticDepth(0.0, "row").train(), torchvision.ops.StochasticDepth(0.3, "row").eval(),
+                  timm.layers.DropPath(0.3).eval()):
+        streamcnn.TrunkGeometry(_net(layer))
+    trunk = _meta_trunk("torchvision:convnext_tiny")      # named trunks switch stochastic depth off
+    assert all(m.p == 0 for m in trunk.modules() if isinstance(m, torchvision.ops.StochasticDepth))
+    streamcnn.TrunkGeometry(trunk.train())
+
+
+def test_image_channels_must_match_the_trunk_in_one_line():
+    model = streamcnn.build_model("resnet18", "pool", num_classes=3, in_channels=3)
+    for tile in (None, 64):
+        model.trunk.tile_size = tile
+        with pytest.raises(ValueError, match=r"^the image has 1 channel but the trunk's first layer 'conv1' expects 3; "
+                           r"build the model with in_channels=1 .*--in-channels for tools/plan\.py\)$"):
+            model(torch.zeros(1, 1, 64, 64))
+
+
+@pytest.mark.parametrize("name,channels,stride", [
+    ("torchvision:convnext_tiny", 768, 32), ("torchvision:densenet121", 1024, 32), ("torchvision:regnet_x_400mf", 400, 32),
+    ("torchvision:shufflenet_v2_x0_5", 1024, 32), ("timm:resnet50d", 2048, 32), ("timm:convnext_atto", 320, 32),
+    ("resnet18", 512, 32),
+])
+def test_names_resolve_to_streamable_trunks(name, channels, stride):
+    with torch.device("meta"):
+        trunk, out = build_trunk(name, in_channels=1)
+    assert out == channels
+    geometry = streamcnn.TrunkGeometry(trunk)
+    assert geometry.output_stride == (stride, stride) and geometry.first_conv[1] == 1
+
+
+def test_unknown_names_and_missing_timm(monkeypatch):
+    with pytest.raises(ValueError, match=r"unknown torchvision model 'convnext_tiniest'; did you mean convnext_tiny"):
+        build_trunk("torchvision:convnext_tiniest")
+    with pytest.raises(ValueError, match=r"unknown trunk 'vgg'; choose one of \[.*\] or timm:<arch>, torchvision:<arch>"):
+        build_trunk("vgg")
+    monkeypatch.setitem(__import__("sys").modules, "timm", None)
+    with pytest.raises(ImportError, match=r'^timm is not installed; install the extra: pip install -e "\.\[timm\]"$'):
+        build_trunk("timm:resnet50d")
+
+
+def test_weights_from_torchvision_state_dict_for_any_family(tmp_path):
+    torch.manual_seed(1)
+    reference = torchvision.models.mobilenet_v2()
+    torch.save(reference.state_dict(), tmp_path / "mnv2.pth")
+    trunk, _ = build_trunk("torchvision:mobilenet_v2", in_channels=1, weights=tmp_path / "mnv2.pth")
+    assert torch.equal(trunk[18][0].weight, reference.features[18][0].weight)
+    assert torch.allclose(trunk[0][0].weight[:, 0], reference.features[0][0].weight.sum(dim=1))
+    trunk, _ = build_trunk("torchvision:mobilenet_v2", in_channels=4, weights=tmp_path / "mnv2.pth")
+    assert torch.allclose(trunk[0][0].weight[:, 3], reference.features[0][0].weight.sum(dim=1) / 4)
+    with pytest.raises(ValueError, match=r"mnv2\.pth: not a torchvision mobilenet_v3_small state dict \(missing"):
+        build_trunk("torchvision:mobilenet_v3_small", weights=tmp_path / "mnv2.pth")
+
+
+def test_weights_from_timm_checkpoints_and_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    kwargs = dict(depths=(1, 1, 1, 1), dims=(8, 8, 16, 16))
+    torch.manual_seed(2)
+    reference = timm.create_model("convnext_atto", num_classes=7, **kwargs)   # any classifier: it is dropped
+    state = reference.state_dict()
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "ckpt.pth.tar")
+    save_file(state, str(tmp_path / "model.safetensors"))
+    for name in ("ckpt.pth.tar", "model.safetensors"):
+        trunk, channels = build_trunk("timm:convnext_atto", in_channels=1, weights=tmp_path / name, **kwargs)
+        assert channels == 16
+        assert torch.equal(trunk.model.stages[3].blocks[0].mlp.fc2.weight, reference.stages[3].blocks[0].mlp.fc2.weight)
+        stem = trunk.model.stem[0]                              # the first conv has a bias: kept
+        assert torch.allclose(stem.weight[:, 0], reference.stem[0].weight.sum(dim=1))
+        assert torch.equal(stem.bias, reference.stem[0].bias)
+        assert isinstance(trunk.model.head, nn.Identity)        # unused classifier parameters removed
+    (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(ValueError, match=r"broken\.safetensors: not a readable weights file"):
+        build_trunk("timm:convnext_atto", weights=tmp_path / "broken.safetensors", **kwargs)
+    with pytest.raises(FileNotFoundError, match=r"nothere\.pt: weights file not found"):
+        build_trunk("timm:convnext_atto", weights=tmp_path / "nothere.pt", **kwargs)
+
+
+def test_plan_cli_takes_ecosystem_names_and_says_what_is_wrong_in_one_line(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("plan_cli", Path(__file__).parents[1] / "tools" / "plan.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert cli.build_parser().parse_args(["--model", "timm:resnet50d", "--image-size", "64", "--budget", "1GB",
+                                     "--num-classes", "2"]).model \
+        == "timm:resnet50d"
+    for model, error in (("torchvision:convnext_tiniest", "unknown torchvision model 'convnext_tiniest'"),
+                         ("torchvision:efficientnet_b0", "1.0.block.1 (SqueezeExcitation): squeeze-and-excitation")):
+        assert cli.main(["--model", model, "--image-size", "256", "--budget", "1GB", "--device", "cpu",
+                         "--num-classes", "2"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {error}") and err.count("\n") == 1
