@@ -5,7 +5,8 @@ Public API (details in README.md):
 - Streaming: :class:`StreamingModule`, :func:`freeze_batchnorm`, :class:`RegionSource`.
 - Geometry: :func:`tile_plan`, :class:`TilePlan`, :class:`TrunkGeometry`,
   :func:`register_rule`, :class:`Window`, :class:`UnsupportedLayerError`.
-- Models: :func:`build_model`, :class:`StreamingClassifier`.
+- Models: :func:`build_model`, :class:`StreamingClassifier`; from-scratch trunks in
+  ``streamcnn.scratch``; the PatchGD baseline in ``streamcnn.patchgd``.
 - Memory: :func:`plan`, :class:`PlanReport`, :class:`Candidate`, :class:`BudgetError`,
   :func:`enforce_budget`, :func:`parse_size`, :func:`format_size`.
 - Images: :func:`open_image` (lazy readers; imported on first use, as it loads libvips).
@@ -15,6 +16,7 @@ Public API (details in README.md):
 from .batchnorm import FrozenBatchNorm2d, freeze_batchnorm
 from .geometry import TilePlan, TrunkGeometry, UnsupportedLayerError, Window, register_rule, tile_plan
 from .models import StreamingClassifier, build_model
+from . import scratch as _scratch  # noqa: F401,E402 - registers the from-scratch trunks (resnet18-ln, ...)
 from .planning import BudgetError, Candidate, PlanReport, enforce_budget, plan
 from .streaming import RegionSource, StreamingModule
 from .units import format_size, parse_size

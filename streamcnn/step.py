@@ -36,7 +36,16 @@ def make_optimizer(model: nn.Module, name: str, foreach: bool) -> torch.optim.Op
 
 def training_step(model: nn.Module, images, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
                   autocast_dtype: torch.dtype | None, device_type: str) -> None:
-    """One step as the trainer takes it: autocast forward, cross-entropy, backward, step, zero_grad."""
+    """One step as the trainer takes it: autocast forward, cross-entropy, backward, step, zero_grad.
+
+    A model with its own ``micro_step`` (PatchGD's inner iterations) takes that instead of
+    the forward and backward."""
+    own = getattr(model, "micro_step", None)
+    if own is not None:
+        own(images, labels, device_type=device_type, amp_dtype=autocast_dtype)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return
     with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         loss = F.cross_entropy(model(images), labels)
     loss.backward()
