@@ -16,8 +16,9 @@ every plan computes the same function:
 - ``ln``: :class:`ChannelLayerNorm2d`, ConvNeXt's LayerNorm2d: every pixel's channel vector
   normalised on its own (local, so exact under streaming, in train mode too).
 
-Registered as ``resnet18-<kind>`` (width 64) and ``resnet18-<kind>-w<width>`` for widths 8, 16
-and 32. ``docs/learning.md`` has the pilot that chose between them.
+Registered as ``resnet18-<kind>`` (width 64, four stages), ``resnet18-<kind>-w<width>`` for
+widths 8, 16 and 32, and with ``-s2`` for the first two stages only (stride 8, receptive field
+99 px: the miniature benchmark's trunk, see ``docs/learning.md``). ``docs/learning.md`` has the pilot that chose between them.
 """
 from __future__ import annotations
 
@@ -89,8 +90,9 @@ def _stage(inplanes: int, planes: int, stride: int, norm: Callable[[int], nn.Mod
 SCRATCH_KINDS = ("affine", "fixup", "ws", "ln")
 
 
-def scratch_resnet18(kind: str, in_channels: int = 3, width: int = 64) -> tuple[nn.Sequential, int]:
-    """A ResNet-18 layout of ``kind`` (one of :data:`SCRATCH_KINDS`); returns (trunk, channels)."""
+def scratch_resnet18(kind: str, in_channels: int = 3, width: int = 64, stages: int = 4) -> tuple[nn.Sequential, int]:
+    """A ResNet-18 layout of ``kind`` (one of :data:`SCRATCH_KINDS`) up to stage ``stages``
+    (1..4; 2 stops at stride 8 with a 99 px receptive field); returns (trunk, channels)."""
     if kind not in SCRATCH_KINDS:
         raise ValueError(f"unknown from-scratch trunk kind {kind!r}; choose one of {SCRATCH_KINDS}")
     norm = ChannelLayerNorm2d if kind == "ln" else ChannelAffine
@@ -100,7 +102,7 @@ def scratch_resnet18(kind: str, in_channels: int = 3, width: int = 64) -> tuple[
     trunk.add_module("relu", nn.ReLU(inplace=True))
     trunk.add_module("maxpool", nn.MaxPool2d(3, 2, 1))
     planes = width
-    for i, (out, stride) in enumerate([(width, 1), (2 * width, 2), (4 * width, 2), (8 * width, 2)], 1):
+    for i, (out, stride) in enumerate([(width, 1), (2 * width, 2), (4 * width, 2), (8 * width, 2)][:stages], 1):
         trunk.add_module(f"layer{i}", _stage(planes, out, stride, norm))
         planes = out
     blocks = [m for m in trunk.modules() if isinstance(m, BasicBlock)]
@@ -119,17 +121,18 @@ def scratch_resnet18(kind: str, in_channels: int = 3, width: int = 64) -> tuple[
     return trunk, planes
 
 
-def _register(kind: str, width: int) -> None:
-    name = f"resnet18-{kind}" + ("" if width == 64 else f"-w{width}")
+def _register(kind: str, width: int, stages: int) -> None:
+    name = f"resnet18-{kind}" + ("" if width == 64 else f"-w{width}") + ("" if stages == 4 else f"-s{stages}")
 
     def factory(in_channels: int = 3, weights=None) -> tuple[nn.Module, int]:
         if weights is not None:
             raise ValueError(f"{name} trains from scratch and has no pretrained weights; leave model.weights empty")
-        return scratch_resnet18(kind, in_channels, width)
+        return scratch_resnet18(kind, in_channels, width, stages)
 
     register_trunk(name)(factory)
 
 
 for _kind in SCRATCH_KINDS:
     for _width in (8, 16, 32, 64):
-        _register(_kind, _width)
+        for _stages in (2, 4):
+            _register(_kind, _width, _stages)
