@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .plannable import input_shape, model_copy, streaming_modules
-from .step import make_optimizer, training_step
+from .step import allocate_optimizer_state, make_optimizer, training_step
 from .tracking import LiveStorageTracker
 from .units import resolve_dtype
 
@@ -93,14 +93,21 @@ def _estimate(device_type: str, live: int, base: int, largest: int = 0) -> Memor
 
 def predict_step_memory(model: nn.Module, image_size: int | Sequence[int], *, batch: int = 1,
                         dtype: str | torch.dtype | None = None, device: str | torch.device = "cuda",
-                        optimizer: str = "adamw", full_plan: bool = False) -> MemoryEstimate:
+                        optimizer: str = "adamw", weight_decay: float = 0.0, accumulate: int = 1,
+                        full_plan: bool = False) -> MemoryEstimate:
     """Predict the peak device memory of one training step of ``model`` as configured.
 
-    ``model`` is not touched (it may live on any device, or on meta); it is copied onto fake
-    tensors. The images come from host memory (a CPU tensor or region sources), as in
-    training; on a CPU device host and device memory are the same, so they count.
-    Streaming runs only the largest window, three times, unless ``full_plan`` (for validation).
+    The step is :func:`streamcnn.step.training_step` with ``batch`` images per micro-batch:
+    with ``accumulate`` > 1 two micro-batches are simulated, the second with the first's
+    gradients live (later ones are alike). ``model`` is not touched (it may live on any
+    device, or on meta); it is copied onto fake tensors. The images come from host memory
+    (a CPU tensor or region sources), as in training; on a CPU device host and device
+    memory are the same, so they count. Streaming runs only the largest window, three
+    times, unless ``full_plan`` (for validation). A ``GradScaler`` (fp16) is not simulated:
+    it adds a few scalars.
     """
+    if accumulate < 1:
+        raise ValueError(f"accumulate must be at least 1, got {accumulate}")
     device_type = torch.device(device).type
     autocast_dtype = resolve_dtype(dtype)
     shape = input_shape(model, image_size, batch)
@@ -115,9 +122,9 @@ def predict_step_memory(model: nn.Module, image_size: int | Sequence[int], *, ba
             offloaded = s.output_device is not None and s.output_device.type == "cpu"
             s.output_device = torch.device(host) if offloaded else None
             if s.tile_size is not None and not full_plan:
-                reduced = _reduced_plan(original.plan(shape[2:]))
-                s.plan = lambda size, _p=reduced: _p  # type: ignore[method-assign]
-        opt = make_optimizer(sim, optimizer, foreach=not on_cpu)
+                s.use_plan(_reduced_plan(original.plan(shape[2:])))
+        opt = allocate_optimizer_state(make_optimizer(optimizer, sim, weight_decay=weight_decay,
+                                                      foreach=not on_cpu))
         images = torch.empty(shape, device=host)
         labels = torch.zeros(batch, dtype=torch.long, device="cpu")
         tracker = LiveStorageTracker("cpu", CUDA_BLOCK_BYTES if device_type == "cuda" else 1)
@@ -128,5 +135,6 @@ def predict_step_memory(model: nn.Module, image_size: int | Sequence[int], *, ba
                 for t in state.values():
                     tracker.track(t)
             base = tracker.current
-            training_step(sim, images, labels, opt, autocast_dtype, "cpu")
+            training_step(sim, images, labels, opt, device_type="cpu", accumulate=accumulate,
+                          micro_batches=min(accumulate, 2), amp_dtype=autocast_dtype)
     return _estimate(device_type, tracker.peak, base, tracker.largest_elements)

@@ -37,7 +37,8 @@ from .flops import StepFlops, step_flops
 from .geometry import tile_plan
 from .memory import CUDA_CONTEXT_BYTES, predict_step_memory
 from .plan_report import Candidate, PlanReport
-from .plannable import meta_copy
+from .models import build_model
+from .plannable import Plannable, meta_copy
 from .streaming import StreamingModule
 from .units import format_size, pair, parse_size, resolve_dtype
 
@@ -69,15 +70,20 @@ def candidate_tile_sizes(image_size: int | Sequence[int], stride: int) -> list[i
     return sizes
 
 
-def _template(model: nn.Module | str, in_channels: int, num_classes: int, head: str) -> tuple[nn.Module, str]:
-    if isinstance(model, str):
-        from .models import build_model
+AUTO = "auto"  # a knob the planner chooses; anything else is fixed by the caller
 
+
+def _template(model: nn.Module | str, in_channels: int, num_classes: int | None, head: str) -> tuple[nn.Module, str]:
+    if isinstance(model, str):
+        if num_classes is None:
+            raise ValueError(f"plan() builds {model!r} by name and needs num_classes (the number of classes "
+                             "in the data); pass num_classes=N")
         with torch.device("meta"):
             return build_model(model, head=head, num_classes=num_classes, in_channels=in_channels), model
-    if not isinstance(getattr(model, "trunk", None), StreamingModule) or not hasattr(model, "head"):
-        raise TypeError(f"plan() needs a model name or a StreamingClassifier (with .trunk and .head), "
-                        f"got {type(model).__name__}; build one with streamcnn.models.build_model")
+    if not isinstance(model, Plannable) or not isinstance(model.trunk, StreamingModule):
+        raise TypeError(f"plan() needs a model name or a streamcnn.plannable.Plannable (.trunk a StreamingModule, "
+                        f".head, .configure_plan), got {type(model).__name__}; build one with "
+                        "streamcnn.models.build_model")
     return meta_copy(model), _describe(model)
 
 
@@ -86,30 +92,48 @@ def _describe(model: nn.Module) -> str:
     return f"{type(model).__name__} ({params / 1e6:.1f}M params)"
 
 
-def _candidates(template: nn.Module, image: tuple[int, int], tile_sizes: Sequence[int] | None, device: str,
-                allow_offload: bool, flops: StepFlops) -> list[Candidate]:
+def _candidates(template: Plannable, image: tuple[int, int], tile_sizes: Sequence[int] | None, device: str,
+                allow_offload: bool, flops: StepFlops, fixed: dict) -> list[Candidate]:
+    """Every plan the knobs allow, cheapest trunk passes first; ``fixed`` knobs are constraints."""
     geometry = template.trunk.geometry
-    tiles = list(tile_sizes) if tile_sizes is not None else candidate_tile_sizes(image, max(geometry.output_stride))
     tf, tb, hf, hb = flops.trunk_forward, flops.trunk_backward, flops.head_forward, flops.head_backward
-    total = flops.conventional
 
-    def cost(trunk_passes: float, head_recompute: bool) -> float:
-        return (trunk_passes + hf * (2 if head_recompute else 1) + hb) / total
+    def cost(rf: float, streamed: bool, checkpoint: bool, head_checkpoint: bool) -> float:
+        trunk = rf * ((2 + checkpoint) * tf + tb) if streamed else (1 + checkpoint) * tf + tb
+        return (trunk + hf * (2 if head_checkpoint else 1) + hb) / flops.conventional
 
-    out = [Candidate("conventional", None, False, False, False, 1, 1.0, None, cost(tf + tb, False)),
-           Candidate("checkpoint", None, True, True, False, 1, 1.0, None, cost(2 * tf + tb, True))]
-    seen = set()
-    for t in sorted(set(int(t) for t in tiles)):
-        tp = tile_plan(geometry, image, t)
-        if tp.grid in seen or len(tp.tiles) < 2:
-            continue  # same tiling as a smaller tile size, or not streaming at all
-        seen.add(tp.grid)
-        rf = tp.overlap_factor
-        for offload in (False, True) if allow_offload and device == "cuda" else (False,):
-            out.append(Candidate("stream", t, False, False, offload, len(tp.tiles), rf, tp.max_window,
-                                 cost(rf * (2 * tf + tb), False)))
-            out.append(Candidate("stream+checkpoint", t, True, True, offload, len(tp.tiles), rf, tp.max_window,
-                                 cost(rf * (3 * tf + tb), True)))
+    def make(tile: int | None, checkpoint: bool, offload: bool, n: int, rf: float, window) -> Candidate:
+        head_checkpoint = checkpoint if fixed.get("head_checkpoint", AUTO) == AUTO else fixed["head_checkpoint"]
+        if tile is not None:
+            mode = "stream+checkpoint" if checkpoint else "stream"
+        else:
+            mode = "checkpoint" if checkpoint else "conventional"
+        return Candidate(mode, tile, checkpoint, head_checkpoint, offload, n, rf, window,
+                         cost(rf, tile is not None, checkpoint, head_checkpoint))
+
+    fixed_tile = fixed.get("tile_size", AUTO)
+    offloads = (False, True) if allow_offload and device == "cuda" else (False,)
+    if device == "cuda" and fixed.get("offload", AUTO) != AUTO:
+        offloads = (bool(fixed["offload"]),)
+    out = []
+    if fixed_tile is None or fixed_tile == AUTO:
+        for checkpoint in (False, True):
+            out += [make(None, checkpoint, offload, 1, 1.0, None) for offload in offloads if not offload
+                    or fixed.get("offload") is True]
+    if fixed_tile is not None:
+        tiles = [fixed_tile] if fixed_tile != AUTO else \
+            list(tile_sizes) if tile_sizes is not None else candidate_tile_sizes(image, max(geometry.output_stride))
+        seen = set()
+        for t in sorted(set(int(t) for t in tiles)):
+            tp = tile_plan(geometry, image, t)
+            if fixed_tile == AUTO and (tp.grid in seen or len(tp.tiles) < 2):
+                continue  # same tiling as a smaller tile size, or not streaming at all
+            seen.add(tp.grid)
+            for offload in offloads:
+                out += [make(t, checkpoint, offload, len(tp.tiles), tp.overlap_factor, tp.max_window)
+                        for checkpoint in (False, True)]
+    if fixed.get("checkpoint", AUTO) != AUTO:
+        out = [c for c in out if c.checkpoint == fixed["checkpoint"]]
     return out
 
 
@@ -118,19 +142,26 @@ def _rank(c: Candidate) -> tuple:
 
 
 def plan(model: nn.Module | str, image_size: int | Sequence[int], budget: int | str, *, batch: int = 1,
-         dtype: str | torch.dtype | None = None, in_channels: int = 3, num_classes: int = 28, head: str = "conv",
-         device: str | torch.device = "cuda", optimizer: str = "adamw", tile_sizes: Sequence[int] | None = None,
-         allow_offload: bool = True, progress: bool = False, exhaustive: bool = False) -> PlanReport:
+         accumulate: int = 1, dtype: str | torch.dtype | None = None, in_channels: int = 3,
+         num_classes: int | None = None, head: str = "conv", device: str | torch.device = "cuda",
+         optimizer: str = "adamw", weight_decay: float = 0.0, tile_sizes: Sequence[int] | None = None,
+         allow_offload: bool = True, tile_size: int | None | str = AUTO, checkpoint: bool | str = AUTO,
+         head_checkpoint: bool | str = AUTO, offload: bool | str = AUTO, progress: bool = False,
+         exhaustive: bool = False) -> PlanReport:
     """Choose the fastest plan whose predicted training-step peak fits ``budget``.
 
-    ``model``: a :class:`~streamcnn.models.StreamingClassifier` (not modified; see
+    ``model``: a :class:`~streamcnn.plannable.Plannable` such as a
+    :class:`~streamcnn.models.StreamingClassifier` (not modified; see
     :meth:`PlanReport.apply`) or a trunk name for :func:`~streamcnn.models.build_model`
     (with ``in_channels``, ``num_classes``, ``head``). ``budget``: bytes or a size such as
     ``"11GB"`` (10^9) / ``"11GiB"`` (2^30); on CUDA it covers everything the process takes
-    from the card (allocator reserved memory and the CUDA context). ``dtype``: fp32 (None),
-    bf16 or fp16 autocast. ``exhaustive``: simulate every candidate, not just until the
-    cheapest fitting one is found (for tables and plots). Raises :class:`BudgetError` when
-    nothing fits.
+    from the card (allocator reserved memory and the CUDA context). The step is
+    :func:`streamcnn.step.training_step`: ``accumulate`` micro-batches of ``batch`` images,
+    ``dtype`` fp32 (None), bf16 or fp16 autocast, ``optimizer`` with ``weight_decay``.
+    ``tile_size`` (an int, or None for no streaming), ``checkpoint``, ``head_checkpoint``
+    and ``offload``: "auto" lets the planner choose; any other value is a constraint every
+    candidate keeps. ``exhaustive``: simulate every candidate, not just until the cheapest
+    fitting one is found (for tables and plots). Raises :class:`BudgetError` when nothing fits.
     """
     started = time.perf_counter()
     budget_bytes = parse_size(budget)
@@ -138,11 +169,13 @@ def plan(model: nn.Module | str, image_size: int | Sequence[int], budget: int | 
     device_type = torch.device(device).type
     autocast_dtype = resolve_dtype(dtype)
     dtype_name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype]
-    if batch < 1:
-        raise ValueError(f"batch must be at least 1, got {batch}")
+    if batch < 1 or accumulate < 1:
+        raise ValueError(f"batch and accumulate must be at least 1, got {batch} and {accumulate}")
+    fixed = {k: v for k, v in dict(tile_size=tile_size, checkpoint=checkpoint, head_checkpoint=head_checkpoint,
+                                   offload=offload).items() if v != AUTO}
     template, name = _template(model, in_channels, num_classes, head)
     flops = step_flops(template, image, batch=batch)
-    candidates = _candidates(template, image, tile_sizes, device_type, allow_offload, flops)
+    candidates = _candidates(template, image, tile_sizes, device_type, allow_offload, flops, fixed)
     order = sorted(candidates, key=_rank)
     bar = None
     if progress:
@@ -154,7 +187,7 @@ def plan(model: nn.Module | str, image_size: int | Sequence[int], budget: int | 
             break
         c.configure(template)
         c.estimate = predict_step_memory(template, image, batch=batch, dtype=autocast_dtype, device=device_type,
-                                         optimizer=optimizer)
+                                         optimizer=optimizer, weight_decay=weight_decay, accumulate=accumulate)
         c.predicted_peak_bytes = c.estimate.allocated_bytes
         c.predicted_device_bytes = c.estimate.process_bytes
         c.too_large_tensor = device_type == "cuda" and c.estimate.largest_tensor_elements >= MAX_TENSOR_ELEMENTS
@@ -178,7 +211,8 @@ def plan(model: nn.Module | str, image_size: int | Sequence[int], budget: int | 
         suggest = math.ceil(smallest.predicted_device_bytes / 1e7) * 10**7
         h, w = image
         others = (["a smaller batch"] if batch > 1 else []) + (["bf16"] if autocast_dtype is None else []) + \
-            (["smaller tiles (tile_sizes=...)"] if smallest.tile_size else []) + ["a smaller model"]
+            (["smaller tiles (tile_sizes=...)"] if smallest.tile_size else []) + \
+            ([f"leaving {', '.join(sorted(fixed))} to the planner"] if fixed else []) + ["a smaller model"]
         hints = "; or try " + (", ".join(others[:-1]) + " or " if len(others) > 1 else "") + others[-1]
         raise BudgetError(
             f"no plan fits the budget of {format_size(budget_bytes)} on {device_type} for {name} at {h}x{w} px "
@@ -187,7 +221,7 @@ def plan(model: nn.Module | str, image_size: int | Sequence[int], budget: int | 
             f"{hints}.", smallest.predicted_device_bytes)
     chosen = min(fitting, key=lambda c: (*_rank(c), c.predicted_device_bytes))
     return PlanReport(chosen, candidates, budget_bytes, name, image, batch, dtype_name, device_type, optimizer,
-                      flops, time.perf_counter() - started)
+                      flops, time.perf_counter() - started, accumulate=accumulate, fixed=fixed)
 
 
 def enforce_budget(budget_bytes: int | str, device: str | torch.device = "cuda") -> dict:
