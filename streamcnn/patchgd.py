@@ -36,10 +36,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .training.baselines import downsample_image
 from .units import pixels_to_unit
 
-__all__ = ["PatchGDClassifier", "build_patchgd"]
+__all__ = ["PatchGDClassifier", "build_patchgd", "check_budget"]
 
 
 class PatchGDClassifier(nn.Module):
@@ -105,7 +104,9 @@ class PatchGDClassifier(nn.Module):
         reference, p = self._parameter(), self.patch_size
         if isinstance(images, torch.Tensor):
             small = F.interpolate(pixels_to_unit(images, reference.dtype), size=(p, p), mode="area")
-        else:
+        else:  # the reader's pyramid level nearest above p, averaged down (as the downsampling baseline reads)
+            from .training.baselines import downsample_image
+
             small = torch.stack([downsample_image(image, p) for image in images])
         return small.to(reference.device, reference.dtype)
 
@@ -189,3 +190,30 @@ def build_patchgd(trunk: str, num_classes: int, in_channels: int, *, patch_size:
     return PatchGDClassifier(backbone, channels, num_classes, patch_size=patch_size, sampling=sampling,
                              inner_iterations=inner_iterations, head_depth=head_depth, dropout=dropout,
                              global_patch=global_patch)
+
+
+def check_budget(model: PatchGDClassifier, image_size: Sequence[int], budget: str | int, *, batch: int = 1,
+                 accumulate: int = 1, dtype: torch.dtype | None = None, device: str = "cpu",
+                 optimizer: str = "adamw", weight_decay: float = 0.0) -> tuple[str, dict[str, Any]]:
+    """Predict a PatchGD step's peak (:func:`streamcnn.memory.predict_step_memory`) and check it
+    against ``budget``; returns a description and a JSON report, or raises
+    :class:`streamcnn.planning.BudgetError`. PatchGD has no plan to choose: its memory is set by
+    the patch size, the sampling rate and the batch, which the config fixes."""
+    from .memory import predict_step_memory
+    from .planning import BudgetError
+    from .units import format_size, parse_size
+
+    limit = parse_size(budget)
+    estimate = predict_step_memory(model, image_size, batch=batch, dtype=dtype, device=device, optimizer=optimizer,
+                                   weight_decay=weight_decay, accumulate=accumulate)
+    k, rows_cols = model.patches_per_iteration(image_size), model.grid(image_size)
+    what = (f"PatchGD step: {rows_cols[0]} x {rows_cols[1]} patches of {model.patch_size} px, {k} updated per inner "
+            f"iteration, {model.inner_iterations} inner iterations, batch {batch}, on {device}")
+    if estimate.process_bytes > limit:
+        raise BudgetError(f"{what} needs {format_size(estimate.process_bytes)}, over the budget of "
+                          f"{format_size(limit)}: lower model.patch_sampling, model.patch_size or train.batch_size, "
+                          f"or use a budget of at least {format_size(estimate.process_bytes)}", estimate.process_bytes)
+    text = f"{what}: predicted peak {format_size(estimate.process_bytes)} fits the budget of {format_size(limit)}"
+    return text, {"method": "patchgd", "predicted_bytes": estimate.process_bytes, "budget_bytes": limit,
+                  "patches_per_iteration": k, "grid": list(rows_cols), "patch_size": model.patch_size,
+                  "inner_iterations": model.inner_iterations}

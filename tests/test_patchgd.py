@@ -97,7 +97,39 @@ def test_prediction_grows_with_the_sampled_patches_not_with_the_image():
 
 def test_training_step_runs_the_models_own_micro_step():
     model = patchgd()
-    optimizer = make_optimizer(model, "adamw", foreach=False)
+    optimizer = make_optimizer("adamw", model)
     before = model.classifier[1].weight.detach().clone()
-    training_step(model, torch.rand(1, 1, 128, 128), torch.tensor([0]), optimizer, None, "cpu")
+    training_step(model, torch.rand(1, 1, 128, 128), torch.tensor([0]), optimizer, device_type="cpu")
     assert not torch.equal(before, model.classifier[1].weight)
+
+
+PATCHGD_RUN = ["data.kind=synthetic", "data.synthetic_size=128", "data.synthetic_count=16", "model.mode=patchgd",
+               "model.patch_size=32", "model.patch_sampling=0.125", "model.inner_iterations=2",
+               "model.trunk=tiny-cnn", "model.num_classes=4", "train.batch_size=4", "train.accumulate=1",
+               "train.progress=false", "train.device=cpu", "train.epochs=1"]
+
+
+def test_patchgd_mode_trains_through_the_runner_inside_its_budget(tmp_path):
+    import json
+
+    from streamcnn.training import fit, load_config
+
+    history = fit(load_config(overrides=[*PATCHGD_RUN, "plan.budget=1GB", f"out={tmp_path / 'run'}"]))
+    report = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert (report["method"], report["grid"], report["patches_per_iteration"]) == ("patchgd", [4, 4], 2)
+    assert 0 < report["predicted_bytes"] < report["budget_bytes"] == 10**9
+    assert len(history) == 1 and history[0]["step"] == 4 and history[0]["val_accuracy"] is not None
+
+
+def test_patchgd_over_budget_is_one_line_naming_the_knobs(tmp_path, capsys):
+    from importlib.util import module_from_spec, spec_from_file_location
+    from pathlib import Path
+
+    spec = spec_from_file_location("train_tool", Path(__file__).resolve().parents[1] / "tools" / "train.py")
+    tool = module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    args = ["--budget", "100kB", "--out", str(tmp_path / "run"), *[a for o in PATCHGD_RUN for a in ("--set", o)]]
+    assert tool.main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("train.py: error: PatchGD step: 4 x 4 patches of 32 px, 2 updated per inner iteration")
+    assert "over the budget of 100.00 kB: lower model.patch_sampling" in err and "\n" not in err

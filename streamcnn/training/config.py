@@ -60,10 +60,12 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    """The network: ``stream`` (full resolution, streamed trunk) or the ``downsample``
-    baseline (the image is read at ``input_size`` px and the same trunk runs conventionally)."""
+    """The network: ``stream`` (full resolution, streamed trunk), the ``downsample``
+    baseline (the image is read at ``input_size`` px and the same trunk runs conventionally),
+    or ``patchgd`` (PatchGD with a global patch, :mod:`streamcnn.patchgd`: ``patch_size`` px
+    patches, ``patch_sampling`` of them updated per inner iteration, ``inner_iterations``)."""
 
-    mode: Literal["stream", "downsample"] = "stream"
+    mode: Literal["stream", "downsample", "patchgd"] = "stream"
     trunk: str = "resnet18"
     head: str = "conv"
     head_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -71,6 +73,9 @@ class ModelConfig(_Section):
     in_channels: Optional[int] = Field(None, ge=1)   # None: the training images' channels
     num_classes: Optional[int] = Field(None, ge=2)   # None: the training data's (dataset.num_classes)
     input_size: int = Field(512, ge=32)
+    patch_size: Optional[int] = Field(None, ge=8)
+    patch_sampling: float = Field(0.25, gt=0, le=1)
+    inner_iterations: int = Field(3, ge=1)
 
 
 class PlanConfig(_Section):
