@@ -44,3 +44,21 @@ def test_unknown_variant_and_missing_manifest_are_named(tmp_path, generated):
         write_variant_manifest(generated, "parity")
     with pytest.raises(FileNotFoundError, match="manifest.csv does not exist: generate the images first"):
         write_variant_manifest(tmp_path, "count")
+
+
+def test_learning_arms_share_budget_data_optimizer_and_loop():
+    """The benchmark's arms differ only in how the model sees the image (docs/learning.md)."""
+    from pathlib import Path
+
+    from streamcnn.training import load_config
+
+    configs = {path.stem: load_config(path) for path in sorted((Path(__file__).parents[1] / "configs").glob("learning-*.yaml"))}
+    assert set(configs) == {"learning-stream", "learning-down256", "learning-down512", "learning-down1024",
+                            "learning-patchgd"}
+    shared = {name: (c.data, c.plan, c.optim, c.train, c.model.trunk, c.model.num_classes) for name, c in configs.items()}
+    assert len({repr(v) for v in shared.values()}) == 1
+    assert {name: (c.model.mode, c.model.input_size if c.model.mode == "downsample" else None)
+            for name, c in configs.items()} == {
+        "learning-stream": ("stream", None), "learning-down256": ("downsample", 33),
+        "learning-down512": ("downsample", 66), "learning-down1024": ("downsample", 131),
+        "learning-patchgd": ("patchgd", None)}
