@@ -140,7 +140,11 @@ class PatchGDClassifier(nn.Module):
         return self.classifier(pooled)
 
     def forward(self, images: Any) -> torch.Tensor:
-        """Logits of every image, from all its patches (evaluation)."""
+        """Logits of every image, from all its patches (evaluation, or training under ``no_grad``)."""
+        if self.training and torch.is_grad_enabled():
+            raise RuntimeError("PatchGD trains through its own micro_step (streamcnn.step.micro_step takes it); a "
+                               "plain forward with gradients would train the global patch only. Wrappers that call "
+                               "forward, such as DistributedDataParallel, are not supported: train on one process")
         _, size = self._size(images)
         z = self.fill(images)
         g = self._features(self._global(images)) if self.global_patch else None

@@ -74,6 +74,11 @@ def test_eval_forward_equals_classify_of_the_filled_block():
         assert torch.allclose(model(images), expected)
 
 
+def test_a_training_forward_with_gradients_is_refused():
+    with pytest.raises(RuntimeError, match="PatchGD trains through its own micro_step"):
+        patchgd().train()(torch.rand(1, 1, 128, 128))
+
+
 def test_bad_patch_size_names_the_fix():
     with pytest.raises(ValueError, match="choose model.patch_size dividing both sides"):
         patchgd(patch_size=96).fill(torch.rand(1, 1, 256, 256))
