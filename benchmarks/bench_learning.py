@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--minutes", type=float, default=30.0, help="--max-minutes of every run")
     parser.add_argument("--budget", default="120MB", help="--budget of every run")
     parser.add_argument("--size", type=int, default=512, help="canvas px of the generated images")
-    parser.add_argument("--train-count", type=int, default=3000, help="images generated for training")
+    parser.add_argument("--train-count", type=int, default=12000,
+                        help="images generated for training (the count variant keeps about half: the balanced subset)")
     parser.add_argument("--test-count", type=int, default=1500, help="images generated for the test split")
     parser.add_argument("--variant", default="count", help="label variant (streamcnn.data.variants)")
     parser.add_argument("--data", type=Path, default=ROOT / "runs/learning-data", help="generated data folder")
