@@ -8,7 +8,8 @@ Public API (details in README.md):
 - Models: :func:`build_model`, :class:`StreamingClassifier`; from-scratch trunks in
   ``streamcnn.scratch``; the PatchGD baseline in ``streamcnn.patchgd``.
 - Memory: :func:`plan`, :class:`PlanReport`, :class:`Candidate`, :class:`BudgetError`,
-  :func:`enforce_budget`, :func:`parse_size`, :func:`format_size`.
+  :func:`enforce_budget`, :func:`parse_size`, :func:`format_size`; :class:`Plannable` (what
+  the planner needs of a model).
 - Images: :func:`open_image` (lazy readers; imported on first use, as it loads libvips).
 - Subpackages: ``streamcnn.io``, ``streamcnn.data`` (UltraMNIST, datasets),
   ``streamcnn.training`` (the trainer behind ``tools/train.py``).
@@ -17,6 +18,7 @@ from .batchnorm import FrozenBatchNorm2d, freeze_batchnorm
 from .geometry import TilePlan, TrunkGeometry, UnsupportedLayerError, Window, register_rule, tile_plan
 from .models import StreamingClassifier, build_model
 from . import scratch as _scratch  # noqa: F401,E402 - registers the from-scratch trunks (resnet18-ln, ...)
+from .plannable import Plannable
 from .planning import BudgetError, Candidate, PlanReport, enforce_budget, plan
 from .streaming import RegionSource, StreamingModule
 from .units import format_size, parse_size
@@ -37,6 +39,7 @@ __all__ = [
     "build_model",
     "StreamingClassifier",
     "plan",
+    "Plannable",
     "PlanReport",
     "Candidate",
     "BudgetError",

@@ -9,6 +9,7 @@ before the step are added.
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Sequence
 
 import torch
@@ -27,6 +28,12 @@ def cpu_allocator_peak(step: Callable[[], None]) -> int:
     """Peak of (allocated - freed) bytes of the CPU allocator while ``step`` runs."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
+
+    # Kineto (the profiler's backend) reads its log level once, when first used, and otherwise
+    # prints "profiler_start/stop" trace points and, on machines without a GPU, "gpuGetDeviceCount
+    # failed": nothing about this CPU measurement. 6 is above its highest level (USDT = 5); a
+    # level the user set is kept.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()

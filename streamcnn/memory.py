@@ -25,14 +25,7 @@ from .step import allocate_optimizer_state, make_optimizer, training_step
 from .tracking import LiveStorageTracker
 from .units import resolve_dtype
 
-__all__ = [
-    "MemoryEstimate",
-    "predict_step_memory",
-    "CUDA_BLOCK_BYTES",
-    "CUDA_WORKSPACE_BYTES",
-    "CUDA_RESERVED_OVERHEAD",
-    "CUDA_CONTEXT_BYTES",
-]
+__all__ = ["MemoryEstimate", "predict_step_memory"]
 
 # --------------------------------------------------------------------------------------
 # CUDA allowances. NOT YET CALIBRATED ON REAL HARDWARE: the sessions that wrote this had no

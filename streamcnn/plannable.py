@@ -17,7 +17,7 @@ import torch.nn as nn
 from .streaming import StreamingModule
 from .units import pair
 
-__all__ = ["Plannable", "streaming_modules", "meta_copy", "model_copy", "input_shape"]
+__all__ = ["Plannable", "meta_copy"]
 
 
 @runtime_checkable

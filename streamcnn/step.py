@@ -21,8 +21,7 @@ import torch.nn.functional as F
 
 from .units import pixels_to_unit
 
-__all__ = ["OPTIMIZERS", "make_optimizer", "allocate_optimizer_state", "model_input", "micro_step",
-           "optimizer_step", "training_step"]
+__all__ = ["OPTIMIZERS", "make_optimizer", "micro_step", "optimizer_step", "training_step"]
 
 #: The optimizers by name. Both hold two moment tensors per parameter; SGD is not offered
 #: because the trainer's schedules and configs are written for Adam-type optimizers.

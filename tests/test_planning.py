@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from streamcnn.files import TEMPORARY_GLOB
 from streamcnn.measurement import measure_step_memory
 from streamcnn.memory import predict_step_memory
 from streamcnn.units import parse_size
@@ -165,7 +166,7 @@ def test_plot_writes_a_png(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", data[16:24])
     assert width > 800 and height > 300
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob(TEMPORARY_GLOB))
 
 
 def test_enforce_budget_on_cpu_reports_that_nothing_is_capped():

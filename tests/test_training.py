@@ -26,6 +26,7 @@ from streamcnn.training import (
     load_config,
 )
 from streamcnn.training.metrics import read_metrics
+from streamcnn.files import TEMPORARY_GLOB
 from streamcnn.training.synthetic import TEXTURES
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # deterministic, fast tiny CPU runs: see conftest.py
@@ -95,7 +96,7 @@ def test_tiny_streamed_run_learns(tmp_path):
         assert (tmp_path / "run" / name).stat().st_size > 0
     last = load_checkpoint(tmp_path / "run" / "last.pt")
     assert last["epoch"] == 5 and last["step"] == 120 and last["history"] == history
-    assert not list((tmp_path / "run").glob(".*.tmp"))                # no temporary files left behind
+    assert not list((tmp_path / "run").glob(TEMPORARY_GLOB))          # no temporary files left behind
 
 
 class _CrashAt(torch.utils.data.Dataset):
