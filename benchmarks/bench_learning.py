@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -58,8 +59,6 @@ def prepare_data(root: Path, size: int, train: int, test: int, variant: str) -> 
 
 
 def _env(threads: int | None) -> dict:
-    import os
-
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -136,9 +135,9 @@ def plot(results: dict, path: Path, title: str) -> None:
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for arm, entry in results.items():
         for i, run in enumerate(entry["runs"]):
-            xs = [0.0] + [p["minutes"] for p in run["curve"]]
-            ys = [None] + [p["test_accuracy"] for p in run["curve"]]
-            axes.plot(xs[1:], ys[1:], marker="o", color=entry["color"], alpha=0.8, label=arm if i == 0 else None)
+            xs = [p["minutes"] for p in run["curve"]]
+            ys = [p["test_accuracy"] for p in run["curve"]]
+            axes.plot(xs, ys, marker="o", color=entry["color"], alpha=0.8, label=arm if i == 0 else None)
     axes.axhline(results[next(iter(results))]["chance"], color="grey", linestyle=":", label="chance")
     axes.set_xlabel("minutes (training + test evaluation)")
     axes.set_ylabel("test accuracy")
@@ -194,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         config, overrides = suite[arm]
         results[arm]["summary"] = summarise(arm, results[arm]["runs"], measure_peak(config, overrides, args.budget,
                                                                                   args.size, args.threads))
-    payload["load_average_after"] = list(__import__("os").getloadavg())
+    payload["load_average_after"] = list(os.getloadavg())
     payload["chance"] = chance
     payload["arms"] = {arm: {k: v for k, v in entry.items() if k != "color"} for arm, entry in results.items()}
     common.write_json(f"{name}.json", payload)
