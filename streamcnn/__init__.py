@@ -7,6 +7,7 @@ Public API (details in README.md):
   :func:`register_rule`, :class:`Window`, :class:`UnsupportedLayerError`.
 - Models: :func:`build_model` (trunks by name, ``torchvision:<arch>``, ``timm:<arch>``),
   :class:`StreamingClassifier`, :func:`split_model` (a whole network -> trunk + head).
+  From-scratch trunks in ``streamcnn.scratch``; the PatchGD baseline in ``streamcnn.patchgd``.
 - Memory: :func:`plan`, :class:`PlanReport`, :class:`Candidate`, :class:`BudgetError`,
   :func:`enforce_budget`, :func:`parse_size`, :func:`format_size`; :class:`Plannable` (what
   the planner needs of a model).
@@ -17,6 +18,7 @@ Public API (details in README.md):
 from .batchnorm import FrozenBatchNorm2d, freeze_batchnorm
 from .geometry import TilePlan, TrunkGeometry, UnsupportedLayerError, Window, register_rule, tile_plan
 from .models import StreamingClassifier, build_model
+from . import scratch as _scratch  # noqa: F401,E402 - registers the from-scratch trunks (resnet18-ln, ...)
 from .plannable import Plannable
 from .split import Split, split_model
 from .planning import BudgetError, Candidate, PlanReport, enforce_budget, plan

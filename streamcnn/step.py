@@ -73,7 +73,12 @@ def micro_step(model: nn.Module, images: Any, labels: torch.Tensor, *, device_ty
     """Forward, loss and backward of one micro-batch; returns the (unscaled) loss and the logits, detached.
 
     The backward adds ``loss / accumulate`` (times the scaler's scale) to each ``.grad``.
+    A model with its own ``micro_step`` method (PatchGD's inner iterations,
+    :mod:`streamcnn.patchgd`) takes that instead, with the same arguments and result.
     """
+    own = getattr(model, "micro_step", None)
+    if own is not None:
+        return own(images, labels, device_type=device_type, accumulate=accumulate, amp_dtype=amp_dtype, scaler=scaler)
     with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
         logits = model(model_input(images))
         loss = F.cross_entropy(logits.float(), labels.to(logits.device))

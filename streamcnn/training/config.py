@@ -67,10 +67,12 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    """The network: ``stream`` (full resolution, streamed trunk) or the ``downsample``
-    baseline (the image is read at ``input_size`` px and the same trunk runs conventionally)."""
+    """The network: ``stream`` (full resolution, streamed trunk), the ``downsample``
+    baseline (the image is read at ``input_size`` px and the same trunk runs conventionally),
+    or ``patchgd`` (PatchGD with a global patch, :mod:`streamcnn.patchgd`: ``patch_size`` px
+    patches, ``patch_sampling`` of them updated per inner iteration, ``inner_iterations``)."""
 
-    mode: Literal["stream", "downsample"] = "stream"
+    mode: Literal["stream", "downsample", "patchgd"] = "stream"
     trunk: str = "resnet18"
     head: str = "conv"
     head_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -81,6 +83,9 @@ class ModelConfig(_Section):
     # downsample mode: "pad" fits the long side to input_size and pads the short side (square
     # batches); "long_side" fits the long side and keeps the short side (batch of one shape).
     input_fit: Literal["pad", "long_side"] = "pad"
+    patch_size: Optional[int] = Field(None, ge=8)
+    patch_sampling: float = Field(0.25, gt=0, le=1)
+    inner_iterations: int = Field(3, ge=1)
 
 
 class PlanConfig(_Section):

@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 from ..models import StreamingClassifier, build_model
+from ..patchgd import PatchGDClassifier, build_patchgd, check_budget
 from ..planning import enforce_budget, plan
 from ..files import atomic_write_text
 from .checkpointing import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
@@ -70,6 +71,12 @@ def build_training_model(config: TrainConfig) -> StreamingClassifier:
     if m.in_channels is None or m.num_classes is None:
         raise ValueError("model.in_channels and model.num_classes come from the data: resolve them first with "
                          "streamcnn.training.datasets.fit_model_to_data(config, dataset), or set them")
+    if m.mode == "patchgd":
+        if m.patch_size is None:
+            raise ValueError("model.mode is patchgd but model.patch_size is not set; set it to a side that divides "
+                             "the image (e.g. a quarter of it)")
+        return build_patchgd(m.trunk, m.num_classes, m.in_channels, patch_size=m.patch_size,
+                             sampling=m.patch_sampling, inner_iterations=m.inner_iterations, weights=m.weights)
     return build_model(m.trunk, m.head, num_classes=m.num_classes, in_channels=m.in_channels, weights=m.weights,
                        head_kwargs=m.head_kwargs)
 
@@ -89,6 +96,12 @@ def apply_memory_plan(model: StreamingClassifier, config: TrainConfig, image_siz
     which is planned and enforced under the same budget).
     """
     p = config.plan
+    if isinstance(model, PatchGDClassifier):  # nothing to plan: the config fixes its memory
+        if p.budget is None:
+            return "no budget: PatchGD as the config says", None
+        return check_budget(model, image_size, p.budget, batch=batch, accumulate=config.train.accumulate,
+                            dtype=resolve_amp(config.train.amp, device), device=device.type,
+                            optimizer=config.optim.name, weight_decay=config.optim.weight_decay)
     offload = "auto" if p.output_device is None else torch.device(p.output_device).type == "cpu"
     if p.budget is not None:
         report = plan(model, image_size, p.budget, batch=batch, accumulate=config.train.accumulate,

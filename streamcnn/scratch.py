@@ -1,0 +1,138 @@
+"""Trunks that train from scratch and still stream exactly: ResNet-18 layouts without batch statistics.
+
+A streamed trunk cannot use train-mode BatchNorm (its statistics span the whole image and
+batch, so tiles would see different ones), and no ImageNet weights can be downloaded here.
+These are ResNet-18 layouts (a 7x7 stride-2 stem, max pooling, four stages of two
+torchvision ``BasicBlock`` s, widths ``w, 2w, 4w, 8w``) whose normalisation is local, so
+every plan computes the same function:
+
+- ``affine``: a per-channel scale and bias where BatchNorm was; the last one of each
+  residual branch starts at zero. This is what a frozen, freshly initialised BatchNorm is,
+  i.e. what ``resnet18`` without weights trains as (the reference for the others).
+- ``fixup``: ``affine`` plus Fixup's rescaling (Zhang et al. 2019): the first convolution of
+  each residual branch is scaled by ``L ** -0.5`` for ``L`` residual blocks.
+- ``ws``: weight standardisation (every convolution's filters standardised to zero mean and
+  unit variance, times the He gain ``sqrt(2 / fan_in)``) with the ``affine`` scale and bias.
+- ``ln``: :class:`ChannelLayerNorm2d`, ConvNeXt's LayerNorm2d: every pixel's channel vector
+  normalised on its own (local, so exact under streaming, in train mode too).
+
+Registered as ``resnet18-<kind>`` (width 64, four stages), ``resnet18-<kind>-w<width>`` for
+widths 8, 16 and 32, and with ``-s2`` for the first two stages only (stride 8, receptive field
+99 px: the miniature benchmark's trunk, see ``docs/learning.md``). ``docs/learning.md`` has the pilot that chose between them.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+from torchvision.models.resnet import BasicBlock, conv1x1
+
+from .geometry import register_rule
+from .models import register_trunk
+
+__all__ = ["ChannelLayerNorm2d", "ChannelAffine", "scratch_resnet18", "SCRATCH_KINDS"]
+
+
+@register_rule
+class ChannelLayerNorm2d(nn.Module):
+    """LayerNorm over the channels of each pixel separately (ConvNeXt's LayerNorm2d)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(dim=1, keepdim=True)
+        var = (x - mean).pow(2).mean(dim=1, keepdim=True)
+        x = (x - mean) * torch.rsqrt(var + self.eps)
+        return x * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+@register_rule
+class ChannelAffine(nn.Module):
+    """A per-channel scale and bias (a BatchNorm without statistics)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+class _Standardised(nn.Module):
+    """Weight standardisation with the He gain, as a parametrisation of a convolution's weight."""
+
+    def __init__(self, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        fan_in = weight[0].numel()
+        mean = weight.mean(dim=(1, 2, 3), keepdim=True)
+        var = weight.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
+        return (weight - mean) * torch.rsqrt(var * fan_in / 2 + self.eps / fan_in)
+
+
+def _stage(inplanes: int, planes: int, stride: int, norm: Callable[[int], nn.Module]) -> nn.Sequential:
+    downsample = None
+    if stride != 1 or inplanes != planes:
+        downsample = nn.Sequential(conv1x1(inplanes, planes, stride), norm(planes))
+    return nn.Sequential(BasicBlock(inplanes, planes, stride, downsample, norm_layer=norm),
+                         BasicBlock(planes, planes, 1, None, norm_layer=norm))
+
+
+SCRATCH_KINDS = ("affine", "fixup", "ws", "ln")
+
+
+def scratch_resnet18(kind: str, in_channels: int = 3, width: int = 64, stages: int = 4) -> tuple[nn.Sequential, int]:
+    """A ResNet-18 layout of ``kind`` (one of :data:`SCRATCH_KINDS`) up to stage ``stages``
+    (1..4; 2 stops at stride 8 with a 99 px receptive field); returns (trunk, channels)."""
+    if kind not in SCRATCH_KINDS:
+        raise ValueError(f"unknown from-scratch trunk kind {kind!r}; choose one of {SCRATCH_KINDS}")
+    norm = ChannelLayerNorm2d if kind == "ln" else ChannelAffine
+    trunk = nn.Sequential()
+    trunk.add_module("conv1", nn.Conv2d(in_channels, width, 7, 2, 3, bias=False))
+    trunk.add_module("bn1", norm(width))
+    trunk.add_module("relu", nn.ReLU(inplace=True))
+    trunk.add_module("maxpool", nn.MaxPool2d(3, 2, 1))
+    planes = width
+    for i, (out, stride) in enumerate([(width, 1), (2 * width, 2), (4 * width, 2), (8 * width, 2)][:stages], 1):
+        trunk.add_module(f"layer{i}", _stage(planes, out, stride, norm))
+        planes = out
+    blocks = [m for m in trunk.modules() if isinstance(m, BasicBlock)]
+    for m in trunk.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    with torch.no_grad():
+        for block in blocks:
+            block.bn2.weight.zero_()  # each residual branch starts as zero: the block is the identity
+            if kind == "fixup":
+                block.conv1.weight.mul_(len(blocks) ** -0.5)
+    if kind == "ws":
+        for m in list(trunk.modules()):
+            if isinstance(m, nn.Conv2d):
+                parametrize.register_parametrization(m, "weight", _Standardised())
+    return trunk, planes
+
+
+def _register(kind: str, width: int, stages: int) -> None:
+    name = f"resnet18-{kind}" + ("" if width == 64 else f"-w{width}") + ("" if stages == 4 else f"-s{stages}")
+
+    def factory(in_channels: int = 3, weights=None) -> tuple[nn.Module, int]:
+        if weights is not None:
+            raise ValueError(f"{name} trains from scratch and has no pretrained weights; leave model.weights empty")
+        return scratch_resnet18(kind, in_channels, width, stages)
+
+    register_trunk(name)(factory)
+
+
+for _kind in SCRATCH_KINDS:
+    for _width in (8, 16, 32, 64):
+        for _stages in (2, 4):
+            _register(_kind, _width, _stages)

@@ -1,0 +1,142 @@
+"""streamcnn.patchgd: PatchGD with the global patch trains, and its memory is predicted."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from streamcnn.measurement import measure_step_memory
+from streamcnn.memory import predict_step_memory
+from streamcnn.models import build_trunk
+from streamcnn.patchgd import PatchGDClassifier
+from streamcnn.step import make_optimizer, training_step
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def patchgd(patch_size=64, sampling=0.25, inner_iterations=2, width=8, seed=0) -> PatchGDClassifier:
+    torch.manual_seed(seed)
+    random.seed(seed)  # PatchGD samples patches with Python's generator (the trainer seeds it)
+    backbone, channels = build_trunk(f"resnet18-ln-w{width}-s2", in_channels=1)
+    return PatchGDClassifier(backbone, channels, 5, patch_size=patch_size, sampling=sampling,
+                             inner_iterations=inner_iterations, head_depth=1)
+
+
+def test_one_step_fills_z_and_trains_every_part():
+    model = patchgd()
+    images, labels = torch.rand(2, 1, 256, 256), torch.tensor([1, 3])
+    z = model.fill(images)
+    assert z.shape == (2, 16, 16) and bool((z.abs().sum(dim=1) > 0).all())  # one feature vector per patch
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    loss, logits = model.micro_step(images, labels, device_type="cpu")
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    # the backbone (through the sampled patches and the global patch), the aggregator and the classifier
+    # (residual branches start at zero, so only their last scale has a gradient at the first step)
+    for name in ("backbone.conv1.weight", "backbone.layer2.1.bn2.weight", "aggregator.0.weight",
+                 "classifier.1.weight"):
+        assert grads[name] is not None and grads[name].abs().sum() > 0, name
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer.step()
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]) == (grads[name] is None or not grads[name].any()), name
+    assert logits.shape == (2, 5) and torch.isfinite(loss)
+    first = float(loss)
+    for _ in range(15):
+        optimizer.zero_grad()
+        loss, _ = model.micro_step(images, labels, device_type="cpu")
+        optimizer.step()
+    assert float(loss) < 0.6 * first  # it fits two images
+
+
+def test_inner_iterations_sample_disjoint_patches_and_keep_their_features_in_z():
+    model = patchgd(sampling=0.25, inner_iterations=4).eval()  # 4 x 4 of 16 patches: each patch once
+    images, labels = torch.rand(1, 1, 256, 256), torch.tensor([2])
+    seen = []
+    model._features_orig = model._features
+
+    def spy(patches):
+        seen.append(patches.shape[0])
+        return model._features_orig(patches)
+
+    model._features = spy
+    model.micro_step(images, labels, device_type="cpu")
+    # fill: 4 chunks of 4 patches; then 4 iterations of (4 sampled patches, 1 global patch)
+    assert seen == [4, 4, 4, 4] + [4, 1] * 4
+    assert model.grid((256, 256)) == (4, 4) and model.patches_per_iteration((256, 256)) == 4
+
+
+def test_eval_forward_equals_classify_of_the_filled_block():
+    model = patchgd().eval()
+    images = torch.rand(2, 1, 128, 192)
+    with torch.no_grad():
+        expected = model.classify(model.fill(images), model._features(model._global(images)), (2, 3))
+        assert torch.allclose(model(images), expected)
+
+
+def test_a_training_forward_with_gradients_is_refused():
+    with pytest.raises(RuntimeError, match="PatchGD trains through its own micro_step"):
+        patchgd().train()(torch.rand(1, 1, 128, 128))
+
+
+def test_bad_patch_size_names_the_fix():
+    with pytest.raises(ValueError, match="choose model.patch_size dividing both sides"):
+        patchgd(patch_size=96).fill(torch.rand(1, 1, 256, 256))
+
+
+def test_prediction_matches_the_cpu_allocator_peak_of_a_patchgd_step():
+    model = patchgd(patch_size=64, sampling=0.25, width=16)
+    predicted = predict_step_memory(model, 256, device="cpu", batch=2)
+    measured = measure_step_memory(model, 256, device="cpu", batch=2, warmup=False)
+    assert abs(predicted.allocated_bytes / measured.allocated_bytes - 1) < 0.10, (predicted, measured)
+
+
+def test_prediction_grows_with_the_sampled_patches_not_with_the_image():
+    def activations(size, sampling):
+        e = predict_step_memory(patchgd(patch_size=64, sampling=sampling, width=8), size, device="cpu")
+        return e.live_bytes - e.base_bytes  # the image itself is in the base (host = device on CPU)
+
+    four, eight, twelve = (activations(256, s) for s in (0.25, 0.5, 0.75))
+    assert eight - four == twelve - eight > 0  # every 4 more sampled patches cost the same
+    # 4 sampled patches of a 384 px image (36 patches) need what 4 of a 256 px image need, plus a larger Z
+    assert 0 < activations(384, 4 / 36) - four < 0.05 * four
+
+
+def test_training_step_runs_the_models_own_micro_step():
+    model = patchgd()
+    optimizer = make_optimizer("adamw", model)
+    before = model.classifier[1].weight.detach().clone()
+    training_step(model, torch.rand(1, 1, 128, 128), torch.tensor([0]), optimizer, device_type="cpu")
+    assert not torch.equal(before, model.classifier[1].weight)
+
+
+PATCHGD_RUN = ["data.kind=synthetic", "data.synthetic_size=128", "data.synthetic_count=16", "model.mode=patchgd",
+               "model.patch_size=32", "model.patch_sampling=0.125", "model.inner_iterations=2",
+               "model.trunk=tiny-cnn", "model.num_classes=4", "train.batch_size=4", "train.accumulate=1",
+               "train.progress=false", "train.device=cpu", "train.epochs=1"]
+
+
+def test_patchgd_mode_trains_through_the_runner_inside_its_budget(tmp_path):
+    import json
+
+    from streamcnn.training import fit, load_config
+
+    history = fit(load_config(overrides=[*PATCHGD_RUN, "plan.budget=1GB", f"out={tmp_path / 'run'}"]))
+    report = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert (report["method"], report["grid"], report["patches_per_iteration"]) == ("patchgd", [4, 4], 2)
+    assert 0 < report["predicted_bytes"] < report["budget_bytes"] == 10**9
+    assert len(history) == 1 and history[0]["step"] == 4 and history[0]["val_accuracy"] is not None
+
+
+def test_patchgd_over_budget_is_one_line_naming_the_knobs(tmp_path, capsys):
+    from importlib.util import module_from_spec, spec_from_file_location
+    from pathlib import Path
+
+    spec = spec_from_file_location("train_tool", Path(__file__).resolve().parents[1] / "tools" / "train.py")
+    tool = module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    args = ["--budget", "100kB", "--out", str(tmp_path / "run"), *[a for o in PATCHGD_RUN for a in ("--set", o)]]
+    assert tool.main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("train.py: error: PatchGD step: 4 x 4 patches of 32 px, 2 updated per inner iteration")
+    assert "over the budget of 100.00 kB: lower model.patch_sampling" in err and "\n" not in err

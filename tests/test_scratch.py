@@ -1,0 +1,49 @@
+"""streamcnn.scratch: from-scratch trunks stream exactly, in train mode, and start as expected."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import assert_same_gradients
+from streamcnn import StreamingModule, TrunkGeometry
+from streamcnn.models import TRUNKS, build_trunk
+from streamcnn.scratch import SCRATCH_KINDS, ChannelLayerNorm2d, scratch_resnet18
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("kind", SCRATCH_KINDS)
+def test_streams_exactly_in_float64(kind):
+    torch.manual_seed(0)
+    trunk, _ = scratch_resnet18(kind, in_channels=1, width=8)
+    trunk = trunk.double().train()  # nothing in it depends on the mode
+    with torch.no_grad():  # residual branches start at zero; make them count
+        for name, p in trunk.named_parameters():
+            if name.endswith("bn2.weight"):
+                p.uniform_(0.5, 1.5)
+    streamed = StreamingModule(trunk, 64)
+    assert len(streamed.plan((256, 192)).tiles) == 12
+    assert_same_gradients(trunk, streamed, torch.rand(1, 1, 256, 192, dtype=torch.float64), tol=1e-10)
+
+
+def test_channel_layernorm_normalises_each_pixel_over_channels_only():
+    norm = ChannelLayerNorm2d(6).double()
+    x = torch.randn(2, 6, 5, 7, dtype=torch.float64) * 3 + 1
+    y = norm(x)
+    assert torch.allclose(y.mean(dim=1), torch.zeros(2, 5, 7, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(y.var(dim=1, unbiased=False), torch.ones(2, 5, 7, dtype=torch.float64), atol=1e-5)
+    # one pixel's output does not depend on another pixel
+    x2 = x.clone()
+    x2[:, :, 0, 0] += 5
+    assert torch.equal(norm(x2)[:, :, 1:, :], y[:, :, 1:, :])
+
+
+def test_every_block_starts_as_the_identity_and_weights_are_refused():
+    trunk, channels = build_trunk("resnet18-ws-w16", in_channels=1)
+    assert channels == 128 and "resnet18-ln" in TRUNKS and "resnet18-fixup-w8" in TRUNKS
+    block = trunk.layer1[0]
+    x = torch.rand(1, 16, 20, 20)
+    assert torch.equal(block(x), torch.relu(x))
+    TrunkGeometry(trunk)  # weight-standardised convolutions are still convolutions to the geometry
+    with pytest.raises(ValueError, match="resnet18-ln trains from scratch and has no pretrained weights"):
+        build_trunk("resnet18-ln", weights="some.pth")

@@ -1,0 +1,64 @@
+"""streamcnn.data.variants: relabelled UltraMNIST manifests over the same images."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from streamcnn.data import ManifestDataset, generate_ultramnist
+from streamcnn.data.variants import write_variant_manifest
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("um")
+    generate_ultramnist(root, 12, size=96, seed=3, progress=False)
+    return root
+
+
+def _rows(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_count_labels_are_the_number_of_digits_and_classes_are_balanced(generated):
+    digits = {row["path"]: json.loads(row["digits"]) for row in _rows(generated / "manifest.csv")}
+    path, counts = write_variant_manifest(generated, "count")
+    rows = _rows(path)
+    assert path.name == "manifest-count.csv" and len(set(counts)) == 1 and counts[0] > 0 and sum(counts) == len(rows)
+    for row in rows:
+        assert int(row["label"]) == len(digits[row["path"]]) - 3
+    dataset = ManifestDataset(generated, path.name, num_classes=3)
+    assert len(dataset) == sum(counts)
+
+
+def test_sum_variant_is_the_benchmark_label(generated):
+    original = {row["path"]: int(row["label"]) for row in _rows(generated / "manifest.csv")}
+    path, counts = write_variant_manifest(generated, "sum", balance=False)
+    assert {row["path"]: int(row["label"]) for row in _rows(path)} == original and sum(counts) == 12
+
+
+def test_unknown_variant_and_missing_manifest_are_named(tmp_path, generated):
+    with pytest.raises(ValueError, match=r"unknown UltraMNIST variant 'parity'; choose one of \['count', 'sum'\]"):
+        write_variant_manifest(generated, "parity")
+    with pytest.raises(FileNotFoundError, match="manifest.csv does not exist: generate the images first"):
+        write_variant_manifest(tmp_path, "count")
+
+
+def test_learning_arms_share_budget_data_optimizer_and_loop():
+    """The benchmark's arms differ only in how the model sees the image (docs/learning.md)."""
+    from pathlib import Path
+
+    from streamcnn.training import load_config
+
+    configs = {path.stem: load_config(path) for path in sorted((Path(__file__).parents[1] / "configs").glob("learning-*.yaml"))}
+    assert set(configs) == {"learning-stream", "learning-down256", "learning-down512", "learning-down1024",
+                            "learning-patchgd"}
+    shared = {name: (c.data, c.plan, c.optim, c.train, c.model.trunk, c.model.num_classes) for name, c in configs.items()}
+    assert len({repr(v) for v in shared.values()}) == 1
+    assert {name: (c.model.mode, c.model.input_size if c.model.mode == "downsample" else None)
+            for name, c in configs.items()} == {
+        "learning-stream": ("stream", None), "learning-down256": ("downsample", 33),
+        "learning-down512": ("downsample", 66), "learning-down1024": ("downsample", 131),
+        "learning-patchgd": ("patchgd", None)}
