@@ -7,7 +7,7 @@
 Each row builds a model (conv head, 1 input channel, 28 classes, AdamW), sets a plan
 (conventional, checkpoint, stream at a tile, stream+checkpoint, offload), predicts one
 training step's peak with :func:`streamcnn.memory.predict_step_memory` and measures it with
-:func:`streamcnn.memory.measure_step_memory` (one warm-up step first). CPU: allocator peak
+:func:`streamcnn.measurement.measure_step_memory` (one warm-up step first). CPU: allocator peak
 from torch.profiler. CUDA: ``max_memory_allocated`` and ``max_memory_reserved`` of the step,
 the CUDA context from ``mem_get_info``, and the raw (un-allocated) prediction, so the CUDA
 allowances in ``streamcnn/memory.py`` can be calibrated from the JSON. On CUDA it also plans
@@ -29,16 +29,11 @@ import torch
 from common import RESULTS
 
 from streamcnn.files import save_figure
-from streamcnn.memory import (
-    CUDA_CONTEXT_BYTES,
-    CUDA_RESERVED_OVERHEAD,
-    CUDA_WORKSPACE_BYTES,
-    format_size,
-    measure_step_memory,
-    predict_step_memory,
-)
+from streamcnn.measurement import measure_step_memory
+from streamcnn.memory import CUDA_CONTEXT_BYTES, CUDA_RESERVED_OVERHEAD, CUDA_WORKSPACE_BYTES, predict_step_memory
 from streamcnn.models import build_model
 from streamcnn.planning import BudgetError, Candidate, enforce_budget, plan
+from streamcnn.units import format_size
 
 PLANS = {
     "conventional": dict(tile=None, checkpoint=False, offload=False),

@@ -60,7 +60,7 @@ def measure(model: str, size: int, tile: int | None, checkpoint: bool, device: s
     import torch
 
     import streamcnn
-    from streamcnn.memory import cpu_allocator_peak
+    from streamcnn.measurement import cpu_allocator_peak
     from streamcnn.models import build_trunk
 
     torch.manual_seed(0)

@@ -14,10 +14,10 @@ Public API (details in README.md):
 """
 from .batchnorm import FrozenBatchNorm2d, freeze_batchnorm
 from .geometry import TilePlan, TrunkGeometry, UnsupportedLayerError, Window, register_rule, tile_plan
-from .memory import format_size, parse_size
 from .models import StreamingClassifier, build_model
 from .planning import BudgetError, Candidate, PlanReport, enforce_budget, plan
 from .streaming import RegionSource, StreamingModule
+from .units import format_size, parse_size
 
 __version__ = "0.1.0"
 

@@ -32,6 +32,8 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .units import pair as _pair
+
 __all__ = [
     "UnsupportedLayerError",
     "Window",
@@ -90,10 +92,6 @@ class Window:
 
 
 POINTWISE = Window()
-
-
-def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 def _conv_windows(m: nn.Conv2d) -> tuple[Window, Window]:

@@ -3,10 +3,11 @@
 :func:`plan` lists the candidate ways to run one training step (conventional, whole-image
 activation checkpointing, streaming at each stride-aligned tile size, streaming with
 checkpointing inside the tile, and on CUDA each streamed plan with the feature map kept in
-host memory), prices each by FLOPs (:func:`streamcnn.memory.step_flops` times the
+host memory), prices each by FLOPs (:func:`streamcnn.flops.step_flops` times the
 recomputation and the tile overlap), predicts the peak memory of the cheapest ones with
 :func:`streamcnn.memory.predict_step_memory` until one fits, and returns a
-:class:`PlanReport`: a table a person can read, JSON, a plot, and ``apply(model)``.
+:class:`~streamcnn.plan_report.PlanReport`: a table a person can read, JSON, a plot, and
+``apply(model)``.
 Plans more expensive than the chosen one are not simulated unless ``exhaustive=True``.
 
 :func:`enforce_budget` turns the budget into a hard cap on CUDA, so a run that would
@@ -26,33 +27,22 @@ plan is chosen only when no plan without offload fits.
 from __future__ import annotations
 
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 
-from .files import save_figure
+from .flops import StepFlops, step_flops
 from .geometry import tile_plan
-from .memory import (
-    CUDA_CONTEXT_BYTES,
-    MemoryEstimate,
-    StepFlops,
-    format_size,
-    meta_copy,
-    parse_size,
-    predict_step_memory,
-    resolve_dtype,
-    step_flops,
-)
+from .memory import CUDA_CONTEXT_BYTES, predict_step_memory
+from .plan_report import Candidate, PlanReport
+from .plannable import meta_copy
 from .streaming import StreamingModule
+from .units import format_size, pair, parse_size, resolve_dtype
 
 __all__ = ["Candidate", "PlanReport", "BudgetError", "plan", "enforce_budget", "candidate_tile_sizes"]
 
-MODES = ("conventional", "checkpoint", "stream", "stream+checkpoint")
 MAX_TENSOR_ELEMENTS = 2**31  # cuDNN (and some CUDA kernels) index tensors with 32-bit integers
 
 
@@ -64,226 +54,11 @@ class BudgetError(ValueError):
         self.min_bytes = min_bytes
 
 
-@dataclass
-class Candidate:
-    """One way to run a training step, and what it is predicted to take.
-
-    ``mode`` is one of :data:`MODES`; ``offload`` (a separate flag) keeps the streamed
-    feature map and its gradient in host memory. ``predicted_peak_bytes`` is the allocator
-    peak (what ``torch.cuda.max_memory_allocated`` reads on CUDA; the CPU allocator peak on
-    CPU); ``predicted_device_bytes`` adds the CUDA reserved-memory and context allowances
-    and is what the budget is compared with. Both are None, and ``fits`` is None, for a
-    plan that was not simulated because a cheaper one fits.
-    """
-
-    mode: str
-    tile_size: int | None
-    checkpoint: bool
-    head_checkpoint: bool
-    offload: bool
-    n_tiles: int
-    overlap_factor: float
-    max_window: tuple[int, int] | None
-    relative_cost: float
-    predicted_peak_bytes: int | None = None
-    predicted_device_bytes: int | None = None
-    fits: bool | None = None
-    too_large_tensor: bool = False   # on CUDA, a tensor of 2^31 or more elements (cuDNN refuses it)
-    estimate: MemoryEstimate | None = field(default=None, repr=False)
-
-    @property
-    def name(self) -> str:
-        return self.mode + (" +offload" if self.offload else "")
-
-    def configure(self, model: nn.Module) -> None:
-        """Set ``model``'s plan knobs (a :class:`~streamcnn.models.StreamingClassifier`)."""
-        trunk = getattr(model, "trunk", None)
-        if not isinstance(trunk, StreamingModule) or not hasattr(model, "head_checkpoint"):
-            raise TypeError(f"a plan configures a StreamingClassifier (with .trunk and .head_checkpoint), "
-                            f"got {type(model).__name__}; build one with streamcnn.models.build_model")
-        trunk.tile_size = self.tile_size
-        trunk.checkpoint = self.checkpoint
-        trunk.output_device = torch.device("cpu") if self.offload else None
-        model.head_checkpoint = self.head_checkpoint
-
-    def to_json(self) -> dict:
-        out = asdict(self)
-        out.pop("estimate")
-        out["name"] = self.name
-        return out
-
-
-@dataclass
-class PlanReport:
-    """The candidates, the chosen plan and why; ``str(report)`` is the table."""
-
-    chosen: Candidate
-    candidates: list[Candidate]
-    budget_bytes: int
-    model: str
-    image_size: tuple[int, int]
-    batch: int
-    dtype: str
-    device: str
-    optimizer: str
-    flops: StepFlops
-    planning_seconds: float
-    measured: MemoryEstimate | None = None
-
-    @property
-    def headroom_bytes(self) -> int:
-        return self.budget_bytes - int(self.chosen.predicted_device_bytes or 0)
-
-    @property
-    def reason(self) -> str:
-        cheaper = [c for c in self.candidates if c.fits is False and (c.offload, c.relative_cost)
-                   < (self.chosen.offload, self.chosen.relative_cost)]
-        why = f"the fastest plan predicted to fit {format_size(self.budget_bytes)}"
-        if cheaper:
-            shown = ", ".join(f"{_label(c)} makes a tensor of 2^31 or more elements, which cuDNN refuses"
-                              if c.too_large_tensor else f"{_label(c)} needs {format_size(c.predicted_device_bytes)}"
-                              for c in cheaper[:3])
-            why += f"; faster plans do not fit ({shown}{', ...' if len(cheaper) > 3 else ''})"
-        return why
-
-    def apply(self, model: nn.Module) -> nn.Module:
-        """Configure ``model`` (a StreamingClassifier) with the chosen plan, in place."""
-        self.chosen.configure(model)
-        return model
-
-    def to_json(self) -> dict:
-        out = {
-            "mode": self.chosen.mode,
-            "tile_size": self.chosen.tile_size,
-            "checkpoint": self.chosen.checkpoint,
-            "head_checkpoint": self.chosen.head_checkpoint,
-            "offload": self.chosen.offload,
-            "predicted_peak_bytes": self.chosen.predicted_peak_bytes,
-            "predicted_device_bytes": self.chosen.predicted_device_bytes,
-            "budget_bytes": self.budget_bytes,
-            "headroom_bytes": self.headroom_bytes,
-            "relative_cost": self.chosen.relative_cost,
-            "reason": self.reason,
-            "model": self.model,
-            "image_size": list(self.image_size),
-            "batch": self.batch,
-            "dtype": self.dtype,
-            "device": self.device,
-            "optimizer": self.optimizer,
-            "flops": asdict(self.flops),
-            "planning_seconds": round(self.planning_seconds, 3),
-            "cuda_context_bytes": CUDA_CONTEXT_BYTES if self.device == "cuda" else 0,
-            "candidates": [c.to_json() for c in self.candidates],
-        }
-        if self.measured is not None:
-            out["measured_peak_bytes"] = self.measured.allocated_bytes
-            out["measured_reserved_bytes"] = self.measured.reserved_bytes
-            out["measured_device_bytes"] = self.measured.process_bytes
-        return out
-
-    def __str__(self) -> str:
-        h, w = self.image_size
-        head = (f"memory plan: {self.model}, {h}x{w} px, batch {self.batch}, {self.dtype}, {self.optimizer}, "
-                f"on {self.device}; budget {format_size(self.budget_bytes)}")
-        columns = ("", "plan", "tile", "tiles", "overlap", "peak", "on device", "rel. time", "fits")
-        rows = [columns]
-        skipped = [c for c in self.candidates if c.fits is None]
-        for c in self.candidates:
-            if c.fits is None:
-                continue
-            rows.append((
-                "->" if c is self.chosen else "",
-                c.name,
-                f"{c.tile_size} px" if c.tile_size else "-",
-                str(c.n_tiles),
-                f"{c.overlap_factor:.2f}",
-                format_size(c.predicted_peak_bytes) if c.predicted_peak_bytes is not None else "-",
-                format_size(c.predicted_device_bytes) if c.predicted_device_bytes is not None else "-",
-                f"{c.relative_cost:.2f}x",
-                "yes" if c.fits else ("no: tensor >= 2^31 elements" if c.too_large_tensor else "no"),
-            ))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
-        table = ["  ".join(v.ljust(widths[i]) for i, v in enumerate(r)).rstrip() for r in rows]
-        if skipped:
-            table.append(f"({len(skipped)} slower plans not simulated: a faster one fits; "
-                         "plan(..., exhaustive=True) or tools/plan.py --all shows them)")
-        lines = [head, *table,
-                 f"chosen: {_label(self.chosen)} - {self.reason}.",
-                 f"headroom: {format_size(self.headroom_bytes)} "
-                 f"({100 * self.headroom_bytes / self.budget_bytes:.0f}% of the budget)."]
-        if self.device == "cuda":
-            lines.append(f"'peak' is predicted torch.cuda.max_memory_allocated; 'on device' adds reserved-memory "
-                         f"fragmentation and the CUDA context ({format_size(CUDA_CONTEXT_BYTES)}), and is what "
-                         "the budget limits. CUDA allowances are not yet calibrated on a GPU.")
-        if self.measured is not None:
-            lines.append(f"measured: peak {format_size(self.measured.allocated_bytes)}, "
-                         f"on device {format_size(self.measured.process_bytes)} "
-                         f"(predicted {format_size(self.chosen.predicted_peak_bytes)}).")
-        lines.append(f"planned in {self.planning_seconds:.1f} s.")
-        return "\n".join(lines)
-
-    def plot(self, path: str | os.PathLike) -> Path:
-        """Predicted peak and relative time against tile size, with the budget line (PNG)."""
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        path = Path(path)
-        fig, (mem, cost) = plt.subplots(1, 2, figsize=(11, 4.2))
-        styles = {"conventional": "tab:red", "checkpoint": "tab:orange", "stream": "tab:blue",
-                  "stream+checkpoint": "tab:green"}
-        for c in self.candidates:
-            if c.tile_size is None and c.predicted_device_bytes is not None:
-                mem.axhline(c.predicted_device_bytes / 1e9, color=styles[c.mode], ls=":", label=c.name)
-                cost.axhline(c.relative_cost, color=styles[c.mode], ls=":", label=c.name)
-        for mode in ("stream", "stream+checkpoint"):
-            for offload in (False, True):
-                pts = sorted((c.tile_size, c) for c in self.candidates
-                             if c.mode == mode and c.offload == offload and c.predicted_device_bytes is not None)
-                if not pts:
-                    continue
-                label = mode + (" +offload" if offload else "")
-                ls = "--" if offload else "-"
-                mem.plot([t for t, _ in pts], [c.predicted_device_bytes / 1e9 for _, c in pts], ls,
-                         marker="o", color=styles[mode], label=label)
-                if not offload:  # offloading moves bytes, not FLOPs: same cost curve
-                    cost.plot([t for t, _ in pts], [c.relative_cost for _, c in pts], ls, marker="o",
-                              color=styles[mode], label=label)
-        mem.axhline(self.budget_bytes / 1e9, color="black", lw=2, label=f"budget {format_size(self.budget_bytes)}")
-        if self.chosen.tile_size is not None:
-            mem.plot([self.chosen.tile_size], [self.chosen.predicted_device_bytes / 1e9], "k*", ms=14,
-                     label="chosen")
-        h, w = self.image_size
-        mem.set(xscale="log", xlabel="tile size (px)", ylabel="predicted peak on device (GB)",
-                title=f"{self.model} {h}x{w}, batch {self.batch}, {self.dtype}, {self.device}")
-        cost.set(xscale="log", xlabel="tile size (px)", ylabel="relative time (FLOPs vs conventional)",
-                 title=f"chosen: {_label(self.chosen)}")
-        tiles = sorted({c.tile_size for c in self.candidates if c.tile_size and c.predicted_device_bytes})
-        for ax in (mem, cost):
-            ax.set_xticks(tiles, [str(t) for t in tiles], minor=False)
-            ax.set_xticks([], minor=True)
-        mem.legend(fontsize=7)
-        cost.legend(fontsize=7)
-        fig.tight_layout()
-        return save_figure(fig, path, dpi=110)
-
-
-def _label(c: Candidate) -> str:
-    return c.name + (f" {c.tile_size} px" if c.tile_size else "")
-
-
-def _pair(size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    h, w = size
-    return int(h), int(w)
-
-
 def candidate_tile_sizes(image_size: int | Sequence[int], stride: int) -> list[int]:
     """Tile sides to try: powers of two and 1.5x steps, multiples of ``stride``, from 256 px
     (a quarter of the image for small images; 1/64 of it for huge ones, so that a plan has
     at most about 64 x 64 tiles) up to below the image's longer side."""
-    side = max(_pair(image_size))
+    side = max(pair(image_size))
     low = max(min(256, max(stride, side // 4 // stride * stride)), side // 64)
     sizes, base = [], 64
     while base < side:
@@ -359,7 +134,7 @@ def plan(model: nn.Module | str, image_size: int | Sequence[int], budget: int | 
     """
     started = time.perf_counter()
     budget_bytes = parse_size(budget)
-    image = _pair(image_size)
+    image = pair(image_size)
     device_type = torch.device(device).type
     autocast_dtype = resolve_dtype(dtype)
     dtype_name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype]
@@ -407,7 +182,7 @@ def plan(model: nn.Module | str, image_size: int | Sequence[int], budget: int | 
         hints = "; or try " + (", ".join(others[:-1]) + " or " if len(others) > 1 else "") + others[-1]
         raise BudgetError(
             f"no plan fits the budget of {format_size(budget_bytes)} on {device_type} for {name} at {h}x{w} px "
-            f"(batch {batch}, {dtype_name}, {optimizer}): the smallest, {_label(smallest)}, needs "
+            f"(batch {batch}, {dtype_name}, {optimizer}): the smallest, {smallest.label}, needs "
             f"{format_size(smallest.predicted_device_bytes)}. Use a budget of at least {format_size(suggest)}"
             f"{hints}.", smallest.predicted_device_bytes)
     chosen = min(fitting, key=lambda c: (*_rank(c), c.predicted_device_bytes))

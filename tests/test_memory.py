@@ -5,18 +5,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from streamcnn.memory import (
-    CUDA_BLOCK_BYTES,
-    LiveStorageTracker,
-    format_size,
-    measure_step_memory,
-    parse_size,
-    predict_step_memory,
-    resolve_dtype,
-    step_flops,
-    training_step,
-)
-from streamcnn.memory import _make_optimizer
+from streamcnn.flops import step_flops
+from streamcnn.measurement import measure_step_memory
+from streamcnn.memory import CUDA_BLOCK_BYTES, predict_step_memory
+from streamcnn.step import make_optimizer, training_step
+from streamcnn.tracking import LiveStorageTracker
+from streamcnn.units import format_size, parse_size, resolve_dtype
 from streamcnn.models import StreamingClassifier, build_model
 from streamcnn.streaming import StreamingModule
 
@@ -124,7 +118,7 @@ def test_fake_run_sees_exactly_the_tensors_of_a_real_run():
     model = small_cnn(tile_size=64, checkpoint=True, channels=8)
     assert len(model.trunk.plan((256, 192)).tiles) == 12
     images, labels = torch.rand(2, 1, 256, 192), torch.zeros(2, dtype=torch.long)
-    optimizer = _make_optimizer(model, "adamw", foreach=False)
+    optimizer = make_optimizer(model, "adamw", foreach=False)
     tracker = LiveStorageTracker("cpu")
     with tracker:
         for t in [*model.parameters(), images, labels, *(v for s in optimizer.state.values() for v in s.values())]:

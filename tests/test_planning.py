@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from streamcnn.memory import measure_step_memory, parse_size, predict_step_memory
+from streamcnn.measurement import measure_step_memory
+from streamcnn.memory import predict_step_memory
+from streamcnn.units import parse_size
 from streamcnn.models import build_model
 from streamcnn.planning import BudgetError, Candidate, candidate_tile_sizes, enforce_budget, plan
 

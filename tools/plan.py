@@ -19,9 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from streamcnn.memory import format_size, measure_step_memory, parse_size  # noqa: E402
+from streamcnn.measurement import measure_step_memory  # noqa: E402
 from streamcnn.models import HEADS, TRUNKS, build_model  # noqa: E402
 from streamcnn.planning import BudgetError, enforce_budget, plan  # noqa: E402
+from streamcnn.units import format_size, parse_size  # noqa: E402
 
 
 def _image_size(text: str) -> tuple[int, int]:

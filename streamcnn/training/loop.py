@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from ..memory import resolve_dtype
+from ..units import resolve_dtype
 from .distributed import DistributedContext, all_reduce_sum, gather_objects
 from .metrics import confusion_matrix, peak_memory_bytes, reset_peak_memory
 
