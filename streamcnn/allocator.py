@@ -8,19 +8,20 @@ blocks of one tile are kept, fragmented, while the next tile (other window shape
 for others: measured on ResNet-18 at 2048^2, tile 512, the process grew by about twice
 its tensor peak (design notes, section 6).
 
-This module owns the remedy and nothing else:
+This module owns the remedy and nothing else. ``STREAMCNN_TAME_MALLOC`` chooses it:
 
-* :func:`tame_cpu_allocator` fixes glibc's mmap threshold (``M_MMAP_THRESHOLD``, which
-  also stops it from rising) and its trim threshold (``M_TRIM_THRESHOLD``), so large
-  blocks go back to the system when freed. It is applied once, the first time a
-  :class:`~streamcnn.streaming.StreamingModule` streams, unless the environment variable
-  ``STREAMCNN_TAME_MALLOC=0`` opts out (or the C library is not glibc).
-* :func:`release_cached` is called by the engine after each tile: on CPU it returns the
-  heap's free pages to the system (``malloc_trim``) when taming is on.
+* ``trim`` (the default): after each tile the engine calls :func:`release_cached`, which
+  returns the heap's free pages to the system (``malloc_trim``); a tile then reuses its own
+  freed blocks at no cost, and what one tile leaves does not stay resident for the next.
+* ``mmap``: :func:`tame_cpu_allocator` also fixes glibc's mmap threshold at 1 MiB
+  (``M_MMAP_THRESHOLD``, which stops it from rising) and its trim threshold, so every large
+  block goes back to the system when freed; every allocation is then page-faulted afresh.
+* ``0``: glibc as it is.
 
-The time it costs (large blocks are page-faulted afresh on every allocation) is measured
-by ``benchmarks/bench_cpu_options.py``. On CUDA nothing here applies: the caching
-allocator's settings are documented in docs/planner.md.
+Both are applied the first time a :class:`~streamcnn.streaming.StreamingModule` streams a
+tile on CPU, and only with glibc. Their time and memory are measured by
+``benchmarks/bench_streaming.py``. On CUDA nothing here applies: the caching allocator's
+settings are documented in docs/planner.md.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ __all__ = ["tame_cpu_allocator", "release_cached", "allocator_state", "MMAP_THRE
 MMAP_THRESHOLD_BYTES = 1 << 20
 #: Free memory at the top of the heap beyond this is returned to the system.
 TRIM_THRESHOLD_BYTES = 16 << 20
-#: Set to "0" to leave glibc's malloc as it is.
+#: "trim" (default), "mmap", or "0" to leave glibc's malloc as it is.
 ENV_VAR = "STREAMCNN_TAME_MALLOC"
 
 _M_TRIM_THRESHOLD = -1
@@ -60,30 +61,39 @@ def _glibc():
     return _libc or None
 
 
-def tame_cpu_allocator(force: bool = False) -> bool:
-    """Fix glibc's mmap and trim thresholds (once per process); True when they are set.
+def _mode() -> str:
+    value = os.environ.get(ENV_VAR, "trim").strip().lower()
+    if value in ("0", "false", "no", "off"):
+        return "off"
+    return "mmap" if value == "mmap" else "trim"
 
-    Does nothing (and returns False) when ``STREAMCNN_TAME_MALLOC=0``, when the C library
-    is not glibc, or when it was already tried and ``force`` is not given.
+
+def tame_cpu_allocator(force: bool = False) -> bool:
+    """Apply ``STREAMCNN_TAME_MALLOC`` (once per process); True when taming is on.
+
+    False when it is ``0``, or the C library is not glibc.
     """
     if _state["tried"] and not force:
         return _state["tamed"]
     _state["tried"] = True
-    if os.environ.get(ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
-        _state.update(tamed=False, reason=f"{ENV_VAR}=0")
+    mode = _mode()
+    if mode == "off":
+        _state.update(tamed=False, mode=mode, reason=f"{ENV_VAR}=0")
         return False
     libc = _glibc()
     if libc is None:
-        _state.update(tamed=False, reason="the C library is not glibc")
+        _state.update(tamed=False, mode="off", reason="the C library is not glibc")
         return False
-    ok = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
-    ok = libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1 and ok
-    _state.update(tamed=ok, reason="mallopt set" if ok else "mallopt refused")
+    ok = True
+    if mode == "mmap":
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
+        ok = libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1 and ok
+    _state.update(tamed=ok, mode=mode, reason="applied" if ok else "mallopt refused")
     return ok
 
 
 def release_cached(device: torch.device) -> None:
-    """After a tile: tame the allocator on first use, and on CPU return free heap pages."""
+    """Between tiles: tame the allocator on first use, and on CPU return free heap pages."""
     if device.type != "cpu":
         return
     if not _state["tried"]:
@@ -94,5 +104,5 @@ def release_cached(device: torch.device) -> None:
 
 def allocator_state() -> dict:
     """Whether the CPU allocator is tamed, and why (for benchmark records)."""
-    return {"tamed": _state["tamed"], "reason": _state["reason"],
-            "mmap_threshold_bytes": MMAP_THRESHOLD_BYTES if _state["tamed"] else None}
+    return {"tamed": _state["tamed"], "mode": _state.get("mode", _mode()), "reason": _state["reason"],
+            "mmap_threshold_bytes": MMAP_THRESHOLD_BYTES if _state.get("mode") == "mmap" else None}

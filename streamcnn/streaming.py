@@ -24,7 +24,8 @@ dtype: half the bytes of a float32 one, which matters for gigapixel images whose
 feature map lives in host memory.
 
 On CPU, glibc's heap would keep freed tile-sized blocks (see :mod:`streamcnn.allocator`);
-the engine releases them after each tile so the process's memory follows its tensors.
+the engine returns them to the system after each tile, so the process's memory follows
+its tensors.
 
 The parameter gradients are summed over tiles *inside* the backward and returned as
 the gradients of the parameters passed to the autograd Function, so autograd

@@ -44,8 +44,10 @@ def test_tile_size_ladder_is_stride_aligned_and_below_the_image():
 
 
 def test_conventional_is_chosen_when_everything_fits():
-    report = plan(resnet18(), 512, "100GB", device="cuda", tile_sizes=[128, 256], exhaustive=True)
+    report = plan(resnet18(), 512, "100GB", device="cuda", tile_sizes=[256], exhaustive=True)
+    # 2 unstreamed + tile 256 x (forward on the same tiles, on the whole image) x checkpoint x offload
     assert len(report.candidates) == 2 + 2 * 2 * 2 and all(c.fits for c in report.candidates)
+    assert sum(c.forward_whole for c in report.candidates) == 4
     assert report.chosen.mode == "conventional" and report.chosen.relative_cost == 1.0
     assert report.chosen is ranked_fitting(report)[0]
 
@@ -53,7 +55,7 @@ def test_conventional_is_chosen_when_everything_fits():
 @pytest.fixture(scope="module")
 def every_plan():
     """Every candidate for ResNet-18 at 1024 px on CUDA, simulated (the budget fits all)."""
-    return plan(resnet18(), 1024, "100GB", device="cuda", tile_sizes=[256, 384, 512], exhaustive=True)
+    return plan(resnet18(), 1024, "100GB", device="cuda", tile_sizes=[256, 512], exhaustive=True)
 
 
 def cheapest_within(report, budget):
@@ -69,10 +71,10 @@ def test_the_cheapest_fitting_plan_is_chosen(every_plan):
                streamed[0]]                                                                  # only the smallest
     chosen = []
     for budget in budgets:
-        report = plan(resnet18(), 1024, budget, device="cuda", tile_sizes=[256, 384, 512])
+        report = plan(resnet18(), 1024, budget, device="cuda", tile_sizes=[256, 512])
         expected = cheapest_within(every_plan, budget)
-        assert (report.chosen.mode, report.chosen.tile_size, report.chosen.offload) == \
-            (expected.mode, expected.tile_size, expected.offload)
+        assert (report.chosen.mode, report.chosen.tile_size, report.chosen.offload, report.chosen.forward_tile_size) \
+            == (expected.mode, expected.tile_size, expected.offload, expected.forward_tile_size)
         assert report.chosen.predicted_device_bytes == expected.predicted_device_bytes <= budget
         assert sum(c.predicted_device_bytes <= budget for c in every_plan.candidates) >= 1
         chosen.append(report.chosen)
@@ -85,7 +87,7 @@ def test_the_cheapest_fitting_plan_is_chosen(every_plan):
 
 def test_lazy_planning_simulates_only_what_it_needs(every_plan):
     report = plan(resnet18(), 1024, every_plan.candidates[1].predicted_device_bytes, device="cuda",
-                  tile_sizes=[256, 384, 512])
+                  tile_sizes=[256, 512])
     assert report.chosen.mode == "checkpoint"
     assert [c.fits for c in report.candidates[:2]] == [False, True]
     assert all(c.fits is None and c.predicted_peak_bytes is None for c in report.candidates[2:])
