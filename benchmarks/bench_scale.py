@@ -172,7 +172,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(measure(**json.loads(args.worker))))
         return
-    from streamcnn.units import format_size, parse_size
+    from streamcnn.units import format_size
 
     sizes = [256, 512] if args.quick else args.sizes
     env = environment("cpu")
@@ -200,6 +200,13 @@ def main() -> None:
             print(f"round {i + 1}: {spec['size']}^2 {meta['mode']} ...", flush=True)
             rows.append({"image": spec["size"], "round": i, **meta, **run_isolated(spec),
                          "load_average": os.getloadavg()})
+            report(args, env, rows)   # after every step, so that a cut-off run keeps what it measured
+
+
+def report(args: argparse.Namespace, env: dict, rows: list[dict]) -> None:
+    """Median over rounds, the cost model's prediction, table, JSON and PNG."""
+    from streamcnn.units import parse_size
+
     # median over rounds
     merged = []
     for key in dict.fromkeys((r["image"], r["mode"]) for r in rows):
@@ -236,7 +243,7 @@ def main() -> None:
     print(markdown_table(merged, columns))
     if args.quick:
         return
-    env["load_average_after"] = os.getloadavg()
+    env = {**env, "load_average_after": os.getloadavg()}
     path = write_json(f"{args.name}.json", {"environment": env, "budget": args.budget, "model": MODEL, "head": HEAD,
                                              "rows": merged, "per_round": rows})
     plot(merged, RESULTS / f"{args.name}.png", parse_size(args.budget))
