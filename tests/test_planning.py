@@ -215,3 +215,47 @@ def test_plans_with_a_tensor_over_2_31_elements_are_refused_on_cuda_only():
     assert "no: tensor >= 2^31 elements" in str(report)
     assert "conventional makes a tensor of 2^31 or more elements, which cuDNN refuses" in report.reason
     assert plan("resnet18", 12000, "1TB", in_channels=1, device="cpu").chosen.mode == "conventional"
+
+
+def test_fast_refusal_needs_no_search(monkeypatch):
+    import streamcnn.planning as planning
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("a budget below the lower bound must be refused before the search")
+
+    monkeypatch.setattr(planning, "step_flops", no_search)
+    with pytest.raises(BudgetError) as err:
+        plan("resnet18", 4000, "1MB", in_channels=1, device="cpu")
+    assert "the smallest, stream+checkpoint 256 px, needs" in str(err.value)
+    assert err.value.min_bytes > 10**8
+
+
+def test_forward_tiles_are_chosen_apart_and_priced():
+    report = plan(resnet18(), 512, "100GB", device="cpu", tile_sizes=[128], modes=["stream"], exhaustive=True)
+    same, whole = sorted((c for c in report.candidates), key=lambda c: c.forward_tile_size is not None)
+    assert same.forward_tile_size is None and whole.forward_whole and whole.forward_overlap == 1.0
+    assert whole.relative_cost < same.relative_cost and report.chosen is whole
+    assert "128 px / fwd whole" in str(report) and "stream 128 px (forward: whole image)" in str(report)
+    # the whole-image forward's activations set a higher peak than the tiles' forward
+    assert whole.estimate.forward_bytes > same.estimate.forward_bytes
+    model = resnet18()
+    report.apply(model)
+    assert model.trunk.forward_tile_size == whole.forward_tile_size
+
+
+def test_lazy_input_counts_windows_not_the_image_and_cpu_budgets_are_rss():
+    from streamcnn.memory import CPU_HEAP_OVERHEAD, CPU_RUNTIME_BYTES
+
+    model = resnet18(tile_size=128)
+    held = predict_step_memory(model, 512, device="cpu")
+    lazy = predict_step_memory(model, 512, device="cpu", lazy_input=True)
+    image = 512 * 512 * 4
+    assert 0 < held.live_bytes - lazy.live_bytes <= image
+    assert held.process_bytes == CPU_RUNTIME_BYTES + int(held.live_bytes * (1 + CPU_HEAP_OVERHEAD))
+    assert held.host_bytes == 0 and held.forward_bytes > 0
+    # on CUDA the host holds the image, and with offload the feature map (then its gradient)
+    on_device = predict_step_memory(model, 512, device="cuda")
+    model.trunk.output_device = torch.device("cpu")
+    offloaded = predict_step_memory(model, 512, device="cuda")
+    assert on_device.host_bytes >= image
+    assert offloaded.host_bytes >= on_device.host_bytes + 512 * 16 * 16 * 4
