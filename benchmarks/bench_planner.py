@@ -154,7 +154,7 @@ def budget_rows(device: str) -> list[dict]:
         for dtype in ("fp32", "bf16"):
             row = {"model": model_name, "image": 4000, "budget": "11GB", "dtype": dtype}
             try:
-                report = plan(model_name, 4000, "11GB", in_channels=1, dtype=dtype, device=device)
+                report = plan(model_name, 4000, "11GB", in_channels=1, num_classes=28, dtype=dtype, device=device)
             except BudgetError as e:
                 rows.append({**row, "error": str(e)})
                 continue
@@ -187,7 +187,7 @@ def planning_speed() -> dict:
                          ("resnet50_4000_11GB_fp32_exhaustive", {"exhaustive": True})):
         kwargs = {"budget": "11GB", **kwargs}
         t0 = time.perf_counter()
-        report = plan("resnet50", 4000, kwargs.pop("budget"), in_channels=1, device="cuda", **kwargs)
+        report = plan("resnet50", 4000, kwargs.pop("budget"), in_channels=1, num_classes=28, device="cuda", **kwargs)
         out[name] = {"seconds": time.perf_counter() - t0, "chosen": report.chosen.name,
                      "tile": report.chosen.tile_size, "simulated": sum(c.fits is not None for c in report.candidates)}
         if kwargs.get("exhaustive"):

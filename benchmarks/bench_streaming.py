@@ -37,8 +37,8 @@ from streamcnn.files import save_figure  # noqa: E402
 CPU_MATRIX = [
     ("resnet18", 2048, None, None, False, True),
     ("resnet18", 2048, 512, None, False, True),
-    ("resnet18", 2048, 512, None, False, False),
     ("resnet18", 2048, 1024, 2048, False, True),
+    ("resnet18", 2048, 512, None, False, False),
 ]
 CUDA_MATRIX = [
     ("resnet18", 4000, None, None, False, True),
@@ -265,6 +265,12 @@ def main() -> None:
     for i, setting in tqdm(jobs, desc="settings", unit="run"):
         # the allocator peak (a second, profiled step) is taken in the first round only
         rows.append({**run_isolated(args, *setting, profile=i == 0), "round": i, "load_average": os.getloadavg()})
+        summarise(args, env, [dict(r) for r in rows], memory_key)   # a cut-off run keeps what it measured
+
+
+def summarise(args: argparse.Namespace, env: dict, rows: list[dict], memory_key: str) -> None:
+    """Ratios, medians over rounds, table, JSON and PNG."""
+    cuda = args.device.startswith("cuda")
     add_ratios(rows, ["peak_allocated_bytes"] if cuda else ["peak_rss_bytes", "allocator_peak_bytes", "step_bytes"])
     per_round, rows = rows, medians(rows)
     for r in rows:
@@ -292,7 +298,7 @@ def main() -> None:
     if args.quick:
         return
     name = f"streaming_{'cuda' if cuda else 'cpu'}"
-    env["load_average_after"] = os.getloadavg()
+    env = {**env, "load_average_after": os.getloadavg()}
     path = write_json(f"{name}.json", {"environment": env, "dtype": args.dtype, "rows": rows, "per_round": per_round,
                                         "command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])})
     plot(rows, memory_key, RESULTS / f"{name}.png")

@@ -7,7 +7,8 @@ Public API (details in README.md):
   :func:`register_rule`, :class:`Window`, :class:`UnsupportedLayerError`.
 - Models: :func:`build_model`, :class:`StreamingClassifier`.
 - Memory: :func:`plan`, :class:`PlanReport`, :class:`Candidate`, :class:`BudgetError`,
-  :func:`enforce_budget`, :func:`parse_size`, :func:`format_size`.
+  :func:`enforce_budget`, :func:`parse_size`, :func:`format_size`; :class:`Plannable` (what
+  the planner needs of a model).
 - Images: :func:`open_image` (lazy readers; imported on first use, as it loads libvips).
 - Subpackages: ``streamcnn.io``, ``streamcnn.data`` (UltraMNIST, datasets),
   ``streamcnn.training`` (the trainer behind ``tools/train.py``).
@@ -15,6 +16,7 @@ Public API (details in README.md):
 from .batchnorm import FrozenBatchNorm2d, freeze_batchnorm
 from .geometry import TilePlan, TrunkGeometry, UnsupportedLayerError, Window, register_rule, tile_plan
 from .models import StreamingClassifier, build_model
+from .plannable import Plannable
 from .planning import BudgetError, Candidate, PlanReport, enforce_budget, plan
 from .streaming import RegionSource, StreamingModule
 from .units import format_size, parse_size
@@ -35,6 +37,7 @@ __all__ = [
     "build_model",
     "StreamingClassifier",
     "plan",
+    "Plannable",
     "PlanReport",
     "Candidate",
     "BudgetError",

@@ -9,6 +9,7 @@ before the step are added.
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Sequence
 
 import torch
@@ -16,7 +17,7 @@ import torch.nn as nn
 
 from .memory import MemoryEstimate
 from .plannable import input_shape, model_copy
-from .step import make_optimizer, training_step
+from .step import allocate_optimizer_state, make_optimizer, training_step
 from .tracking import LiveStorageTracker
 from .units import resolve_dtype
 
@@ -27,6 +28,12 @@ def cpu_allocator_peak(step: Callable[[], None]) -> int:
     """Peak of (allocated - freed) bytes of the CPU allocator while ``step`` runs."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
+
+    # Kineto (the profiler's backend) reads its log level once, when first used, and otherwise
+    # prints "profiler_start/stop" trace points and, on machines without a GPU, "gpuGetDeviceCount
+    # failed": nothing about this CPU measurement. 6 is above its highest level (USDT = 5); a
+    # level the user set is kept.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
@@ -46,9 +53,10 @@ def cpu_allocator_peak(step: Callable[[], None]) -> int:
 
 def measure_step_memory(model: nn.Module, image_size: int | Sequence[int], *, batch: int = 1,
                         dtype: str | torch.dtype | None = None, device: str | torch.device = "cuda",
-                        optimizer: str = "adamw", images: torch.Tensor | None = None,
-                        warmup: bool = True) -> MemoryEstimate:
-    """Run a real training step of a copy of ``model`` on ``device`` and return its peak.
+                        optimizer: str = "adamw", weight_decay: float = 0.0, accumulate: int = 1,
+                        images: torch.Tensor | None = None, warmup: bool = True) -> MemoryEstimate:
+    """Run a real :func:`streamcnn.step.training_step` of a copy of ``model`` on ``device``
+    (``accumulate`` micro-batches of ``batch`` images, then the optimizer) and return its peak.
 
     The optimizer state is allocated first, and with ``warmup`` one unmeasured step runs
     before the measured one (kernel caches and lazily created buffers belong to the
@@ -66,13 +74,15 @@ def measure_step_memory(model: nn.Module, image_size: int | Sequence[int], *, ba
     shape = input_shape(model, image_size, batch)
     real = model_copy(model, lambda t: t.to(device, copy=True))
     real.train()
-    opt = make_optimizer(real, optimizer, foreach=device.type != "cpu")
+    opt = allocate_optimizer_state(make_optimizer(optimizer, real, weight_decay=weight_decay,
+                                                  foreach=device.type != "cpu"))
     if images is None:
         images = torch.rand(shape, generator=torch.Generator().manual_seed(0))
     labels = torch.zeros(batch, dtype=torch.long, device=device)
 
     def step():
-        training_step(real, images, labels, opt, autocast_dtype, device.type)
+        training_step(real, images, labels, opt, device_type=device.type, accumulate=accumulate,
+                      amp_dtype=autocast_dtype)
 
     if warmup:
         step()

@@ -25,7 +25,7 @@ import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .plannable import input_shape, model_copy, streaming_modules
-from .step import make_optimizer, training_step
+from .step import allocate_optimizer_state, make_optimizer, training_step
 from .tracking import LiveStorageTracker
 from .units import resolve_dtype
 
@@ -64,8 +64,9 @@ CUDA_CONTEXT_BYTES = 512 * 2**20
 #: Python + torch + torchvision loaded, and the kernels' code and caches of a first step:
 #: resident before any tensor of the step exists.
 CPU_RUNTIME_BYTES = 760 * 10**6
-#: RSS over live tensor bytes at the peak (heap blocks not yet returned, page rounding).
-CPU_HEAP_OVERHEAD = 0.05
+#: RSS over live tensor bytes at the peak (heap blocks not yet returned, the kernels' own
+#: scratch, page rounding); fitted to benchmarks/results/planner_rss_cpu.json.
+CPU_HEAP_OVERHEAD = 0.35
 
 
 def _reduced_plan(plan):
@@ -119,17 +120,22 @@ def _estimate(device_type: str, live: int, base: int, largest: int = 0, host: in
 
 def predict_step_memory(model: nn.Module, image_size: int | Sequence[int], *, batch: int = 1,
                         dtype: str | torch.dtype | None = None, device: str | torch.device = "cuda",
-                        optimizer: str = "adamw", full_plan: bool = False,
-                        lazy_input: bool = False) -> MemoryEstimate:
+                        optimizer: str = "adamw", weight_decay: float = 0.0, accumulate: int = 1,
+                        full_plan: bool = False, lazy_input: bool = False) -> MemoryEstimate:
     """Predict the peak device memory of one training step of ``model`` as configured.
 
-    ``model`` is not touched (it may live on any device, or on meta); it is copied onto fake
-    tensors. The images come from host memory (a CPU tensor or region sources), as in
-    training; on a CPU device host and device memory are the same, so they count.
-    Streaming runs only the largest window, three times, unless ``full_plan`` (for validation).
-    ``lazy_input``: the image is a region source read a window at a time, so only the
-    windows, not the image, take memory.
+    The step is :func:`streamcnn.step.training_step` with ``batch`` images per micro-batch:
+    with ``accumulate`` > 1 two micro-batches are simulated, the second with the first's
+    gradients live (later ones are alike). ``model`` is not touched (it may live on any
+    device, or on meta); it is copied onto fake tensors. The images come from host memory
+    (a CPU tensor or region sources), as in training; on a CPU device host and device
+    memory are the same, so they count. Streaming runs only the largest window, three
+    times, unless ``full_plan`` (for validation). A ``GradScaler`` (fp16) is not simulated:
+    it adds a few scalars. ``lazy_input``: the image is a region source read a window at a
+    time, so only the windows, not the image, take memory.
     """
+    if accumulate < 1:
+        raise ValueError(f"accumulate must be at least 1, got {accumulate}")
     device_type = torch.device(device).type
     autocast_dtype = resolve_dtype(dtype)
     shape = input_shape(model, image_size, batch)
@@ -145,11 +151,11 @@ def predict_step_memory(model: nn.Module, image_size: int | Sequence[int], *, ba
             offloaded = s.output_device is not None and s.output_device.type == "cpu"
             s.output_device = torch.device(host) if offloaded else None
             if s.tile_size is not None and not full_plan:
-                reduced = _reduced_plan(original.plan(shape[2:]))
-                s.plan = lambda size, _p=reduced: _p  # type: ignore[method-assign]
+                s.use_plan(_reduced_plan(original.plan(shape[2:])))
             if s.tile_size is not None:
                 s.register_forward_hook(lambda *_: forward_peak.__setitem__(0, tracker.peak))
-        opt = make_optimizer(sim, optimizer, foreach=not on_cpu)
+        opt = allocate_optimizer_state(make_optimizer(optimizer, sim, weight_decay=weight_decay,
+                                                      foreach=not on_cpu))
         # A lazily read image is not in memory: fake meta storage is not counted on CPU.
         images = torch.empty(shape, device="meta" if lazy_input else host)
         labels = torch.zeros(batch, dtype=torch.long, device="cpu")
@@ -164,6 +170,7 @@ def predict_step_memory(model: nn.Module, image_size: int | Sequence[int], *, ba
                 for t in state.values():
                     tracker.track(t)
             base = tracker.current
-            training_step(sim, images, labels, opt, autocast_dtype, "cpu")
+            training_step(sim, images, labels, opt, device_type="cpu", accumulate=accumulate,
+                          micro_batches=min(accumulate, 2), amp_dtype=autocast_dtype)
     return _estimate(device_type, tracker.peak, base, tracker.largest_elements,
                      0 if on_cpu else host_tracker.peak, forward_peak[0])

@@ -79,6 +79,21 @@ for _arch in ("resnet18", "resnet34", "resnet50", "resnet101"):
     register_trunk(_arch)(lambda in_channels=3, weights=None, _a=_arch: _resnet_trunk(_a, in_channels, weights))
 
 
+@register_trunk("tiny-cnn")
+def tiny_cnn(in_channels: int = 1, weights=None, width: int = 16) -> tuple[nn.Module, int]:
+    """Four 3x3 convolutions (strides 1, 2, 2, 2): a stride-8 trunk with a 29 px receptive field,
+    for tests and smoke runs (it learns :class:`streamcnn.training.SyntheticTextures` in seconds)."""
+    if weights is not None:
+        raise ValueError("tiny-cnn has no pretrained weights; leave model.weights empty")
+    layers = nn.Sequential()
+    channels = in_channels
+    for i, (out, stride) in enumerate([(width, 1), (2 * width, 2), (2 * width, 2), (4 * width, 2)]):
+        layers.add_module(f"conv{i}", nn.Conv2d(channels, out, 3, stride=stride, padding=1))
+        layers.add_module(f"relu{i}", nn.ReLU(inplace=True))
+        channels = out
+    return layers, channels
+
+
 @register_head("pool")
 def pool_head(channels: int, num_classes: int, dropout: float = 0.0) -> nn.Module:
     """Global average + max pooling and a linear classifier."""
@@ -153,6 +168,15 @@ class StreamingClassifier(nn.Module):
         self.head = head
         self.head_checkpoint = head_checkpoint
 
+    def configure_plan(self, *, tile_size: int | None, checkpoint: bool, head_checkpoint: bool,
+                       output_device: torch.device | str | None, forward_tile_size: int | None = None) -> None:
+        """Set the knobs a memory plan chooses (:class:`streamcnn.plannable.Plannable`)."""
+        self.trunk.tile_size = tile_size
+        self.trunk.forward_tile_size = forward_tile_size
+        self.trunk.checkpoint = checkpoint
+        self.trunk.output_device = torch.device(output_device) if output_device is not None else None
+        self.head_checkpoint = head_checkpoint
+
     def forward(self, x) -> torch.Tensor:
         features = self.trunk(x)
         device = next(self.head.parameters()).device
@@ -168,11 +192,14 @@ class StreamingClassifier(nn.Module):
             return run(features)
 
 
-def build_model(trunk: str = "resnet18", head: str = "conv", num_classes: int = 28, in_channels: int = 3,
+def build_model(trunk: str = "resnet18", head: str = "conv", *, num_classes: int, in_channels: int = 3,
                 weights: str | Path | None = None, tile_size: int | None = None, checkpoint: bool = False,
                 head_checkpoint: bool = False, output_device: str | None = None,
                 head_kwargs: dict | None = None) -> StreamingClassifier:
-    """The standard model: a named trunk, streamed as configured, and a named head."""
+    """The standard model: a named trunk, streamed as configured, and a named head.
+
+    ``num_classes`` comes from the data (there is no default); ``in_channels`` likewise
+    for anything but RGB."""
     body, channels = build_trunk(trunk, in_channels, weights)
     streamed = StreamingModule(body, tile_size, checkpoint=checkpoint, output_device=output_device)
     return StreamingClassifier(streamed, build_head(head, channels, num_classes, **(head_kwargs or {})),

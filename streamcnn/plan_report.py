@@ -12,13 +12,12 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 
 from .files import save_figure
 from .flops import StepFlops
 from .memory import CUDA_CONTEXT_BYTES, MemoryEstimate
-from .streaming import StreamingModule
+from .plannable import Plannable
 from .units import format_size
 
 __all__ = ["Candidate", "PlanReport"]
@@ -76,16 +75,14 @@ class Candidate:
         return " (forward: whole image)" if self.forward_whole else f" (forward {self.forward_tile_size} px)"
 
     def configure(self, model: nn.Module) -> None:
-        """Set ``model``'s plan knobs (a :class:`~streamcnn.models.StreamingClassifier`)."""
-        trunk = getattr(model, "trunk", None)
-        if not isinstance(trunk, StreamingModule) or not hasattr(model, "head_checkpoint"):
-            raise TypeError(f"a plan configures a StreamingClassifier (with .trunk and .head_checkpoint), "
-                            f"got {type(model).__name__}; build one with streamcnn.models.build_model")
-        trunk.tile_size = self.tile_size
-        trunk.forward_tile_size = self.forward_tile_size
-        trunk.checkpoint = self.checkpoint
-        trunk.output_device = torch.device("cpu") if self.offload else None
-        model.head_checkpoint = self.head_checkpoint
+        """Set ``model``'s plan knobs (a :class:`~streamcnn.plannable.Plannable`)."""
+        if not isinstance(model, Plannable):
+            raise TypeError(f"a plan configures a StreamingClassifier or another streamcnn.plannable.Plannable "
+                            f"(.trunk, .head, .configure_plan), got {type(model).__name__}; build one with "
+                            "streamcnn.models.build_model")
+        model.configure_plan(tile_size=self.tile_size, checkpoint=self.checkpoint,
+                             head_checkpoint=self.head_checkpoint, output_device="cpu" if self.offload else None,
+                             forward_tile_size=self.forward_tile_size)
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -110,6 +107,8 @@ class PlanReport:
     flops: StepFlops
     planning_seconds: float
     measured: MemoryEstimate | None = None
+    accumulate: int = 1
+    fixed: dict = field(default_factory=dict)   # knobs the caller fixed (constraints), by name
 
     @property
     def headroom_bytes(self) -> int:
@@ -150,6 +149,8 @@ class PlanReport:
             "model": self.model,
             "image_size": list(self.image_size),
             "batch": self.batch,
+            "accumulate": self.accumulate,
+            "fixed": dict(self.fixed),
             "dtype": self.dtype,
             "device": self.device,
             "optimizer": self.optimizer,
@@ -166,8 +167,11 @@ class PlanReport:
 
     def __str__(self) -> str:
         h, w = self.image_size
-        head = (f"memory plan: {self.model}, {h}x{w} px, batch {self.batch}, {self.dtype}, {self.optimizer}, "
+        batch = f"batch {self.batch}" + (f" x {self.accumulate} accumulated" if self.accumulate > 1 else "")
+        head = (f"memory plan: {self.model}, {h}x{w} px, {batch}, {self.dtype}, {self.optimizer}, "
                 f"on {self.device}; budget {format_size(self.budget_bytes)}")
+        if self.fixed:
+            head += "; fixed: " + ", ".join(f"{k}={v}" for k, v in self.fixed.items())
         columns = ("", "plan", "tile", "tiles", "overlap", "peak", "RSS" if self.device == "cpu" else "on device",
                    "host", "rel. time", "fits")
         rows = [columns]

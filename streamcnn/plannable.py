@@ -1,14 +1,15 @@
 """What the planner needs of a model, and the copies it simulates and measures on.
 
-A plannable model is a :class:`~streamcnn.models.StreamingClassifier`-like module: its
-first convolution gives the input channels, its :class:`StreamingModule` s carry the
-tiling knobs. :func:`model_copy` makes a copy with converted parameters (meta, fake or
-real tensors) without copying the real weights.
+:class:`Plannable` is the protocol: a ``trunk`` (:class:`StreamingModule`: its geometry
+gives the tile plans, its FLOPs the cost), a ``head`` that runs on the feature map, and
+:meth:`Plannable.configure_plan` to set a plan's knobs.
+:class:`~streamcnn.models.StreamingClassifier` is one. :func:`model_copy` makes a copy
+with converted parameters (meta, fake or real tensors) without copying the real weights.
 """
 from __future__ import annotations
 
 import copy
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -16,7 +17,20 @@ import torch.nn as nn
 from .streaming import StreamingModule
 from .units import pair
 
-__all__ = ["streaming_modules", "meta_copy", "model_copy", "input_shape"]
+__all__ = ["Plannable", "meta_copy"]
+
+
+@runtime_checkable
+class Plannable(Protocol):
+    """A model the planner can plan: ``head(trunk(images))`` with the knobs a plan sets."""
+
+    trunk: StreamingModule
+    head: nn.Module
+
+    def configure_plan(self, *, tile_size: int | None, checkpoint: bool, head_checkpoint: bool,
+                       output_device: torch.device | str | None, forward_tile_size: int | None = None) -> None:
+        """Run as the plan says; none of the knobs changes the result."""
+        ...
 
 
 def streaming_modules(model: nn.Module) -> list[StreamingModule]:
@@ -31,14 +45,11 @@ def meta_copy(model: nn.Module) -> nn.Module:
 
 def model_copy(model: nn.Module, convert: Callable[[torch.Tensor], torch.Tensor]) -> nn.Module:
     """A deep copy of ``model`` whose parameters and buffers are ``convert(t)``; the real
-    tensors are never copied. Cached tiling geometry is shared, not copied."""
+    tensors are never copied."""
     memo: dict[int, object] = {}
     for t in list(model.parameters()) + list(model.buffers()):
         new = convert(t.detach())
         memo[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
-    for s in streaming_modules(model):
-        memo[id(s._geometry)] = s._geometry
-        memo[id(s._plans)] = {}
     return copy.deepcopy(model, memo)
 
 

@@ -40,8 +40,9 @@ import torch.nn as nn
 from .flops import StepFlops, step_flops
 from .geometry import tile_plan
 from .memory import CPU_RUNTIME_BYTES, CUDA_CONTEXT_BYTES, predict_step_memory
+from .models import build_model
 from .plan_report import MODES, Candidate, PlanReport
-from .plannable import input_shape, meta_copy
+from .plannable import Plannable, input_shape, meta_copy
 from .streaming import StreamingModule
 from .units import format_size, pair, parse_size, resolve_dtype
 
@@ -60,16 +61,16 @@ class BudgetError(ValueError):
 
 
 def relative_cost(flops: StepFlops, *, overlap: float | None, forward_overlap: float | None = None,
-                  checkpoint: bool = False) -> float:
+                  checkpoint: bool = False, head_checkpoint: bool | None = None) -> float:
     """A plan's predicted time relative to a conventional step (the module's cost table).
 
     ``overlap``: the backward tiles' overlap factor, None for an unstreamed plan;
     ``forward_overlap``: the no-grad forward's (default: ``overlap``); ``checkpoint``:
-    activations recomputed (inside each tile, or over the whole image when not streamed;
-    the head is then checkpointed too).
+    activations recomputed (inside each tile, or over the whole image when not streamed);
+    ``head_checkpoint``: the head's (default: ``checkpoint``).
     """
     tf, tb, hf, hb = flops.trunk_forward, flops.trunk_backward, flops.head_forward, flops.head_backward
-    head = (2 if checkpoint else 1) * hf + hb
+    head = (2 if (checkpoint if head_checkpoint is None else head_checkpoint) else 1) * hf + hb
     if overlap is None:
         trunk = (2 if checkpoint else 1) * tf + tb
     else:
@@ -93,15 +94,20 @@ def candidate_tile_sizes(image_size: int | Sequence[int], stride: int) -> list[i
     return sizes
 
 
-def _template(model: nn.Module | str, in_channels: int, num_classes: int, head: str) -> tuple[nn.Module, str]:
-    if isinstance(model, str):
-        from .models import build_model
+AUTO = "auto"  # a knob the planner chooses; anything else is fixed by the caller
 
+
+def _template(model: nn.Module | str, in_channels: int, num_classes: int | None, head: str) -> tuple[nn.Module, str]:
+    if isinstance(model, str):
+        if num_classes is None:
+            raise ValueError(f"plan() builds {model!r} by name and needs num_classes (the number of classes "
+                             "in the data); pass num_classes=N")
         with torch.device("meta"):
             return build_model(model, head=head, num_classes=num_classes, in_channels=in_channels), model
-    if not isinstance(getattr(model, "trunk", None), StreamingModule) or not hasattr(model, "head"):
-        raise TypeError(f"plan() needs a model name or a StreamingClassifier (with .trunk and .head), "
-                        f"got {type(model).__name__}; build one with streamcnn.models.build_model")
+    if not isinstance(model, Plannable) or not isinstance(model.trunk, StreamingModule):
+        raise TypeError(f"plan() needs a model name or a streamcnn.plannable.Plannable (.trunk a StreamingModule, "
+                        f".head, .configure_plan), got {type(model).__name__}; build one with "
+                        "streamcnn.models.build_model")
     return meta_copy(model), _describe(model)
 
 
@@ -110,33 +116,56 @@ def _describe(model: nn.Module) -> str:
     return f"{type(model).__name__} ({params / 1e6:.1f}M params)"
 
 
-def _candidates(template: nn.Module, image: tuple[int, int], tile_sizes: Sequence[int] | None, device: str,
-                allow_offload: bool, flops: StepFlops) -> list[Candidate]:
-    """Every plan: unstreamed ones, and per backward tile each forward tile that is larger
-    (fewer tiles), up to the whole image, or the same."""
+def _candidates(template: Plannable, image: tuple[int, int], tile_sizes: Sequence[int] | None, device: str,
+                allow_offload: bool, flops: StepFlops, fixed: dict) -> list[Candidate]:
+    """Every plan the knobs allow; ``fixed`` knobs are constraints. Per backward tile the
+    no-grad forward runs on the same tiles, on each larger ladder tile (fewer tiles), or on
+    the whole image."""
     geometry = template.trunk.geometry
-    tiles = list(tile_sizes) if tile_sizes is not None else candidate_tile_sizes(image, max(geometry.output_stride))
-    out = [Candidate("conventional", None, False, False, False, 1, 1.0, None, relative_cost(flops, overlap=None)),
-           Candidate("checkpoint", None, True, True, False, 1, 1.0, None,
-                     relative_cost(flops, overlap=None, checkpoint=True))]
-    plans = {}
-    for t in sorted(set(int(t) for t in tiles)) + [max(image)]:
-        tp = tile_plan(geometry, image, t)
-        plans.setdefault(tp.grid, (t, tp))  # a larger tile with the same tiling adds nothing
-    ladder = sorted(plans.values(), key=lambda p: -len(p[1].tiles))
-    for i, (t, tp) in enumerate(ladder):
-        if len(tp.tiles) < 2:
-            continue  # not streaming at all
-        forwards = [(None, tp)] + [(f, fp) for f, fp in ladder[i + 1:]]
-        for offload in (False, True) if allow_offload and device == "cuda" else (False,):
-            for ckpt in (False, True):
-                for f, fp in forwards:
-                    out.append(Candidate(
-                        "stream+checkpoint" if ckpt else "stream", t, ckpt, ckpt, offload, len(tp.tiles),
-                        tp.overlap_factor, tp.max_window,
-                        relative_cost(flops, overlap=tp.overlap_factor, forward_overlap=fp.overlap_factor,
-                                      checkpoint=ckpt),
-                        forward_tile_size=f, forward_overlap=fp.overlap_factor, forward_whole=len(fp.tiles) == 1))
+
+    def make(tile, checkpoint: bool, offload: bool, tp=None, forward=(None, None)) -> Candidate:
+        head_checkpoint = checkpoint if fixed.get("head_checkpoint", AUTO) == AUTO else fixed["head_checkpoint"]
+        if tp is None:
+            return Candidate("checkpoint" if checkpoint else "conventional", None, checkpoint, head_checkpoint,
+                             offload, 1, 1.0, None, relative_cost(flops, overlap=None, checkpoint=checkpoint,
+                                                                  head_checkpoint=head_checkpoint))
+        f, fp = forward
+        fp = fp or tp
+        return Candidate("stream+checkpoint" if checkpoint else "stream", tile, checkpoint, head_checkpoint, offload,
+                         len(tp.tiles), tp.overlap_factor, tp.max_window,
+                         relative_cost(flops, overlap=tp.overlap_factor, forward_overlap=fp.overlap_factor,
+                                       checkpoint=checkpoint, head_checkpoint=head_checkpoint),
+                         forward_tile_size=f, forward_overlap=fp.overlap_factor,
+                         forward_whole=f is not None and len(fp.tiles) == 1)
+
+    fixed_tile = fixed.get("tile_size", AUTO)
+    offloads = (False, True) if allow_offload and device == "cuda" else (False,)
+    if device == "cuda" and fixed.get("offload", AUTO) != AUTO:
+        offloads = (bool(fixed["offload"]),)
+    out = []
+    if fixed_tile is None or fixed_tile == AUTO:
+        for checkpoint in (False, True):
+            out += [make(None, checkpoint, offload) for offload in offloads if not offload
+                    or fixed.get("offload") is True]
+    if fixed_tile is not None:
+        ladder = list(tile_sizes) if tile_sizes is not None else candidate_tile_sizes(image, max(geometry.output_stride))
+        tiles = [fixed_tile] if fixed_tile != AUTO else ladder
+        forwards: dict = {}
+        for t in sorted(set(int(t) for t in ladder)) + [max(image)]:
+            fp = tile_plan(geometry, image, t)
+            forwards.setdefault(fp.grid, (t, fp))  # a larger tile with the same tiling adds nothing
+        seen = set()
+        for t in sorted(set(int(t) for t in tiles)):
+            tp = tile_plan(geometry, image, t)
+            if fixed_tile == AUTO and (tp.grid in seen or len(tp.tiles) < 2):
+                continue  # same tiling as a smaller tile size, or not streaming at all
+            seen.add(tp.grid)
+            options = [(None, None)] + [(f, fp) for f, fp in forwards.values() if len(fp.tiles) < len(tp.tiles)]
+            for offload in offloads:
+                out += [make(t, checkpoint, offload, tp, forward) for checkpoint in (False, True)
+                        for forward in options]
+    if fixed.get("checkpoint", AUTO) != AUTO:
+        out = [c for c in out if c.checkpoint == fixed["checkpoint"]]
     return out
 
 
@@ -145,20 +174,28 @@ def _rank(c: Candidate) -> tuple:
 
 
 def _leanest(template: nn.Module, image: tuple[int, int], tile_sizes: Sequence[int] | None, device: str,
-             allow_offload: bool) -> list[Candidate]:
-    """The plans expected to need the least memory (not priced: their cost is not needed):
-    whole-image checkpointing, and streaming at the smallest tile, checkpointed, offloaded
-    where possible, the forward on the same tiles."""
-    out = [Candidate("checkpoint", None, True, True, False, 1, 1.0, None, math.nan)]
-    geometry = template.trunk.geometry
-    tiles = list(tile_sizes) if tile_sizes is not None else candidate_tile_sizes(image, max(geometry.output_stride))
-    for t in sorted(set(int(t) for t in tiles)):
-        tp = tile_plan(geometry, image, t)
-        if len(tp.tiles) >= 2:
-            offload = allow_offload and device == "cuda"
-            out.append(Candidate("stream+checkpoint", t, True, True, offload, len(tp.tiles), tp.overlap_factor,
-                                 tp.max_window, math.nan))
-            break
+             allow_offload: bool, fixed: dict) -> list[Candidate]:
+    """The plans the knobs allow that are expected to need the least memory (not priced:
+    their cost is not needed): whole-image checkpointing, and streaming at the smallest tile,
+    checkpointed, offloaded where possible, the forward on the same tiles."""
+    checkpoint = fixed.get("checkpoint", AUTO) in (AUTO, True)
+    head_checkpoint = checkpoint if fixed.get("head_checkpoint", AUTO) == AUTO else fixed["head_checkpoint"]
+    offload = allow_offload and device == "cuda" and fixed.get("offload", AUTO) in (AUTO, True)
+    fixed_tile = fixed.get("tile_size", AUTO)
+    out = []
+    if fixed_tile in (AUTO, None):
+        out.append(Candidate("checkpoint" if checkpoint else "conventional", None, checkpoint, head_checkpoint,
+                             False, 1, 1.0, None, math.nan))
+    if fixed_tile is not None:
+        geometry = template.trunk.geometry
+        tiles = [fixed_tile] if fixed_tile != AUTO else \
+            list(tile_sizes) if tile_sizes is not None else candidate_tile_sizes(image, max(geometry.output_stride))
+        for t in sorted(set(int(t) for t in tiles)):
+            tp = tile_plan(geometry, image, t)
+            if len(tp.tiles) >= 2 or fixed_tile != AUTO:
+                out.append(Candidate("stream+checkpoint" if checkpoint else "stream", t, checkpoint, head_checkpoint,
+                                     offload, len(tp.tiles), tp.overlap_factor, tp.max_window, math.nan))
+                break
     return out
 
 
@@ -187,24 +224,31 @@ def _lower_bound(template: nn.Module, image: tuple[int, int], batch: int, optimi
 
 
 def plan(model: nn.Module | str, image_size: int | Sequence[int], budget: int | str, *, batch: int = 1,
-         dtype: str | torch.dtype | None = None, in_channels: int = 3, num_classes: int = 28, head: str = "conv",
-         device: str | torch.device = "cuda", optimizer: str = "adamw", tile_sizes: Sequence[int] | None = None,
-         allow_offload: bool = True, progress: bool = False, exhaustive: bool = False,
-         lazy_input: bool = False, modes: Sequence[str] | None = None) -> PlanReport:
+         accumulate: int = 1, dtype: str | torch.dtype | None = None, in_channels: int = 3,
+         num_classes: int | None = None, head: str = "conv", device: str | torch.device = "cuda",
+         optimizer: str = "adamw", weight_decay: float = 0.0, tile_sizes: Sequence[int] | None = None,
+         allow_offload: bool = True, tile_size: int | None | str = AUTO, checkpoint: bool | str = AUTO,
+         head_checkpoint: bool | str = AUTO, offload: bool | str = AUTO, progress: bool = False,
+         exhaustive: bool = False, lazy_input: bool = False, modes: Sequence[str] | None = None) -> PlanReport:
     """Choose the fastest plan whose predicted training-step peak fits ``budget``.
 
-    ``model``: a :class:`~streamcnn.models.StreamingClassifier` (not modified; see
+    ``model``: a :class:`~streamcnn.plannable.Plannable` such as a
+    :class:`~streamcnn.models.StreamingClassifier` (not modified; see
     :meth:`PlanReport.apply`) or a trunk name for :func:`~streamcnn.models.build_model`
     (with ``in_channels``, ``num_classes``, ``head``). ``budget``: bytes or a size such as
     ``"11GB"`` (10^9) / ``"11GiB"`` (2^30); on CUDA it covers everything the process takes
     from the card (allocator reserved memory and the CUDA context); on CPU the process's
-    resident memory. ``dtype``: fp32 (None), bf16 or fp16 autocast. ``lazy_input``: images
-    come from region sources read a window at a time (not held in memory). ``modes``: only
-    these plan modes (e.g. ``["stream", "stream+checkpoint"]``; default: all). ``exhaustive``:
-    simulate every candidate, not just until the cheapest fitting one is found (for tables
-    and plots). Each streamed plan's no-grad forward gets its own, larger tiles where they
-    fit. Raises :class:`BudgetError` when nothing fits; a budget below what every plan
-    needs (:func:`_lower_bound`) or below the leanest plan is refused before any search.
+    resident memory. The step is :func:`streamcnn.step.training_step`: ``accumulate``
+    micro-batches of ``batch`` images, ``dtype`` fp32 (None), bf16 or fp16 autocast,
+    ``optimizer`` with ``weight_decay``. ``tile_size`` (an int, or None for no streaming),
+    ``checkpoint``, ``head_checkpoint`` and ``offload``: "auto" lets the planner choose; any
+    other value is a constraint every candidate keeps. ``lazy_input``: images come from
+    region sources read a window at a time (not held in memory). ``modes``: only these plan
+    modes (e.g. ``["stream", "stream+checkpoint"]``; default: all). ``exhaustive``: simulate
+    every candidate, not just until the cheapest fitting one is found (for tables and
+    plots). Each streamed plan's no-grad forward gets its own, larger tiles where they fit.
+    Raises :class:`BudgetError` when nothing fits; a budget below what every plan needs
+    (:func:`_lower_bound`) is refused before any search.
     """
     started = time.perf_counter()
     budget_bytes = parse_size(budget)
@@ -212,14 +256,17 @@ def plan(model: nn.Module | str, image_size: int | Sequence[int], budget: int | 
     device_type = torch.device(device).type
     autocast_dtype = resolve_dtype(dtype)
     dtype_name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype]
-    if batch < 1:
-        raise ValueError(f"batch must be at least 1, got {batch}")
+    if batch < 1 or accumulate < 1:
+        raise ValueError(f"batch and accumulate must be at least 1, got {batch} and {accumulate}")
+    fixed = {k: v for k, v in dict(tile_size=tile_size, checkpoint=checkpoint, head_checkpoint=head_checkpoint,
+                                   offload=offload).items() if v != AUTO}
     template, name = _template(model, in_channels, num_classes, head)
 
     def simulate(c: Candidate) -> None:
         c.configure(template)
         c.estimate = predict_step_memory(template, image, batch=batch, dtype=autocast_dtype, device=device_type,
-                                         optimizer=optimizer, lazy_input=lazy_input)
+                                         optimizer=optimizer, weight_decay=weight_decay, accumulate=accumulate,
+                                         lazy_input=lazy_input)
         c.predicted_peak_bytes = c.estimate.allocated_bytes
         c.predicted_device_bytes = c.estimate.process_bytes
         c.predicted_host_bytes = c.estimate.host_bytes
@@ -230,7 +277,8 @@ def plan(model: nn.Module | str, image_size: int | Sequence[int], budget: int | 
         suggest = math.ceil(smallest.predicted_device_bytes / 1e7) * 10**7
         h, w = image
         others = (["a smaller batch"] if batch > 1 else []) + (["bf16"] if autocast_dtype is None else []) + \
-            (["smaller tiles (tile_sizes=...)"] if smallest.tile_size else []) + ["a smaller model"]
+            (["smaller tiles (tile_sizes=...)"] if smallest.tile_size else []) + \
+            ([f"leaving {', '.join(sorted(fixed))} to the planner"] if fixed else []) + ["a smaller model"]
         hints = "; or try " + (", ".join(others[:-1]) + " or " if len(others) > 1 else "") + others[-1]
         return BudgetError(
             f"no plan fits the budget of {format_size(budget_bytes)} on {device_type} for {name} at {h}x{w} px "
@@ -242,12 +290,12 @@ def plan(model: nn.Module | str, image_size: int | Sequence[int], budget: int | 
     # and the candidates are worked out, naming the leaner of the two leanest plans.
     floor = _lower_bound(template, image, batch, optimizer, autocast_dtype, device_type, lazy_input, allow_offload)
     if budget_bytes < floor and not exhaustive:
-        probes = _leanest(template, image, tile_sizes, device_type, allow_offload)
+        probes = _leanest(template, image, tile_sizes, device_type, allow_offload, fixed)
         for c in probes:
             simulate(c)
         raise refuse(min(probes, key=lambda c: (c.too_large_tensor, c.predicted_device_bytes)))
     flops = step_flops(template, image, batch=batch)
-    candidates = _candidates(template, image, tile_sizes, device_type, allow_offload, flops)
+    candidates = _candidates(template, image, tile_sizes, device_type, allow_offload, flops, fixed)
     if modes is not None:
         unknown = sorted(set(modes) - set(MODES))
         if unknown:
@@ -289,7 +337,7 @@ def plan(model: nn.Module | str, image_size: int | Sequence[int], budget: int | 
         raise refuse(min(runnable, key=lambda c: c.predicted_device_bytes))
     chosen = min(fitting, key=lambda c: (*_rank(c), c.predicted_device_bytes))
     return PlanReport(chosen, candidates, budget_bytes, name, image, batch, dtype_name, device_type, optimizer,
-                      flops, time.perf_counter() - started)
+                      flops, time.perf_counter() - started, accumulate=accumulate, fixed=fixed)
 
 
 def _estimate_forward(c: Candidate, device_type: str) -> int:

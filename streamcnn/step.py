@@ -1,31 +1,56 @@
-"""The training step whose memory is predicted and measured, and the optimizers it may use.
+"""The training step: what the trainer runs and the planner simulates, defined once.
 
-:data:`OPTIMIZERS` is the one list of optimizers; :func:`training_step` is one step as
-the trainer takes it.
+- :func:`micro_step`: one micro-batch: the images as model input (integer pixels to
+  [0, 1]), the forward under autocast, cross-entropy on float logits, and the backward of
+  the loss divided by the accumulation (scaled by the ``GradScaler`` when one is given).
+- :func:`optimizer_step`: the optimizer (through the scaler) and ``zero_grad``.
+- :func:`training_step`: ``micro_batches`` micro-steps and one optimizer step, as
+  ``training/loop.py`` takes them; the planner simulates it with two micro-batches (the
+  second runs with the first's ``.grad`` live; later ones are alike) and measures it with
+  all of them.
+- :data:`OPTIMIZERS` / :func:`make_optimizer`: the one list of optimizers the trainer
+  offers and the planner prices (their state is what a step holds besides the weights).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["OPTIMIZERS", "make_optimizer", "training_step"]
+from .units import pixels_to_unit
 
-OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "adamw": lambda params, foreach: torch.optim.AdamW(params, lr=1e-4, foreach=foreach),
-    "adam": lambda params, foreach: torch.optim.Adam(params, lr=1e-4, foreach=foreach),
-    "sgd": lambda params, foreach: torch.optim.SGD(params, lr=1e-2, momentum=0.9, foreach=foreach),
+__all__ = ["OPTIMIZERS", "make_optimizer", "micro_step", "optimizer_step", "training_step"]
+
+#: The optimizers by name. Both hold two moment tensors per parameter; SGD is not offered
+#: because the trainer's schedules and configs are written for Adam-type optimizers.
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adamw": torch.optim.AdamW,
+    "adam": torch.optim.Adam,
 }
 
 
-def make_optimizer(model: nn.Module, name: str, foreach: bool) -> torch.optim.Optimizer:
-    """Optimizer ``name`` over ``model``'s trainable parameters, its state already allocated."""
+def make_optimizer(name: str, model: nn.Module, *, lr: float = 1e-3, weight_decay: float = 0.0,
+                   foreach: bool | None = None) -> torch.optim.Optimizer:
+    """Optimizer ``name`` (a key of :data:`OPTIMIZERS`) over ``model``'s trainable parameters;
+    no weight decay on biases and norm weights (parameters of one dimension or fewer).
+
+    Adam's weight decay is L2 through the gradient (a copy of the gradients during the
+    step), AdamW's is decoupled (in place), so the decay matters to the peak too."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
-    optimizer = OPTIMIZERS[name]([p for p in model.parameters() if p.requires_grad], foreach)
-    # Allocate the state as the first real step would, so the predicted step is a steady one.
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim <= 1 else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return OPTIMIZERS[name](groups, lr=lr, foreach=foreach)
+
+
+def allocate_optimizer_state(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Allocate the state as the first real step would (a step on zero gradients), so that
+    a predicted or measured step is a steady one. Changes the parameters as that step would."""
     for group in optimizer.param_groups:
         for p in group["params"]:
             p.grad = torch.zeros_like(p)
@@ -34,11 +59,48 @@ def make_optimizer(model: nn.Module, name: str, foreach: bool) -> torch.optim.Op
     return optimizer
 
 
-def training_step(model: nn.Module, images, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
-                  autocast_dtype: torch.dtype | None, device_type: str) -> None:
-    """One step as the trainer takes it: autocast forward, cross-entropy, backward, step, zero_grad."""
-    with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        loss = F.cross_entropy(model(images), labels)
-    loss.backward()
-    optimizer.step()
+def model_input(images: Any) -> Any:
+    """Integer image tensors become float in [0, 1]; float tensors and readers (read lazily by
+    the model, which converts each window) pass through."""
+    if isinstance(images, torch.Tensor):
+        return pixels_to_unit(images)
+    return images
+
+
+def micro_step(model: nn.Module, images: Any, labels: torch.Tensor, *, device_type: str, accumulate: int = 1,
+               amp_dtype: torch.dtype | None = None,
+               scaler: torch.amp.GradScaler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, loss and backward of one micro-batch; returns the (unscaled) loss and the logits, detached.
+
+    The backward adds ``loss / accumulate`` (times the scaler's scale) to each ``.grad``.
+    """
+    with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        logits = model(model_input(images))
+        loss = F.cross_entropy(logits.float(), labels.to(logits.device))
+    scaled = loss / accumulate
+    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+    return loss.detach(), logits.detach()
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None) -> None:
+    """The accumulated gradients' update (skipped by the scaler when they are not finite), then zero_grad."""
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def training_step(model: nn.Module, images: Any, labels: torch.Tensor, optimizer: torch.optim.Optimizer, *,
+                  device_type: str, accumulate: int = 1, micro_batches: int | None = None,
+                  amp_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None) -> None:
+    """One optimizer step: ``micro_batches`` (default ``accumulate``) micro-steps on ``images``,
+    then :func:`optimizer_step`. The previous micro-step's outputs stay referenced while the
+    next micro-step and the optimizer step run, as the trainer's loop variables do."""
+    outputs = None
+    for _ in range(accumulate if micro_batches is None else micro_batches):
+        outputs = micro_step(model, images, labels, device_type=device_type, accumulate=accumulate,
+                             amp_dtype=amp_dtype, scaler=scaler)
+    optimizer_step(optimizer, scaler)
+    del outputs

@@ -49,6 +49,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from . import allocator
 from .geometry import Tile, TilePlan, TrunkGeometry, tile_plan
+from .units import pixels_to_unit
 
 __all__ = ["RegionSource", "StreamingModule"]
 
@@ -92,13 +93,6 @@ class _Windows:
                 yield tile, window
 
 
-def _integer_to_unit(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if t.is_floating_point():
-        return t.to(dtype)
-    # uint8 pixels become floats in [0, 1], like torchvision's to_tensor.
-    return t.to(dtype) / float(torch.iinfo(t.dtype).max)
-
-
 def _windows_for(x: StreamInput, device: torch.device, dtype: torch.dtype) -> _Windows:
     if isinstance(x, torch.Tensor):
         if x.dim() != 4:
@@ -127,7 +121,7 @@ def _windows_for(x: StreamInput, device: torch.device, dtype: torch.dtype) -> _W
         batch = torch.stack(crops)
         if device.type == "cuda":
             batch = batch.pin_memory()
-        return _integer_to_unit(batch.to(device, non_blocking=True), dtype)
+        return pixels_to_unit(batch.to(device, non_blocking=True), dtype)
 
     return _Windows((len(sources), c, h, w), read, prefetch=True)
 
@@ -302,6 +296,13 @@ class StreamingModule(nn.Module):
         if key not in self._plans:
             self._plans[key] = tile_plan(geometry, image_size, tile_size)
         return self._plans[key]
+
+    def use_plan(self, plan: TilePlan) -> None:
+        """Stream images of ``plan.image_size`` with ``plan`` instead of the one
+        :meth:`plan` would make (e.g. a simulation's reduced plan); forgotten when
+        ``tile_size`` or the geometry changes."""
+        self.geometry  # noqa: B018 - validate first, so a mode change does not drop the plan
+        self._plans[(tuple(plan.image_size), self.tile_size)] = plan
 
     @property
     def compute_device(self) -> torch.device:

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["parse_size", "format_size", "resolve_dtype", "pixels_to_unit", "pair"]
+__all__ = ["parse_size", "format_size", "resolve_dtype", "pixels_to_unit"]
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}

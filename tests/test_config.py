@@ -13,8 +13,8 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 def test_defaults_are_the_quick_cpu_run():
     config = load_config()
     assert config == TrainConfig()
-    assert (config.data.kind, config.model.trunk, config.model.head, config.model.in_channels) == \
-        ("ultramnist", "resnet18", "conv", 1)
+    assert (config.data.kind, config.model.trunk, config.model.head) == ("ultramnist", "resnet18", "conv")
+    assert config.model.in_channels is None and config.model.num_classes is None   # read from the data
     assert config.plan.tile_size == "auto" and config.out is None
 
 

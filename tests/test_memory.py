@@ -1,4 +1,4 @@
-"""streamcnn.memory: sizes, the live-storage tracker, predicted vs measured peaks, FLOPs."""
+"""Sizes (units), the live-storage tracker, predicted (memory) vs measured (measurement) peaks, FLOPs."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +8,7 @@ import torch.nn as nn
 from streamcnn.flops import step_flops
 from streamcnn.measurement import measure_step_memory
 from streamcnn.memory import CUDA_BLOCK_BYTES, predict_step_memory
-from streamcnn.step import make_optimizer, training_step
+from streamcnn.step import allocate_optimizer_state, make_optimizer, training_step
 from streamcnn.tracking import LiveStorageTracker
 from streamcnn.units import format_size, parse_size, resolve_dtype
 from streamcnn.models import StreamingClassifier, build_model
@@ -118,12 +118,12 @@ def test_fake_run_sees_exactly_the_tensors_of_a_real_run():
     model = small_cnn(tile_size=64, checkpoint=True, channels=8)
     assert len(model.trunk.plan((256, 192)).tiles) == 12
     images, labels = torch.rand(2, 1, 256, 192), torch.zeros(2, dtype=torch.long)
-    optimizer = make_optimizer(model, "adamw", foreach=False)
+    optimizer = allocate_optimizer_state(make_optimizer("adamw", model, foreach=False))
     tracker = LiveStorageTracker("cpu")
     with tracker:
         for t in [*model.parameters(), images, labels, *(v for s in optimizer.state.values() for v in s.values())]:
             tracker.track(t)
-        training_step(model, images, labels, optimizer, None, "cpu")
+        training_step(model, images, labels, optimizer, device_type="cpu")
     model = small_cnn(tile_size=64, checkpoint=True, channels=8)
     assert tracker.peak == predict_step_memory(model, (256, 192), batch=2, device="cpu", full_plan=True).live_bytes
 

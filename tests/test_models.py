@@ -39,7 +39,7 @@ def test_grey_input_and_registries():
     with pytest.raises(ValueError, match=r"unknown trunk 'resnet7'; choose one of \['resnet101'"):
         build_trunk("resnet7")
     with pytest.raises(ValueError, match=r"unknown head 'mlp'; choose one of \['conv', 'pool'\]"):
-        build_model(head="mlp")
+        build_model(head="mlp", num_classes=2)
 
 
 def test_pretrained_weights_file(tmp_path):
@@ -58,7 +58,7 @@ def test_pretrained_weights_file(tmp_path):
 
 
 def test_offloaded_feature_map_lowers_predicted_device_memory():
-    model = build_model("resnet18", "conv", in_channels=1)
+    model = build_model("resnet18", "conv", num_classes=28, in_channels=1)
     model.trunk.tile_size = 1024
     on_device = predict_step_memory(model, 4096, device="cuda").allocated_bytes
     model.trunk.output_device = torch.device("cpu")

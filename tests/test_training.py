@@ -26,6 +26,7 @@ from streamcnn.training import (
     load_config,
 )
 from streamcnn.training.metrics import read_metrics
+from streamcnn.files import TEMPORARY_GLOB
 from streamcnn.training.synthetic import TEXTURES
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # deterministic, fast tiny CPU runs: see conftest.py
@@ -95,7 +96,7 @@ def test_tiny_streamed_run_learns(tmp_path):
         assert (tmp_path / "run" / name).stat().st_size > 0
     last = load_checkpoint(tmp_path / "run" / "last.pt")
     assert last["epoch"] == 5 and last["step"] == 120 and last["history"] == history
-    assert not list((tmp_path / "run").glob(".*.tmp"))                # no temporary files left behind
+    assert not list((tmp_path / "run").glob(TEMPORARY_GLOB))          # no temporary files left behind
 
 
 class _CrashAt(torch.utils.data.Dataset):
@@ -200,7 +201,7 @@ def test_budget_makes_the_planner_stream(tmp_path):
     from streamcnn.planning import plan
     from streamcnn.training import build_training_model
 
-    config = tiny_config(tmp_path / "run", "train.epochs=1", "data.synthetic_count=16", "plan.tile_size=auto")
+    config = tiny_config(tmp_path / "run", "train.epochs=1", "data.synthetic_count=16", "plan.tile_size=auto", "model.in_channels=1")
     table = plan(build_training_model(config), (128, 128), "1GB", batch=4, device="cpu", exhaustive=True)
     peaks = {c.name: c.predicted_device_bytes for c in table.candidates if c.tile_size in (None, 64)}
     assert peaks["stream"] < peaks["checkpoint"] <= peaks["conventional"]

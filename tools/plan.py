@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Pick the fastest way to train a model on an image size inside a memory budget.
 
-    python tools/plan.py --model resnet50 --image-size 4000 --budget 11GB [--dtype bf16]
-        [--batch 1] [--head conv] [--in-channels 1] [--device cuda|cpu] [--json] [--measure]
-        [--all] [--plot plan.png]
+    python tools/plan.py --model resnet50 --image-size 4000 --budget 11GB --num-classes 28
+        [--dtype bf16] [--batch 1] [--accumulate 4] [--head conv] [--in-channels 1]
+        [--device cuda|cpu] [--json] [--measure] [--all] [--plot plan.png]
 
 Sizes: ``11GB`` is 11 * 10^9 bytes, ``11GiB`` is 11 * 2^30 bytes. Prints the plan table (or
 JSON with ``--json``); exits with status 1 and says why when no plan fits the budget.
@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from streamcnn.measurement import measure_step_memory  # noqa: E402
 from streamcnn.models import HEADS, TRUNKS, build_model  # noqa: E402
+from streamcnn.step import OPTIMIZERS  # noqa: E402
 from streamcnn.planning import BudgetError, enforce_budget, plan  # noqa: E402
 from streamcnn.units import format_size, parse_size  # noqa: E402
 
@@ -52,8 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--head", default="conv", choices=sorted(HEADS))
     p.add_argument("--in-channels", type=int, default=3, help="1 for greyscale (UltraMNIST)")
-    p.add_argument("--num-classes", type=int, default=28)
-    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd"])
+    p.add_argument("--num-classes", type=int, required=True, help="classes in the data (sizes the last layer)")
+    p.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step (train.accumulate)")
+    p.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZERS))
+    p.add_argument("--weight-decay", type=float, default=0.0, help="optim.weight_decay (Adam's copies gradients)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="device the plan is for")
     p.add_argument("--tile-sizes", type=int, nargs="+", help="tile sizes to consider (default: a ladder)")
     p.add_argument("--no-offload", action="store_true", help="never keep the feature map in host memory")
@@ -67,9 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        report = plan(args.model, args.image_size, args.budget, batch=args.batch, dtype=args.dtype,
-                      in_channels=args.in_channels, num_classes=args.num_classes, head=args.head,
-                      device=args.device, optimizer=args.optimizer, tile_sizes=args.tile_sizes,
+        report = plan(args.model, args.image_size, args.budget, batch=args.batch, accumulate=args.accumulate,
+                      dtype=args.dtype, in_channels=args.in_channels, num_classes=args.num_classes, head=args.head,
+                      device=args.device, optimizer=args.optimizer, weight_decay=args.weight_decay,
+                      tile_sizes=args.tile_sizes,
                       allow_offload=not args.no_offload, progress=not args.json,
                       exhaustive=args.all or args.plot is not None)
     except BudgetError as e:
@@ -84,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         model = build_model(args.model, head=args.head, num_classes=args.num_classes, in_channels=args.in_channels)
         report.apply(model)
         report.measured = measure_step_memory(model, args.image_size, batch=args.batch, dtype=args.dtype,
-                                              device=args.device, optimizer=args.optimizer)
+                                              device=args.device, optimizer=args.optimizer,
+                                              weight_decay=args.weight_decay, accumulate=args.accumulate)
     if args.json:
         out = report.to_json()
         if args.measure:

@@ -68,8 +68,8 @@ class ModelConfig(_Section):
     head: str = "conv"
     head_kwargs: dict[str, Any] = Field(default_factory=dict)
     weights: Optional[str] = None
-    in_channels: int = Field(1, ge=1)
-    num_classes: int = Field(28, ge=2)
+    in_channels: Optional[int] = Field(None, ge=1)   # None: the training images' channels
+    num_classes: Optional[int] = Field(None, ge=2)   # None: the training data's (dataset.num_classes)
     input_size: int = Field(512, ge=32)
 
 

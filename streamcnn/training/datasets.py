@@ -34,8 +34,10 @@ def default_cache_dir() -> Path:
 
 def _ultramnist(config: TrainConfig, context: DistributedContext) -> tuple[Dataset, Dataset | None]:
     from ..data import ManifestDataset, generate_ultramnist
+    from ..data.ultramnist import NUM_CLASSES
 
     data = config.data
+    classes = config.model.num_classes or NUM_CLASSES  # the generator's classes, however few images show them
     cache = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
     root = cache / f"ultramnist-{data.generate_size}px-seed{data.generate_seed}"
     splits = [("train", data.generate_count)] + ([("test", data.generate_val_count)] if data.generate_val_count else [])
@@ -44,7 +46,7 @@ def _ultramnist(config: TrainConfig, context: DistributedContext) -> tuple[Datas
             generate_ultramnist(root / split, count, size=data.generate_size, seed=data.generate_seed, split=split,
                                 progress=config.train.progress)
     context.barrier()
-    sets = [ManifestDataset(root / split, lazy=data.lazy, num_classes=config.model.num_classes) for split, _ in splits]
+    sets = [ManifestDataset(root / split, lazy=data.lazy, num_classes=classes) for split, _ in splits]
     return sets[0], (sets[1] if len(sets) > 1 else None)
 
 

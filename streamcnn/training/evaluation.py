@@ -19,7 +19,7 @@ from .datasets import image_size_of, make_loader, model_input
 from .distributed import init_distributed
 from .loop import evaluate, resolve_amp
 from .metrics import plot_confusion_matrix
-from .runner import apply_memory_plan, build_training_model
+from .runner import planned_model
 
 __all__ = ["evaluate_checkpoint"]
 
@@ -44,15 +44,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, manifest: s
     try:
         dataset = ManifestDataset(data, manifest, lazy=config.data.lazy, num_classes=config.model.num_classes)
         dataset = model_input(dataset, config)
-        model = build_training_model(config)
-        model.load_state_dict(state["model"])
-        image_size = image_size_of(dataset[0][0])
-        plan_text, _ = apply_memory_plan(model, config, image_size, context.device,
-                                                 batch=config.train.batch_size)
-        model.to(context.device)
-        if config.plan.budget is not None and context.device.type == "cuda":
-            from ..planning import enforce_budget
-            enforce_budget(config.plan.budget, context.device)
+        model, plan_text, _ = planned_model(config, image_size_of(dataset[0][0]), context.device, state["model"])
         result = evaluate(model, make_loader(dataset, config, context, train=False), context=context,
                           num_classes=config.model.num_classes, amp_dtype=resolve_amp(config.train.amp, context.device),
                           progress=progress, desc="evaluate")

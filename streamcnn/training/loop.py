@@ -1,9 +1,10 @@
 """One training epoch and one evaluation pass, for one process or many (DDP).
 
 The loop is deliberately ordinary (torchvision's ``references/classification`` style):
-mixed precision through ``torch.autocast`` and ``torch.amp.GradScaler``, gradient
-accumulation over ``accumulate`` micro-batches (DDP synchronises only on the last),
-one optimizer and scheduler step per accumulated batch. Streaming is invisible here:
+each micro-batch is :func:`streamcnn.step.micro_step` (autocast, loss on float logits,
+``GradScaler``-scaled backward divided by the accumulation: the step the memory planner
+simulates), ``accumulate`` of them per :func:`streamcnn.step.optimizer_step` (DDP
+synchronises only on the last), one scheduler step per optimizer step. Streaming is invisible here:
 the model's trunk decides how it runs.
 
 Two guards: labels outside ``[0, num_classes)`` stop the run with the offending label,
@@ -24,11 +25,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from ..step import micro_step, model_input, optimizer_step
 from ..units import resolve_dtype
 from .distributed import DistributedContext, all_reduce_sum, gather_objects
 from .metrics import confusion_matrix, peak_memory_bytes, reset_peak_memory
 
-__all__ = ["NonFiniteLossError", "resolve_amp", "to_model_input", "EpochResult", "EvalResult", "train_one_epoch",
+__all__ = ["NonFiniteLossError", "resolve_amp", "EpochResult", "EvalResult", "train_one_epoch",
            "evaluate"]
 
 
@@ -43,13 +45,6 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "fp16" and device.type != "cuda":
         raise ValueError("train.amp=fp16 needs a CUDA device; use bf16 or off on CPU")
     return resolve_dtype(None if amp == "off" else amp)
-
-
-def to_model_input(images: Any) -> Any:
-    """Integer image tensors become float in [0, 1]; readers (read lazily by the model) pass through."""
-    if isinstance(images, torch.Tensor) and not images.is_floating_point():
-        return images.float() / float(torch.iinfo(images.dtype).max)
-    return images
 
 
 def _pixels(images: Any) -> int:
@@ -125,27 +120,23 @@ def train_one_epoch(model: nn.Module, batches: DataLoader, optimizer: torch.opti
             last_of_step = (index + 1) % accumulate == 0
             sync = contextlib.nullcontext() if last_of_step or not context.enabled else model.no_sync()
             with sync:
-                with _autocast(device, amp_dtype):
-                    logits = model(to_model_input(images))
-                    loss = F.cross_entropy(logits.float(), labels.to(logits.device))
-                late = float(deadline is not None and time.monotonic() > deadline)
-                loss_value = loss.item()
-                reduced = all_reduce_sum(torch.tensor([loss_value, late], dtype=torch.float64), context)
-                if not math.isfinite(float(reduced[0])):
-                    raise NonFiniteLossError(
-                        f"loss is {float(reduced[0])} at epoch {epoch}, optimizer step {step + steps + 1}; "
-                        "stopped before the update. The last good checkpoint is kept: lower optim.lr, "
-                        "set train.amp=off, or check the data")
-                scaler.scale(loss / accumulate).backward()
+                loss, logits = micro_step(model, images, labels, device_type=device.type, accumulate=accumulate,
+                                          amp_dtype=amp_dtype, scaler=scaler)
+            late = float(deadline is not None and time.monotonic() > deadline)
+            loss_value = loss.item()
+            reduced = all_reduce_sum(torch.tensor([loss_value, late], dtype=torch.float64), context)
+            if not math.isfinite(float(reduced[0])):
+                raise NonFiniteLossError(
+                    f"loss is {float(reduced[0])} at epoch {epoch}, optimizer step {step + steps + 1}; "
+                    "stopped before the update. The last good checkpoint is kept: lower optim.lr, "
+                    "set train.amp=off, or check the data")
             _release(images)
-            correct = (logits.detach().argmax(dim=1).cpu() == labels).sum().item()
+            correct = (logits.argmax(dim=1).cpu() == labels).sum().item()
             totals += torch.tensor([loss_value * len(labels), len(labels), _pixels(images), correct],
                                    dtype=torch.float64)
             if last_of_step:
-                scaler.step(optimizer)
-                scaler.update()
+                optimizer_step(optimizer, scaler)
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
                 steps += 1
                 out_of_time = bool(reduced[1] > 0)
             elapsed = time.perf_counter() - start
@@ -187,7 +178,7 @@ def evaluate(model: nn.Module, batches: Iterable, *, context: DistributedContext
                                dynamic_ncols=True, leave=False):
         _check_labels(labels, num_classes)
         with _autocast(device, amp_dtype):
-            logits = model(to_model_input(images)).float().cpu()
+            logits = model(model_input(images)).float().cpu()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
         confusion += confusion_matrix(logits.argmax(dim=1), labels, num_classes)
         _release(images)

@@ -12,22 +12,15 @@ import math
 import torch
 import torch.nn as nn
 
+from ..step import make_optimizer
 from .config import OptimConfig
 
 __all__ = ["build_optimizer", "build_scheduler"]
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW or Adam over the trainable parameters; no weight decay on biases and norm weights."""
-    decay, no_decay = [], []
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            (no_decay if parameter.ndim <= 1 else decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if config.name == "adamw":
-        return torch.optim.AdamW(groups, lr=config.lr)
-    # The paper's Adam applies L2 weight decay through the gradient (torch's Adam semantics).
-    return torch.optim.Adam(groups, lr=config.lr)
+    """The config's optimizer (:func:`streamcnn.step.make_optimizer`) over the trainable parameters."""
+    return make_optimizer(config.name, model, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, total_steps: int,

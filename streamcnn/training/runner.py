@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 from ..models import StreamingClassifier, build_model
+from ..planning import enforce_budget, plan
 from ..files import atomic_write_text
 from .checkpointing import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
 from .config import TrainConfig, apply_overrides
@@ -37,7 +38,7 @@ from .loop import evaluate, resolve_amp, train_one_epoch
 from .metrics import plot_confusion_matrix, plot_loss_curve, write_metrics
 from .optim import build_optimizer, build_scheduler
 
-__all__ = ["build_training_model", "apply_memory_plan", "fit", "RunFiles"]
+__all__ = ["build_training_model", "apply_memory_plan", "planned_model", "fit", "RunFiles"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,9 @@ class RunFiles:
 def build_training_model(config: TrainConfig) -> StreamingClassifier:
     """The config's model (untrained unless ``model.weights``), not yet planned."""
     m = config.model
+    if m.num_classes is None or m.in_channels is None:
+        raise ValueError("model.num_classes and model.in_channels come from the data when the config leaves them "
+                         "unset; set them in the config (or train with fit(), which reads them from the data)")
     return build_model(m.trunk, m.head, num_classes=m.num_classes, in_channels=m.in_channels, weights=m.weights,
                        head_kwargs=m.head_kwargs)
 
@@ -72,35 +76,59 @@ def apply_memory_plan(model: StreamingClassifier, config: TrainConfig, image_siz
 
     Returns a description for people and the planner's JSON report (None without a budget).
     With a ``plan.budget`` the planner (:func:`streamcnn.planning.plan`) chooses the fastest
-    plan predicted to fit and raises :class:`streamcnn.planning.BudgetError` (naming the
-    smallest budget that would fit) when nothing does; a tile size the config fixes limits
-    the planner's streamed candidates to that tile. Choices the config fixes (not ``auto``)
-    then override the planner's. Without a budget the model runs conventionally unless the
-    config fixes a tile. ``image_size`` is what the model sees (the small image in the
-    downsampling baseline, which is planned and enforced under the same budget).
+    plan predicted to fit the config's step (micro-batch ``batch``, ``train.accumulate``,
+    amp, optimizer) and raises :class:`streamcnn.planning.BudgetError` (naming the smallest
+    budget that would fit) when nothing does; the choices the config fixes (not ``auto``)
+    are constraints of that search, so the prediction holds for what runs. Without a
+    budget the model runs as the config says (conventional unless it fixes a tile).
+    ``image_size`` is what the model sees (the small image in the downsampling baseline,
+    which is planned and enforced under the same budget).
     """
     p = config.plan
-    description, report_json = "no budget: the config's settings (conventional unless it fixes a tile)", None
+    offload = "auto" if p.output_device is None else torch.device(p.output_device).type == "cpu"
     if p.budget is not None:
-        from ..planning import plan
-
-        fixed_tile = p.tile_size if isinstance(p.tile_size, int) else None
-        report = plan(model, image_size, p.budget, batch=batch, dtype=resolve_amp(config.train.amp, device),
-                      device=device.type, optimizer=config.optim.name,
-                      tile_sizes=[fixed_tile] if fixed_tile else None, progress=config.train.progress)
+        report = plan(model, image_size, p.budget, batch=batch, accumulate=config.train.accumulate,
+                      dtype=resolve_amp(config.train.amp, device), device=device.type, optimizer=config.optim.name,
+                      weight_decay=config.optim.weight_decay, tile_size=p.tile_size, checkpoint=p.checkpoint,
+                      head_checkpoint=p.head_checkpoint, offload=offload, progress=config.train.progress)
         report.apply(model)
         description, report_json = str(report), report.to_json()
-    if p.tile_size != "auto":
-        model.trunk.tile_size = p.tile_size
-    if p.checkpoint != "auto":
-        model.trunk.checkpoint = p.checkpoint
-    if p.head_checkpoint != "auto":
-        model.head_checkpoint = p.head_checkpoint
-    if p.output_device is not None:
-        model.trunk.output_device = torch.device(p.output_device)
+    else:
+        fixed_or = lambda value, default: default if value == "auto" else value  # noqa: E731
+        model.configure_plan(tile_size=fixed_or(p.tile_size, None), checkpoint=fixed_or(p.checkpoint, False),
+                             head_checkpoint=fixed_or(p.head_checkpoint, False), output_device=p.output_device)
+        description, report_json = "no budget: the config's settings (conventional unless it fixes a tile)", None
     running = (f"running with: tile_size={model.trunk.tile_size}, checkpoint={model.trunk.checkpoint}, "
                f"head_checkpoint={model.head_checkpoint}, output_device={model.trunk.output_device}")
     return f"{description}\n{running}", report_json
+
+
+def planned_model(config: TrainConfig, image_size: tuple[int, int], device: torch.device,
+                  state: dict[str, Any] | None = None) -> tuple[StreamingClassifier, str, dict[str, Any] | None]:
+    """The config's model (with ``state`` loaded), planned for ``image_size`` under the config's
+    budget, moved to ``device``, with the budget enforced on CUDA; and the plan's text and JSON."""
+    model = build_training_model(config)
+    if state is not None:
+        model.load_state_dict(state)
+    plan_text, plan_json = apply_memory_plan(model, config, image_size, device, batch=config.train.batch_size)
+    model.to(device)
+    if config.plan.budget is not None and device.type == "cuda":
+        enforce_budget(config.plan.budget, device)
+    return model, plan_text, plan_json
+
+
+def _from_data(config: TrainConfig, train_set: Dataset, sample_image: Any) -> TrainConfig:
+    """``config`` with ``model.num_classes`` / ``model.in_channels`` the data's where it leaves them unset."""
+    overrides: list[tuple[str, Any]] = []
+    if config.model.num_classes is None:
+        classes = getattr(train_set, "num_classes", None)
+        if classes is None:
+            raise ValueError(f"model.num_classes is not set and {type(train_set).__name__} has no num_classes; "
+                             "set model.num_classes in the config")
+        overrides.append(("model.num_classes", int(classes)))
+    if config.model.in_channels is None:
+        overrides.append(("model.in_channels", int(sample_image.shape[0])))
+    return apply_overrides(config, overrides) if overrides else config
 
 
 def _is_better(row: dict[str, Any], best: dict[str, Any] | None) -> bool:
@@ -185,14 +213,10 @@ def _fit(config: TrainConfig, context: DistributedContext, resume: bool, train_s
     if train_set is None:
         train_set, val_set = build_datasets(config, context)
     seed_everything(config.train.seed)
-    model = build_training_model(config)
     sample_image, _ = train_set[0]
+    config = _from_data(config, train_set, sample_image)
     image_size = image_size_of(sample_image)
-    plan_text, plan_json = apply_memory_plan(model, config, image_size, device, batch=config.train.batch_size)
-    model.to(device)
-    if config.plan.budget is not None and device.type == "cuda":
-        from ..planning import enforce_budget
-        enforce_budget(config.plan.budget, device)
+    model, plan_text, plan_json = planned_model(config, image_size, device)
 
     train_loader = make_loader(train_set, config, context, train=True)
     val_loader = make_loader(val_set, config, context, train=False) if val_set is not None else None

@@ -9,19 +9,16 @@ factor: a downsampling baseline is at chance, and only a model that sees full re
 can learn the task. Training on it while streaming (tile smaller than the image) is the
 test that the streamed loop really learns.
 
-``tiny-cnn`` (registered in :data:`streamcnn.models.TRUNKS`) is a 4-layer stride-8 trunk
+``tiny-cnn`` (in :data:`streamcnn.models.TRUNKS`) is a 4-layer stride-8 trunk
 that learns the task in a few hundred CPU steps; its receptive field is small, so
 streaming it uses tiles much smaller than the image with little overlap.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 from torch.utils.data import Dataset
 
-from ..models import register_trunk
-
-__all__ = ["TEXTURES", "SyntheticTextures", "texture_patch", "tiny_cnn"]
+__all__ = ["TEXTURES", "SyntheticTextures", "texture_patch"]
 
 TEXTURES = ("flat", "checkerboard", "horizontal stripes", "vertical stripes")
 
@@ -67,17 +64,3 @@ class SyntheticTextures(Dataset):
         top, left = (2 * torch.randint(0, (self.size - self.patch) // 2 + 1, (2,), generator=generator)).tolist()
         image[0, top:top + self.patch, left:left + self.patch] = texture_patch(label, self.patch)
         return image, label
-
-
-@register_trunk("tiny-cnn")
-def tiny_cnn(in_channels: int = 1, weights=None, width: int = 16) -> tuple[nn.Module, int]:
-    """Four 3x3 convolutions (strides 1, 2, 2, 2): a stride-8 trunk with a 29 px receptive field."""
-    if weights is not None:
-        raise ValueError("tiny-cnn has no pretrained weights; leave model.weights empty")
-    layers = nn.Sequential()
-    channels = in_channels
-    for i, (out, stride) in enumerate([(width, 1), (2 * width, 2), (2 * width, 2), (4 * width, 2)]):
-        layers.add_module(f"conv{i}", nn.Conv2d(channels, out, 3, stride=stride, padding=1))
-        layers.add_module(f"relu{i}", nn.ReLU(inplace=True))
-        channels = out
-    return layers, channels

@@ -1,0 +1,141 @@
+"""Generating an UltraMNIST folder: the jobs (one per image, in worker processes), resume, the manifest.
+
+Image ``i`` depends only on ``(seed, split, i)``; a file appears only complete (written,
+then renamed), so an interrupted run resumes by making the missing images, and a folder
+records its parameters (``generation.json``) so that images of other parameters are
+never mixed in.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Iterable
+
+from ...files import TEMPORARY_GLOB, atomic_write_text
+from ..digits import SPLITS, DigitBank, load_digit_bank
+from . import write
+from .layout import REFERENCE_SIZE, sample_layout
+from .preview import write_preview
+from .render import render_layout
+
+__all__ = ["generate_ultramnist", "MANIFEST_COLUMNS"]
+
+MANIFEST_COLUMNS = ("id", "path", "label", "digits", "boxes")
+_PARAMS_FILE = "generation.json"
+
+
+@dataclass(frozen=True)
+class _Job:
+    size: int
+    seed: int
+    split: str
+    mnist_dir: str | None
+    image_dir: Path
+
+
+_worker_bank: dict[tuple[str, str | None], DigitBank] = {}
+
+
+def _bank(split: str, mnist_dir: str | None) -> DigitBank:
+    key = (split, mnist_dir)
+    if key not in _worker_bank:
+        _worker_bank[key] = load_digit_bank(split, mnist_dir)
+    return _worker_bank[key]
+
+
+def _image_name(split: str, index: int) -> str:
+    return f"{split}_{index:06d}"
+
+
+def _make_image(job: _Job, index: int) -> dict:
+    """Write image ``index`` unless it exists already; return its manifest row."""
+    bank = _bank(job.split, job.mnist_dir)
+    layout = sample_layout(index, size=job.size, seed=job.seed, split=job.split,
+                           bank_sizes=[len(v) for v in bank.by_value])
+    name = _image_name(job.split, index)
+    path = job.image_dir / f"{name}.tiff"
+    if not path.exists():      # files only ever appear complete (written, then renamed)
+        write.write_pyramid_tiff(render_layout(layout, bank), path)
+    return {"id": name, "path": f"{job.image_dir.name}/{path.name}", "label": layout.label,
+            "digits": json.dumps(layout.digits), "boxes": json.dumps(layout.boxes)}
+
+
+def _check_params(out_dir: Path, params: dict) -> None:
+    """Refuse to mix images of other parameters in one folder; record ours."""
+    params_path = out_dir / _PARAMS_FILE
+    if params_path.exists():
+        existing = json.loads(params_path.read_text())
+        if existing != params:
+            changed = {k: (existing.get(k), v) for k, v in params.items() if existing.get(k) != v}
+            raise ValueError(
+                f"{out_dir} already holds UltraMNIST images made with other parameters {changed} "
+                f"(see {params_path}); use another --out folder or delete that one"
+            )
+    else:
+        atomic_write_text(params_path, json.dumps(params, indent=2) + "\n")
+
+
+def generate_ultramnist(out_dir: str | Path, count: int, size: int = REFERENCE_SIZE, seed: int = 0,
+                        split: str = "train", workers: int = 1, mnist_dir: str | Path | None = None,
+                        preview: str | Path | None = None, progress: bool = True) -> Path:
+    """Generate ``count`` UltraMNIST images into ``out_dir``; return the manifest path.
+
+    Writes ``out_dir/images/<split>_<i>.tiff`` (tiled 256 px, deflate, pyramidal BigTIFF,
+    levels as pages) and ``out_dir/manifest.csv`` with columns ``id,path,label,digits,boxes``.
+    Image ``i`` depends only on ``(seed, split, i)``, so runs with different ``count`` or
+    ``workers`` agree on their common images. An interrupted run resumes: complete images
+    are kept, missing ones are made, the manifest is rewritten atomically. ``preview``
+    writes a PNG contact sheet of the first images with their boxes and labels.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if count < 1:
+        raise ValueError(f"count must be at least 1, got {count}")
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    out_dir = Path(out_dir)
+    image_dir = out_dir / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    mnist = None if mnist_dir is None else str(Path(mnist_dir).resolve())
+    bank = load_digit_bank(split, mnist)        # fail early on a bad --mnist folder
+    _check_params(out_dir, {"size": size, "seed": seed, "split": split, "digits": bank.source})
+    for stale in image_dir.glob(TEMPORARY_GLOB):     # left by an interrupted run
+        stale.unlink(missing_ok=True)
+
+    job = _Job(size, seed, split, mnist, image_dir)
+    rows = _run_jobs(job, range(count), workers, progress)
+    manifest = out_dir / "manifest.csv"
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(manifest, buffer.getvalue())
+    if preview is not None:
+        write_preview(out_dir, rows[:16], preview)
+    return manifest
+
+
+def _run_jobs(job: _Job, indices: Iterable[int], workers: int, progress: bool) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    indices = list(indices)
+    bar = tqdm(total=len(indices), desc=f"UltraMNIST {job.split} {job.size}px", unit="img", disable=not progress)
+    rows: list[dict] = []
+    with bar:
+        if workers == 1:
+            for i in indices:
+                rows.append(_make_image(job, i))
+                bar.update()
+        else:
+            # spawn: libvips' thread pool does not survive fork.
+            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+                for row in pool.map(_make_image, itertools.repeat(job), indices, chunksize=4):
+                    rows.append(row)
+                    bar.update()
+    return rows
