@@ -108,13 +108,13 @@ def rss_worker(spec: dict) -> dict:
     """In a fresh process: one training step of the row's plan; the process's peak RSS."""
     import resource
 
-    from streamcnn.step import make_optimizer, training_step
+    from streamcnn.step import allocate_optimizer_state, make_optimizer, training_step
 
     model = build_model(spec["model"], head="conv", num_classes=28, in_channels=1)
     candidate(spec["plan"], spec["tile"]).configure(model)
-    opt = make_optimizer(model, "adamw", foreach=False)
+    opt = allocate_optimizer_state(make_optimizer("adamw", model, foreach=False))
     images = torch.rand(1, 1, spec["image"], spec["image"])
-    training_step(model, images, torch.zeros(1, dtype=torch.long), opt, None, "cpu")
+    training_step(model, images, torch.zeros(1, dtype=torch.long), opt, device_type="cpu")
     return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
