@@ -3,6 +3,7 @@
     python benchmarks/bench_planner.py                 # CPU rows (ResNet-18/34/50 at 512/1024 px)
     python benchmarks/bench_planner.py --device cuda   # CUDA rows up to 4000^2, plans under 11 GB
     python benchmarks/bench_planner.py --quick         # two rows, nothing written
+    python benchmarks/bench_planner.py --rss           # CPU: predicted vs measured process RSS
 
 Each row builds a model (conv head, 1 input channel, 28 classes, AdamW), sets a plan
 (conventional, checkpoint, stream at a tile, stream+checkpoint, offload), predicts one
@@ -103,6 +104,49 @@ def measure_row(model_name: str, size: int, mode: str, tile: int | None, dtype: 
     return row
 
 
+def rss_worker(spec: dict) -> dict:
+    """In a fresh process: one training step of the row's plan; the process's peak RSS."""
+    import resource
+
+    from streamcnn.step import allocate_optimizer_state, make_optimizer, training_step
+
+    model = build_model(spec["model"], head="conv", num_classes=28, in_channels=1)
+    candidate(spec["plan"], spec["tile"]).configure(model)
+    opt = allocate_optimizer_state(make_optimizer("adamw", model, foreach=False))
+    images = torch.rand(1, 1, spec["image"], spec["image"])
+    training_step(model, images, torch.zeros(1, dtype=torch.long), opt, device_type="cpu")
+    return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def rss_rows(quick: bool) -> list[dict]:
+    """CPU: predicted process RSS (``predicted_device_bytes``) against the peak RSS of a fresh
+    process that runs one step of the plan (the runtime included, as a user sees it)."""
+    import json
+    import subprocess
+    import sys
+
+    rows = []
+    for model_name, size, mode, tile, dtype in rows_for("cpu", quick):
+        model = build_model(model_name, head="conv", num_classes=28, in_channels=1)
+        candidate(mode, tile).configure(model)
+        predicted = predict_step_memory(model, size, device="cpu")
+        spec = {"model": model_name, "image": size, "plan": mode, "tile": tile}
+        proc = subprocess.run([sys.executable, __file__, "--rss-worker", json.dumps(spec)], capture_output=True,
+                              text=True)
+        row = {**spec, "dtype": dtype, "predicted_rss_bytes": predicted.process_bytes,
+               "predicted_peak_bytes": predicted.allocated_bytes}
+        if proc.returncode != 0:
+            row["error"] = ((proc.stderr or proc.stdout).strip().splitlines() or ["?"])[-1]
+        else:
+            row["measured_rss_bytes"] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
+            row["rss_error"] = row["predicted_rss_bytes"] / row["measured_rss_bytes"] - 1
+        print(f"{model_name} {size} {mode} {tile}: predicted RSS {format_size(row['predicted_rss_bytes'])}, "
+              f"measured {format_size(row.get('measured_rss_bytes', 0))} ({100 * row.get('rss_error', 0):+.1f}%)",
+              flush=True)
+        rows.append(row)
+    return rows
+
+
 def budget_rows(device: str) -> list[dict]:
     """Plan at 4000^2 under 11 GB, run the chosen plan under the enforced budget."""
     rows = []
@@ -184,8 +228,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="two rows, nothing written")
+    parser.add_argument("--rss", action="store_true",
+                        help="CPU: predicted vs measured process RSS only (planner_rss_cpu.json)")
+    parser.add_argument("--rss-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rss_worker:
+        import json
+        print(json.dumps(rss_worker(json.loads(args.rss_worker))))
+        return
     env = common.environment(args.device)
+    if args.rss:
+        rows = rss_rows(args.quick)
+        errors = [abs(r["rss_error"]) for r in rows if "rss_error" in r]
+        print(f"largest RSS prediction error: {100 * max(errors):.1f}%")
+        if not args.quick:
+            import os
+            env["load_average_after"] = os.getloadavg()
+            common.write_json("planner_rss_cpu.json", {**env, "rows": rows, "max_abs_rss_error": max(errors)})
+        return
     rows = []
     for spec in rows_for(args.device, args.quick):
         row = measure_row(*spec, device=args.device)

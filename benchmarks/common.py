@@ -59,6 +59,7 @@ def environment(device: str = "cpu") -> dict:
         "device": device_name(device),
         "versions": versions,
         "load_average_before": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
 

@@ -324,10 +324,17 @@ class TilePlan:
 
     def __str__(self) -> str:
         h, w = self.image_size
+        sides = [[f(t.region[ax][1] - t.region[ax][0] for t in self.tiles) for f in (min, max)] for ax in range(2)]
+
+        def span(scale: tuple[int, int]) -> str:
+            parts = [f"{lo * s}" if lo == hi else f"{lo * s}-{hi * s}" for (lo, hi), s in zip(sides, scale)]
+            return ("x" if all("-" not in p for p in parts) else " x ").join(parts)
+
+        regions, features = span(self.stride), span((1, 1))
         return (
             f"TilePlan({h}x{w} image -> {self.output_size[0]}x{self.output_size[1]} features, "
-            f"{self.grid[0]}x{self.grid[1]} tiles of {self.tile_size[0]}x{self.tile_size[1]} px, "
-            f"largest window {self.max_window[0]}x{self.max_window[1]} px, "
+            f"{self.grid[0]}x{self.grid[1]} tiles: regions of {regions} px ({features} features), "
+            f"windows up to {self.max_window[0]}x{self.max_window[1]} px, "
             f"overlap factor {self.overlap_factor:.3f})"
         )
 

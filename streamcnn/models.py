@@ -164,9 +164,10 @@ class StreamingClassifier(nn.Module):
         self.head_checkpoint = head_checkpoint
 
     def configure_plan(self, *, tile_size: int | None, checkpoint: bool, head_checkpoint: bool,
-                       output_device: torch.device | str | None) -> None:
+                       output_device: torch.device | str | None, forward_tile_size: int | None = None) -> None:
         """Set the knobs a memory plan chooses (:class:`streamcnn.plannable.Plannable`)."""
         self.trunk.tile_size = tile_size
+        self.trunk.forward_tile_size = forward_tile_size
         self.trunk.checkpoint = checkpoint
         self.trunk.output_device = torch.device(output_device) if output_device is not None else None
         self.head_checkpoint = head_checkpoint

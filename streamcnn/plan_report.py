@@ -33,8 +33,11 @@ class Candidate:
     feature map and its gradient in host memory. ``predicted_peak_bytes`` is the allocator
     peak (what ``torch.cuda.max_memory_allocated`` reads on CUDA; the CPU allocator peak on
     CPU); ``predicted_device_bytes`` adds the CUDA reserved-memory and context allowances
-    and is what the budget is compared with. Both are None, and ``fits`` is None, for a
-    plan that was not simulated because a cheaper one fits.
+    and is what the budget is compared with (on CPU: the predicted peak RSS). Both are None,
+    and ``fits`` is None, for a plan that was not simulated because a cheaper one fits.
+    ``forward_tile_size``: the no-grad forward's tile (None: the backward's; the image's
+    side: one window), ``forward_overlap`` its overlap factor. ``predicted_host_bytes``: host
+    memory beside the device's (0 on CPU, where they are one).
     """
 
     mode: str
@@ -50,6 +53,10 @@ class Candidate:
     predicted_device_bytes: int | None = None
     fits: bool | None = None
     too_large_tensor: bool = False   # on CUDA, a tensor of 2^31 or more elements (cuDNN refuses it)
+    forward_tile_size: int | None = None
+    forward_overlap: float | None = None
+    forward_whole: bool = False      # the forward runs the whole image in one window
+    predicted_host_bytes: int | None = None
     estimate: MemoryEstimate | None = field(default=None, repr=False)
 
     @property
@@ -59,7 +66,13 @@ class Candidate:
     @property
     def label(self) -> str:
         """The name and the tile size, as the table and messages print it."""
-        return self.name + (f" {self.tile_size} px" if self.tile_size else "")
+        return self.name + (f" {self.tile_size} px" if self.tile_size else "") + self.forward_label
+
+    @property
+    def forward_label(self) -> str:
+        if self.forward_tile_size is None:
+            return ""
+        return " (forward: whole image)" if self.forward_whole else f" (forward {self.forward_tile_size} px)"
 
     def configure(self, model: nn.Module) -> None:
         """Set ``model``'s plan knobs (a :class:`~streamcnn.plannable.Plannable`)."""
@@ -68,7 +81,8 @@ class Candidate:
                             f"(.trunk, .head, .configure_plan), got {type(model).__name__}; build one with "
                             "streamcnn.models.build_model")
         model.configure_plan(tile_size=self.tile_size, checkpoint=self.checkpoint,
-                             head_checkpoint=self.head_checkpoint, output_device="cpu" if self.offload else None)
+                             head_checkpoint=self.head_checkpoint, output_device="cpu" if self.offload else None,
+                             forward_tile_size=self.forward_tile_size)
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -121,6 +135,8 @@ class PlanReport:
         out = {
             "mode": self.chosen.mode,
             "tile_size": self.chosen.tile_size,
+            "forward_tile_size": self.chosen.forward_tile_size,
+            "predicted_host_bytes": self.chosen.predicted_host_bytes,
             "checkpoint": self.chosen.checkpoint,
             "head_checkpoint": self.chosen.head_checkpoint,
             "offload": self.chosen.offload,
@@ -156,7 +172,8 @@ class PlanReport:
                 f"on {self.device}; budget {format_size(self.budget_bytes)}")
         if self.fixed:
             head += "; fixed: " + ", ".join(f"{k}={v}" for k, v in self.fixed.items())
-        columns = ("", "plan", "tile", "tiles", "overlap", "peak", "on device", "rel. time", "fits")
+        columns = ("", "plan", "tile", "tiles", "overlap", "peak", "RSS" if self.device == "cpu" else "on device",
+                   "host", "rel. time", "fits")
         rows = [columns]
         skipped = [c for c in self.candidates if c.fits is None]
         for c in self.candidates:
@@ -165,11 +182,14 @@ class PlanReport:
             rows.append((
                 "->" if c is self.chosen else "",
                 c.name,
-                f"{c.tile_size} px" if c.tile_size else "-",
+                (f"{c.tile_size} px" if c.tile_size else "-") + (
+                    "" if c.forward_tile_size is None else " / fwd " + (
+                        "whole" if c.forward_whole else f"{c.forward_tile_size} px")),
                 str(c.n_tiles),
                 f"{c.overlap_factor:.2f}",
                 format_size(c.predicted_peak_bytes) if c.predicted_peak_bytes is not None else "-",
                 format_size(c.predicted_device_bytes) if c.predicted_device_bytes is not None else "-",
+                format_size(c.predicted_host_bytes) if c.predicted_host_bytes else "-",
                 f"{c.relative_cost:.2f}x",
                 "yes" if c.fits else ("no: tensor >= 2^31 elements" if c.too_large_tensor else "no"),
             ))
@@ -185,7 +205,11 @@ class PlanReport:
         if self.device == "cuda":
             lines.append(f"'peak' is predicted torch.cuda.max_memory_allocated; 'on device' adds reserved-memory "
                          f"fragmentation and the CUDA context ({format_size(CUDA_CONTEXT_BYTES)}), and is what "
-                         "the budget limits. CUDA allowances are not yet calibrated on a GPU.")
+                         "the budget limits. CUDA allowances are not yet calibrated on a GPU. 'host' is the "
+                         "host memory beside it (image, offloaded feature map and gradient).")
+        else:
+            lines.append("'peak' is the predicted tensor peak; 'RSS' the process's resident memory (torch "
+                         "runtime + tensors + heap), which the budget limits.")
         if self.measured is not None:
             lines.append(f"measured: peak {format_size(self.measured.allocated_bytes)}, "
                          f"on device {format_size(self.measured.process_bytes)} "
@@ -209,8 +233,12 @@ class PlanReport:
                 cost.axhline(c.relative_cost, color=styles[c.mode], ls=":", label=c.name)
         for mode in ("stream", "stream+checkpoint"):
             for offload in (False, True):
-                pts = sorted((c.tile_size, c) for c in self.candidates
-                             if c.mode == mode and c.offload == offload and c.predicted_device_bytes is not None)
+                best: dict[int, Candidate] = {}   # per tile: the cheapest simulated forward tile
+                for c in self.candidates:
+                    if c.mode == mode and c.offload == offload and c.predicted_device_bytes is not None:
+                        if c.tile_size not in best or c.relative_cost < best[c.tile_size].relative_cost:
+                            best[c.tile_size] = c
+                pts = sorted(best.items())
                 if not pts:
                     continue
                 label = mode + (" +offload" if offload else "")

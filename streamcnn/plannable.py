@@ -28,7 +28,7 @@ class Plannable(Protocol):
     head: nn.Module
 
     def configure_plan(self, *, tile_size: int | None, checkpoint: bool, head_checkpoint: bool,
-                       output_device: torch.device | str | None) -> None:
+                       output_device: torch.device | str | None, forward_tile_size: int | None = None) -> None:
         """Run as the plan says; none of the knobs changes the result."""
         ...
 

@@ -16,10 +16,14 @@ exceed it fails with an out-of-memory error instead of silently using the whole 
 Cost model (relative to a conventional step, ``Tf``/``Tb``: trunk forward/backward FLOPs
 on the whole image, ``Hf``/``Hb``: the head's, ``rf``: the tile overlap factor)::
 
-    conventional        Tf + Tb                + Hf + Hb
-    checkpoint          2 Tf + Tb              + 2 Hf + Hb    (trunk and head recomputed)
-    stream              rf (2 Tf + Tb)         + Hf + Hb      (no-grad pass, then with grad)
-    stream+checkpoint   rf (3 Tf + Tb)         + 2 Hf + Hb
+    conventional        Tf + Tb                       + Hf + Hb
+    checkpoint          2 Tf + Tb                     + 2 Hf + Hb    (trunk and head recomputed)
+    stream              rf_fwd Tf + rf (Tf + Tb)      + Hf + Hb      (no-grad pass, then with grad)
+    stream+checkpoint   rf_fwd Tf + rf (2 Tf + Tb)    + 2 Hf + Hb
+
+``rf`` is the backward tiles' overlap and ``rf_fwd`` the no-grad forward's, whose tiles are
+chosen apart (larger: it keeps no activations; often the whole image, ``rf_fwd = 1``).
+:func:`relative_cost` is this table.
 
 Offloading the feature map to host memory costs PCIe transfers, not FLOPs, so an offloaded
 plan is chosen only when no plan without offload fits.
@@ -35,14 +39,15 @@ import torch.nn as nn
 
 from .flops import StepFlops, step_flops
 from .geometry import tile_plan
-from .memory import CUDA_CONTEXT_BYTES, predict_step_memory
-from .plan_report import Candidate, PlanReport
+from .memory import CPU_RUNTIME_BYTES, CUDA_CONTEXT_BYTES, predict_step_memory
 from .models import build_model
-from .plannable import Plannable, meta_copy
+from .plan_report import MODES, Candidate, PlanReport
+from .plannable import Plannable, input_shape, meta_copy
 from .streaming import StreamingModule
 from .units import format_size, pair, parse_size, resolve_dtype
 
-__all__ = ["Candidate", "PlanReport", "BudgetError", "plan", "enforce_budget", "candidate_tile_sizes"]
+__all__ = ["Candidate", "PlanReport", "BudgetError", "plan", "enforce_budget", "candidate_tile_sizes",
+           "relative_cost"]
 
 MAX_TENSOR_ELEMENTS = 2**31  # cuDNN (and some CUDA kernels) index tensors with 32-bit integers
 
@@ -53,6 +58,25 @@ class BudgetError(ValueError):
     def __init__(self, message: str, min_bytes: int):
         super().__init__(message)
         self.min_bytes = min_bytes
+
+
+def relative_cost(flops: StepFlops, *, overlap: float | None, forward_overlap: float | None = None,
+                  checkpoint: bool = False, head_checkpoint: bool | None = None) -> float:
+    """A plan's predicted time relative to a conventional step (the module's cost table).
+
+    ``overlap``: the backward tiles' overlap factor, None for an unstreamed plan;
+    ``forward_overlap``: the no-grad forward's (default: ``overlap``); ``checkpoint``:
+    activations recomputed (inside each tile, or over the whole image when not streamed);
+    ``head_checkpoint``: the head's (default: ``checkpoint``).
+    """
+    tf, tb, hf, hb = flops.trunk_forward, flops.trunk_backward, flops.head_forward, flops.head_backward
+    head = (2 if (checkpoint if head_checkpoint is None else head_checkpoint) else 1) * hf + hb
+    if overlap is None:
+        trunk = (2 if checkpoint else 1) * tf + tb
+    else:
+        rf_fwd = overlap if forward_overlap is None else forward_overlap
+        trunk = rf_fwd * tf + overlap * ((2 if checkpoint else 1) * tf + tb)
+    return (trunk + head) / flops.conventional
 
 
 def candidate_tile_sizes(image_size: int | Sequence[int], stride: int) -> list[int]:
@@ -94,22 +118,25 @@ def _describe(model: nn.Module) -> str:
 
 def _candidates(template: Plannable, image: tuple[int, int], tile_sizes: Sequence[int] | None, device: str,
                 allow_offload: bool, flops: StepFlops, fixed: dict) -> list[Candidate]:
-    """Every plan the knobs allow, cheapest trunk passes first; ``fixed`` knobs are constraints."""
+    """Every plan the knobs allow; ``fixed`` knobs are constraints. Per backward tile the
+    no-grad forward runs on the same tiles, on each larger ladder tile (fewer tiles), or on
+    the whole image."""
     geometry = template.trunk.geometry
-    tf, tb, hf, hb = flops.trunk_forward, flops.trunk_backward, flops.head_forward, flops.head_backward
 
-    def cost(rf: float, streamed: bool, checkpoint: bool, head_checkpoint: bool) -> float:
-        trunk = rf * ((2 + checkpoint) * tf + tb) if streamed else (1 + checkpoint) * tf + tb
-        return (trunk + hf * (2 if head_checkpoint else 1) + hb) / flops.conventional
-
-    def make(tile: int | None, checkpoint: bool, offload: bool, n: int, rf: float, window) -> Candidate:
+    def make(tile, checkpoint: bool, offload: bool, tp=None, forward=(None, None)) -> Candidate:
         head_checkpoint = checkpoint if fixed.get("head_checkpoint", AUTO) == AUTO else fixed["head_checkpoint"]
-        if tile is not None:
-            mode = "stream+checkpoint" if checkpoint else "stream"
-        else:
-            mode = "checkpoint" if checkpoint else "conventional"
-        return Candidate(mode, tile, checkpoint, head_checkpoint, offload, n, rf, window,
-                         cost(rf, tile is not None, checkpoint, head_checkpoint))
+        if tp is None:
+            return Candidate("checkpoint" if checkpoint else "conventional", None, checkpoint, head_checkpoint,
+                             offload, 1, 1.0, None, relative_cost(flops, overlap=None, checkpoint=checkpoint,
+                                                                  head_checkpoint=head_checkpoint))
+        f, fp = forward
+        fp = fp or tp
+        return Candidate("stream+checkpoint" if checkpoint else "stream", tile, checkpoint, head_checkpoint, offload,
+                         len(tp.tiles), tp.overlap_factor, tp.max_window,
+                         relative_cost(flops, overlap=tp.overlap_factor, forward_overlap=fp.overlap_factor,
+                                       checkpoint=checkpoint, head_checkpoint=head_checkpoint),
+                         forward_tile_size=f, forward_overlap=fp.overlap_factor,
+                         forward_whole=f is not None and len(fp.tiles) == 1)
 
     fixed_tile = fixed.get("tile_size", AUTO)
     offloads = (False, True) if allow_offload and device == "cuda" else (False,)
@@ -118,20 +145,25 @@ def _candidates(template: Plannable, image: tuple[int, int], tile_sizes: Sequenc
     out = []
     if fixed_tile is None or fixed_tile == AUTO:
         for checkpoint in (False, True):
-            out += [make(None, checkpoint, offload, 1, 1.0, None) for offload in offloads if not offload
+            out += [make(None, checkpoint, offload) for offload in offloads if not offload
                     or fixed.get("offload") is True]
     if fixed_tile is not None:
-        tiles = [fixed_tile] if fixed_tile != AUTO else \
-            list(tile_sizes) if tile_sizes is not None else candidate_tile_sizes(image, max(geometry.output_stride))
+        ladder = list(tile_sizes) if tile_sizes is not None else candidate_tile_sizes(image, max(geometry.output_stride))
+        tiles = [fixed_tile] if fixed_tile != AUTO else ladder
+        forwards: dict = {}
+        for t in sorted(set(int(t) for t in ladder)) + [max(image)]:
+            fp = tile_plan(geometry, image, t)
+            forwards.setdefault(fp.grid, (t, fp))  # a larger tile with the same tiling adds nothing
         seen = set()
         for t in sorted(set(int(t) for t in tiles)):
             tp = tile_plan(geometry, image, t)
             if fixed_tile == AUTO and (tp.grid in seen or len(tp.tiles) < 2):
                 continue  # same tiling as a smaller tile size, or not streaming at all
             seen.add(tp.grid)
+            options = [(None, None)] + [(f, fp) for f, fp in forwards.values() if len(fp.tiles) < len(tp.tiles)]
             for offload in offloads:
-                out += [make(t, checkpoint, offload, len(tp.tiles), tp.overlap_factor, tp.max_window)
-                        for checkpoint in (False, True)]
+                out += [make(t, checkpoint, offload, tp, forward) for checkpoint in (False, True)
+                        for forward in options]
     if fixed.get("checkpoint", AUTO) != AUTO:
         out = [c for c in out if c.checkpoint == fixed["checkpoint"]]
     return out
@@ -141,13 +173,63 @@ def _rank(c: Candidate) -> tuple:
     return (c.offload, round(c.relative_cost, 9))
 
 
+def _leanest(template: nn.Module, image: tuple[int, int], tile_sizes: Sequence[int] | None, device: str,
+             allow_offload: bool, fixed: dict) -> list[Candidate]:
+    """The plans the knobs allow that are expected to need the least memory (not priced:
+    their cost is not needed): whole-image checkpointing, and streaming at the smallest tile,
+    checkpointed, offloaded where possible, the forward on the same tiles."""
+    checkpoint = fixed.get("checkpoint", AUTO) in (AUTO, True)
+    head_checkpoint = checkpoint if fixed.get("head_checkpoint", AUTO) == AUTO else fixed["head_checkpoint"]
+    offload = allow_offload and device == "cuda" and fixed.get("offload", AUTO) in (AUTO, True)
+    fixed_tile = fixed.get("tile_size", AUTO)
+    out = []
+    if fixed_tile in (AUTO, None):
+        out.append(Candidate("checkpoint" if checkpoint else "conventional", None, checkpoint, head_checkpoint,
+                             False, 1, 1.0, None, math.nan))
+    if fixed_tile is not None:
+        geometry = template.trunk.geometry
+        tiles = [fixed_tile] if fixed_tile != AUTO else \
+            list(tile_sizes) if tile_sizes is not None else candidate_tile_sizes(image, max(geometry.output_stride))
+        for t in sorted(set(int(t) for t in tiles)):
+            tp = tile_plan(geometry, image, t)
+            if len(tp.tiles) >= 2 or fixed_tile != AUTO:
+                out.append(Candidate("stream+checkpoint" if checkpoint else "stream", t, checkpoint, head_checkpoint,
+                                     offload, len(tp.tiles), tp.overlap_factor, tp.max_window, math.nan))
+                break
+    return out
+
+
+def _lower_bound(template: nn.Module, image: tuple[int, int], batch: int, optimizer: str,
+                 autocast_dtype: torch.dtype | None, device_type: str, lazy_input: bool, allow_offload: bool) -> int:
+    """Bytes every plan needs, without simulating one: parameters, buffers and optimizer
+    state, plus the larger of the parameter gradients and (on CPU, or without offload) the
+    feature map with its gradient, which the head's backward holds together; on CPU the
+    image unless it is read lazily and the runtime; on CUDA the context."""
+    trainable = sum(p.numel() * p.element_size() for p in template.parameters() if p.requires_grad)
+    fixed = sum(t.numel() * t.element_size() for t in [*template.parameters(), *template.buffers()])
+    total = fixed + trainable * {"sgd": 1}.get(optimizer, 2)
+    transient = trainable
+    if device_type == "cpu" or not allow_offload:
+        channels = input_shape(template, 1, 1)[1]
+        probe = template.trunk.module(torch.empty(1, channels, 256, 256, device="meta"))
+        out_h, out_w = tile_plan(template.trunk.geometry, image, max(image)).output_size
+        itemsize = torch.finfo(autocast_dtype).bits // 8 if autocast_dtype is not None else probe.element_size()
+        transient = max(transient, 2 * batch * probe.shape[1] * out_h * out_w * itemsize)
+    total += transient
+    if device_type == "cpu":
+        if not lazy_input:
+            total += input_shape(template, image, batch)[1] * batch * image[0] * image[1] * 4
+        return CPU_RUNTIME_BYTES + total
+    return CUDA_CONTEXT_BYTES + total
+
+
 def plan(model: nn.Module | str, image_size: int | Sequence[int], budget: int | str, *, batch: int = 1,
          accumulate: int = 1, dtype: str | torch.dtype | None = None, in_channels: int = 3,
          num_classes: int | None = None, head: str = "conv", device: str | torch.device = "cuda",
          optimizer: str = "adamw", weight_decay: float = 0.0, tile_sizes: Sequence[int] | None = None,
          allow_offload: bool = True, tile_size: int | None | str = AUTO, checkpoint: bool | str = AUTO,
          head_checkpoint: bool | str = AUTO, offload: bool | str = AUTO, progress: bool = False,
-         exhaustive: bool = False) -> PlanReport:
+         exhaustive: bool = False, lazy_input: bool = False, modes: Sequence[str] | None = None) -> PlanReport:
     """Choose the fastest plan whose predicted training-step peak fits ``budget``.
 
     ``model``: a :class:`~streamcnn.plannable.Plannable` such as a
@@ -155,13 +237,18 @@ def plan(model: nn.Module | str, image_size: int | Sequence[int], budget: int | 
     :meth:`PlanReport.apply`) or a trunk name for :func:`~streamcnn.models.build_model`
     (with ``in_channels``, ``num_classes``, ``head``). ``budget``: bytes or a size such as
     ``"11GB"`` (10^9) / ``"11GiB"`` (2^30); on CUDA it covers everything the process takes
-    from the card (allocator reserved memory and the CUDA context). The step is
-    :func:`streamcnn.step.training_step`: ``accumulate`` micro-batches of ``batch`` images,
-    ``dtype`` fp32 (None), bf16 or fp16 autocast, ``optimizer`` with ``weight_decay``.
-    ``tile_size`` (an int, or None for no streaming), ``checkpoint``, ``head_checkpoint``
-    and ``offload``: "auto" lets the planner choose; any other value is a constraint every
-    candidate keeps. ``exhaustive``: simulate every candidate, not just until the cheapest
-    fitting one is found (for tables and plots). Raises :class:`BudgetError` when nothing fits.
+    from the card (allocator reserved memory and the CUDA context); on CPU the process's
+    resident memory. The step is :func:`streamcnn.step.training_step`: ``accumulate``
+    micro-batches of ``batch`` images, ``dtype`` fp32 (None), bf16 or fp16 autocast,
+    ``optimizer`` with ``weight_decay``. ``tile_size`` (an int, or None for no streaming),
+    ``checkpoint``, ``head_checkpoint`` and ``offload``: "auto" lets the planner choose; any
+    other value is a constraint every candidate keeps. ``lazy_input``: images come from
+    region sources read a window at a time (not held in memory). ``modes``: only these plan
+    modes (e.g. ``["stream", "stream+checkpoint"]``; default: all). ``exhaustive``: simulate
+    every candidate, not just until the cheapest fitting one is found (for tables and
+    plots). Each streamed plan's no-grad forward gets its own, larger tiles where they fit.
+    Raises :class:`BudgetError` when nothing fits; a budget below what every plan needs
+    (:func:`_lower_bound`) is refused before any search.
     """
     started = time.perf_counter()
     budget_bytes = parse_size(budget)
@@ -174,24 +261,64 @@ def plan(model: nn.Module | str, image_size: int | Sequence[int], budget: int | 
     fixed = {k: v for k, v in dict(tile_size=tile_size, checkpoint=checkpoint, head_checkpoint=head_checkpoint,
                                    offload=offload).items() if v != AUTO}
     template, name = _template(model, in_channels, num_classes, head)
+
+    def simulate(c: Candidate) -> None:
+        c.configure(template)
+        c.estimate = predict_step_memory(template, image, batch=batch, dtype=autocast_dtype, device=device_type,
+                                         optimizer=optimizer, weight_decay=weight_decay, accumulate=accumulate,
+                                         lazy_input=lazy_input)
+        c.predicted_peak_bytes = c.estimate.allocated_bytes
+        c.predicted_device_bytes = c.estimate.process_bytes
+        c.predicted_host_bytes = c.estimate.host_bytes
+        c.too_large_tensor = device_type == "cuda" and c.estimate.largest_tensor_elements >= MAX_TENSOR_ELEMENTS
+        c.fits = c.predicted_device_bytes <= budget_bytes and not c.too_large_tensor
+
+    def refuse(smallest: Candidate) -> BudgetError:
+        suggest = math.ceil(smallest.predicted_device_bytes / 1e7) * 10**7
+        h, w = image
+        others = (["a smaller batch"] if batch > 1 else []) + (["bf16"] if autocast_dtype is None else []) + \
+            (["smaller tiles (tile_sizes=...)"] if smallest.tile_size else []) + \
+            ([f"leaving {', '.join(sorted(fixed))} to the planner"] if fixed else []) + ["a smaller model"]
+        hints = "; or try " + (", ".join(others[:-1]) + " or " if len(others) > 1 else "") + others[-1]
+        return BudgetError(
+            f"no plan fits the budget of {format_size(budget_bytes)} on {device_type} for {name} at {h}x{w} px "
+            f"(batch {batch}, {dtype_name}, {optimizer}): the smallest, {smallest.label}, needs "
+            f"{format_size(smallest.predicted_device_bytes)}. Use a budget of at least {format_size(suggest)}"
+            f"{hints}.", smallest.predicted_device_bytes)
+
+    # Fast refusal: a budget below a bound that every plan needs is refused before the FLOPs
+    # and the candidates are worked out, naming the leaner of the two leanest plans.
+    floor = _lower_bound(template, image, batch, optimizer, autocast_dtype, device_type, lazy_input, allow_offload)
+    if budget_bytes < floor and not exhaustive:
+        probes = _leanest(template, image, tile_sizes, device_type, allow_offload, fixed)
+        for c in probes:
+            simulate(c)
+        raise refuse(min(probes, key=lambda c: (c.too_large_tensor, c.predicted_device_bytes)))
     flops = step_flops(template, image, batch=batch)
     candidates = _candidates(template, image, tile_sizes, device_type, allow_offload, flops, fixed)
+    if modes is not None:
+        unknown = sorted(set(modes) - set(MODES))
+        if unknown:
+            raise ValueError(f"unknown plan mode(s) {unknown}; choose from {list(MODES)}")
+        candidates = [c for c in candidates if c.mode in modes]
     order = sorted(candidates, key=_rank)
     bar = None
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(order), desc="planning", unit="plan", leave=False, delay=0.5)
     best_rank = None
+    too_big_forward: dict[int | None, int] = {}   # forward tile -> its forward pass alone exceeds the budget
     for c in order:
         if best_rank is not None and _rank(c) > best_rank and not exhaustive:
             break
-        c.configure(template)
-        c.estimate = predict_step_memory(template, image, batch=batch, dtype=autocast_dtype, device=device_type,
-                                         optimizer=optimizer, weight_decay=weight_decay, accumulate=accumulate)
-        c.predicted_peak_bytes = c.estimate.allocated_bytes
-        c.predicted_device_bytes = c.estimate.process_bytes
-        c.too_large_tensor = device_type == "cuda" and c.estimate.largest_tensor_elements >= MAX_TENSOR_ELEMENTS
-        c.fits = c.predicted_device_bytes <= budget_bytes and not c.too_large_tensor
+        key = (c.forward_tile_size, c.offload, c.checkpoint)
+        if c.fits is None and c.forward_tile_size is not None and key in too_big_forward and not exhaustive:
+            continue  # the same forward already failed alone; its backward cannot rescue it
+        if c.fits is None:
+            simulate(c)
+        if not c.fits and c.forward_tile_size is not None and c.estimate.forward_bytes:
+            if _estimate_forward(c, device_type) > budget_bytes:
+                too_big_forward[key] = c.estimate.forward_bytes
         if c.fits and best_rank is None:
             best_rank = _rank(c)
         if bar is not None:
@@ -207,21 +334,17 @@ def plan(model: nn.Module | str, image_size: int | Sequence[int], budget: int | 
                 f"every plan for {name} at {h}x{w} px makes a tensor of 2^31 or more elements, which cuDNN "
                 "refuses whatever the budget; use smaller images or a trunk with fewer feature-map channels",
                 0)
-        smallest = min(runnable, key=lambda c: c.predicted_device_bytes)
-        suggest = math.ceil(smallest.predicted_device_bytes / 1e7) * 10**7
-        h, w = image
-        others = (["a smaller batch"] if batch > 1 else []) + (["bf16"] if autocast_dtype is None else []) + \
-            (["smaller tiles (tile_sizes=...)"] if smallest.tile_size else []) + \
-            ([f"leaving {', '.join(sorted(fixed))} to the planner"] if fixed else []) + ["a smaller model"]
-        hints = "; or try " + (", ".join(others[:-1]) + " or " if len(others) > 1 else "") + others[-1]
-        raise BudgetError(
-            f"no plan fits the budget of {format_size(budget_bytes)} on {device_type} for {name} at {h}x{w} px "
-            f"(batch {batch}, {dtype_name}, {optimizer}): the smallest, {smallest.label}, needs "
-            f"{format_size(smallest.predicted_device_bytes)}. Use a budget of at least {format_size(suggest)}"
-            f"{hints}.", smallest.predicted_device_bytes)
+        raise refuse(min(runnable, key=lambda c: c.predicted_device_bytes))
     chosen = min(fitting, key=lambda c: (*_rank(c), c.predicted_device_bytes))
     return PlanReport(chosen, candidates, budget_bytes, name, image, batch, dtype_name, device_type, optimizer,
                       flops, time.perf_counter() - started, accumulate=accumulate, fixed=fixed)
+
+
+def _estimate_forward(c: Candidate, device_type: str) -> int:
+    """What the budget is compared with, for the live peak of the forward pass alone."""
+    from .memory import _estimate
+
+    return _estimate(device_type, c.estimate.forward_bytes, c.estimate.base_bytes).process_bytes
 
 
 def enforce_budget(budget_bytes: int | str, device: str | torch.device = "cuda") -> dict:

@@ -13,6 +13,20 @@ exactly the full-image gradient; values that are wrong near a window's edge lie
 outside the cone and receive zero gradient. Plain autograd does all the calculus, so
 every local layer gets exact gradients without custom kernels.
 
+The no-grad forward keeps no activations beyond the layer it is computing, so it may use
+its own, larger tiles (``forward_tile_size``; often the whole image): the feature map it
+writes is the same whatever the partition. Only the backward, which holds one tile's
+activations, needs small tiles. Compute then falls from ``rf (2 Tf + Tb)`` towards
+``rf_fwd Tf + rf (Tf + Tb)`` (``rf``: a plan's window area over the image area).
+
+Under autocast the feature map (and therefore its gradient) is stored in the autocast
+dtype: half the bytes of a float32 one, which matters for gigapixel images whose
+feature map lives in host memory.
+
+On CPU, glibc's heap would keep freed tile-sized blocks (see :mod:`streamcnn.allocator`);
+the engine returns them to the system after each tile, so the process's memory follows
+its tensors.
+
 The parameter gradients are summed over tiles *inside* the backward and returned as
 the gradients of the parameters passed to the autograd Function, so autograd
 accumulates each ``.grad`` exactly once per step; DistributedDataParallel's hooks
@@ -33,6 +47,7 @@ import torch.nn as nn
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from . import allocator
 from .geometry import Tile, TilePlan, TrunkGeometry, UnsupportedLayerError, tile_plan
 from .units import pixels_to_unit
 
@@ -153,7 +168,7 @@ class _StreamFunction(torch.autograd.Function):
     """Forward: tiles without grad. Backward: tiles recomputed with grad, summed."""
 
     @staticmethod
-    def forward(ctx, engine: "StreamingModule", plan: TilePlan, windows: _Windows,
+    def forward(ctx, engine: "StreamingModule", plan: TilePlan, forward_plan: TilePlan, windows: _Windows,
                 x: torch.Tensor | None, *params: torch.Tensor) -> torch.Tensor:
         device = engine.compute_device
         ctx.engine, ctx.plan, ctx.windows, ctx.params = engine, plan, windows, params
@@ -161,28 +176,34 @@ class _StreamFunction(torch.autograd.Function):
         ctx.x_meta = None if x is None else (x.shape, x.dtype, x.device)
         ctx.set_materialize_grads(False)
         features = None
-        for tile, window in engine._progress(windows.each(plan.tiles), len(plan.tiles), "forward"):
+        allocator.release_cached(device)
+        tiles = forward_plan.tiles
+        for tile, window in engine._progress(windows.each(tiles), len(tiles), "forward"):
             out = _region(engine.module(window), tile.crop)
+            del window
             if features is None:
                 n, c = out.shape[:2]
                 target = engine.output_device or out.device
                 pin = target.type == "cpu" and out.device.type == "cuda"
-                features = torch.empty((n, c, *plan.output_size), dtype=out.dtype, device=target,
+                dtype = ctx.autocast[1] if ctx.autocast[0] and out.is_floating_point() else out.dtype
+                features = torch.empty((n, c, *forward_plan.output_size), dtype=dtype, device=target,
                                        pin_memory=pin)
             _region(features, tile.region).copy_(out, non_blocking=True)
+            del out
+            allocator.release_cached(device)
         return features
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_features: torch.Tensor | None):
         engine, plan, windows, params = ctx.engine, ctx.plan, ctx.windows, list(ctx.params)
-        n_inputs = 4 + len(params)
+        n_inputs = 5 + len(params)
         if grad_features is None:
             return (None,) * n_inputs
         device = engine.compute_device
         grad_params: list[torch.Tensor | None] = [None] * len(params)
         grad_x = None
-        if ctx.x_meta is not None and ctx.needs_input_grad[3]:
+        if ctx.x_meta is not None and ctx.needs_input_grad[4]:
             shape, dtype, x_device = ctx.x_meta
             grad_x = torch.zeros(shape, dtype=dtype, device=x_device)
         enabled, dtype = ctx.autocast
@@ -200,7 +221,9 @@ class _StreamFunction(torch.autograd.Function):
             if grad_x is not None and grads[-1] is not None:
                 (t, b), (l, r) = tile.window
                 grad_x[:, :, t:b, l:r] += grads[-1].to(grad_x.device)
-        return (None, None, None, grad_x, *grad_params)
+            del out, grads, wrt, window, g
+            allocator.release_cached(device)
+        return (None, None, None, None, grad_x, *grad_params)
 
 
 class StreamingModule(nn.Module):
@@ -213,6 +236,10 @@ class StreamingModule(nn.Module):
             receptive field around it. Larger tiles: fewer, less overlapping tiles (faster),
             more memory per tile. ``None`` runs the trunk conventionally on the whole image
             (no tiling), which is what a memory plan chooses when the image fits.
+        forward_tile_size: the same for the no-grad forward pass, which keeps no
+            activations and so can use much larger tiles; ``None``: ``tile_size``. A size at
+            least the image's runs the forward on the whole image in one window. Gradients
+            do not depend on it (the feature map is the same for any partition).
         checkpoint: recompute activations during the backward, in segments that start at
             each convolution or composite block (see ``_segments``): inside each tile when
             streaming, over the whole image when ``tile_size`` is None. Larger tiles fit in
@@ -225,11 +252,13 @@ class StreamingModule(nn.Module):
     (N, C, H, W) tensor on any device, or region source(s) read one window at a time.
     """
 
-    def __init__(self, module: nn.Module, tile_size: int | Sequence[int] | None, *, checkpoint: bool = False,
+    def __init__(self, module: nn.Module, tile_size: int | Sequence[int] | None, *,
+                 forward_tile_size: int | Sequence[int] | None = None, checkpoint: bool = False,
                  output_device: torch.device | str | None = None, progress: bool = False):
         super().__init__()
         self.module = module
         self.tile_size = tile_size
+        self.forward_tile_size = forward_tile_size
         self.checkpoint = checkpoint
         self.output_device = torch.device(output_device) if output_device is not None else None
         self.progress = progress
@@ -252,11 +281,20 @@ class StreamingModule(nn.Module):
         return self._geometry
 
     def plan(self, image_size: Sequence[int]) -> TilePlan:
-        """The :class:`TilePlan` used for images of ``image_size`` (H, W)."""
+        """The :class:`TilePlan` of the backward pass for images of ``image_size`` (H, W)."""
+        return self._cached_plan(image_size, self.tile_size)
+
+    def forward_plan(self, image_size: Sequence[int]) -> TilePlan:
+        """The :class:`TilePlan` of the no-grad forward pass (``forward_tile_size``)."""
+        if self.forward_tile_size is None:
+            return self.plan(image_size)
+        return self._cached_plan(image_size, self.forward_tile_size)
+
+    def _cached_plan(self, image_size: Sequence[int], tile_size) -> TilePlan:
         geometry = self.geometry
-        key = (tuple(image_size), self.tile_size)
+        key = (tuple(image_size), tile_size)
         if key not in self._plans:
-            self._plans[key] = tile_plan(geometry, image_size, self.tile_size)
+            self._plans[key] = tile_plan(geometry, image_size, tile_size)
         return self._plans[key]
 
     def use_plan(self, plan: TilePlan) -> None:
@@ -295,9 +333,10 @@ class StreamingModule(nn.Module):
             out = _run(self.module, windows.read(((0, h), (0, w))), self.checkpoint)
             return out if self.output_device is None else out.to(self.output_device)
         plan = self.plan(windows.shape[2:])
+        forward_plan = self.forward_plan(windows.shape[2:])
         params = [p for p in self.module.parameters() if p.requires_grad]
         tensor_in = x if isinstance(x, torch.Tensor) else None
-        return _StreamFunction.apply(self, plan, windows, tensor_in, *params)
+        return _StreamFunction.apply(self, plan, forward_plan, windows, tensor_in, *params)
 
     def _check_channels(self, channels: int) -> None:
         """One line, before anything runs, when the image's channels do not fit the trunk."""
@@ -312,4 +351,5 @@ class StreamingModule(nn.Module):
         geometry.check_channels(channels)
 
     def extra_repr(self) -> str:
-        return f"tile_size={self.tile_size}, checkpoint={self.checkpoint}, output_device={self.output_device}"
+        return (f"tile_size={self.tile_size}, forward_tile_size={self.forward_tile_size}, "
+                f"checkpoint={self.checkpoint}, output_device={self.output_device}")

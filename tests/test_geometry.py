@@ -189,3 +189,12 @@ def test_freeze_batchnorm_survives_train_and_pickling():
     streamcnn.TrunkGeometry(net[:2])       # accepted
     with pytest.raises(ValueError, match=r"1: BatchNorm with track_running_stats=False"):
         streamcnn.freeze_batchnorm(nn.Sequential(nn.Conv2d(1, 1, 1), nn.BatchNorm2d(1, track_running_stats=False)))
+
+
+def test_tile_plan_describes_regions_and_windows():
+    trunk = resnet_trunk("resnet18", dtype=torch.float32)
+    # tile 1184 px asks for 37-feature regions; balancing 64 features over 2 tiles gives 32
+    assert str(streamcnn.tile_plan(trunk, 2048, 1184)) == (
+        "TilePlan(2048x2048 image -> 64x64 features, 2x2 tiles: regions of 1024x1024 px (32x32 features), "
+        "windows up to 1248x1248 px, overlap factor 1.440)")
+    assert "regions of 64-96 x 64-96 px (2-3 x 2-3 features)" in str(streamcnn.tile_plan(trunk, (331, 517), 100))

@@ -45,8 +45,10 @@ def test_tile_size_ladder_is_stride_aligned_and_below_the_image():
 
 
 def test_conventional_is_chosen_when_everything_fits():
-    report = plan(resnet18(), 512, "100GB", device="cuda", tile_sizes=[128, 256], exhaustive=True)
+    report = plan(resnet18(), 512, "100GB", device="cuda", tile_sizes=[256], exhaustive=True)
+    # 2 unstreamed + tile 256 x (forward on the same tiles, on the whole image) x checkpoint x offload
     assert len(report.candidates) == 2 + 2 * 2 * 2 and all(c.fits for c in report.candidates)
+    assert sum(c.forward_whole for c in report.candidates) == 4
     assert report.chosen.mode == "conventional" and report.chosen.relative_cost == 1.0
     assert report.chosen is ranked_fitting(report)[0]
 
@@ -54,7 +56,7 @@ def test_conventional_is_chosen_when_everything_fits():
 @pytest.fixture(scope="module")
 def every_plan():
     """Every candidate for ResNet-18 at 1024 px on CUDA, simulated (the budget fits all)."""
-    return plan(resnet18(), 1024, "100GB", device="cuda", tile_sizes=[256, 384, 512], exhaustive=True)
+    return plan(resnet18(), 1024, "100GB", device="cuda", tile_sizes=[256, 512], exhaustive=True)
 
 
 def cheapest_within(report, budget):
@@ -70,10 +72,10 @@ def test_the_cheapest_fitting_plan_is_chosen(every_plan):
                streamed[0]]                                                                  # only the smallest
     chosen = []
     for budget in budgets:
-        report = plan(resnet18(), 1024, budget, device="cuda", tile_sizes=[256, 384, 512])
+        report = plan(resnet18(), 1024, budget, device="cuda", tile_sizes=[256, 512])
         expected = cheapest_within(every_plan, budget)
-        assert (report.chosen.mode, report.chosen.tile_size, report.chosen.offload) == \
-            (expected.mode, expected.tile_size, expected.offload)
+        assert (report.chosen.mode, report.chosen.tile_size, report.chosen.offload, report.chosen.forward_tile_size) \
+            == (expected.mode, expected.tile_size, expected.offload, expected.forward_tile_size)
         assert report.chosen.predicted_device_bytes == expected.predicted_device_bytes <= budget
         assert sum(c.predicted_device_bytes <= budget for c in every_plan.candidates) >= 1
         chosen.append(report.chosen)
@@ -86,7 +88,7 @@ def test_the_cheapest_fitting_plan_is_chosen(every_plan):
 
 def test_lazy_planning_simulates_only_what_it_needs(every_plan):
     report = plan(resnet18(), 1024, every_plan.candidates[1].predicted_device_bytes, device="cuda",
-                  tile_sizes=[256, 384, 512])
+                  tile_sizes=[256, 512])
     assert report.chosen.mode == "checkpoint"
     assert [c.fits for c in report.candidates[:2]] == [False, True]
     assert all(c.fits is None and c.predicted_peak_bytes is None for c in report.candidates[2:])
@@ -214,3 +216,47 @@ def test_plans_with_a_tensor_over_2_31_elements_are_refused_on_cuda_only():
     assert "no: tensor >= 2^31 elements" in str(report)
     assert "conventional makes a tensor of 2^31 or more elements, which cuDNN refuses" in report.reason
     assert plan("resnet18", 12000, "1TB", in_channels=1, num_classes=28, device="cpu").chosen.mode == "conventional"
+
+
+def test_fast_refusal_needs_no_search(monkeypatch):
+    import streamcnn.planning as planning
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("a budget below the lower bound must be refused before the search")
+
+    monkeypatch.setattr(planning, "step_flops", no_search)
+    with pytest.raises(BudgetError) as err:
+        plan("resnet18", 4000, "1MB", in_channels=1, num_classes=28, device="cpu")
+    assert "the smallest, stream+checkpoint 256 px, needs" in str(err.value)
+    assert err.value.min_bytes > 10**8
+
+
+def test_forward_tiles_are_chosen_apart_and_priced():
+    report = plan(resnet18(), 512, "100GB", device="cpu", tile_sizes=[128], modes=["stream"], exhaustive=True)
+    same, whole = sorted((c for c in report.candidates), key=lambda c: c.forward_tile_size is not None)
+    assert same.forward_tile_size is None and whole.forward_whole and whole.forward_overlap == 1.0
+    assert whole.relative_cost < same.relative_cost and report.chosen is whole
+    assert "128 px / fwd whole" in str(report) and "stream 128 px (forward: whole image)" in str(report)
+    # the whole-image forward's activations set a higher peak than the tiles' forward
+    assert whole.estimate.forward_bytes > same.estimate.forward_bytes
+    model = resnet18()
+    report.apply(model)
+    assert model.trunk.forward_tile_size == whole.forward_tile_size
+
+
+def test_lazy_input_counts_windows_not_the_image_and_cpu_budgets_are_rss():
+    from streamcnn.memory import CPU_HEAP_OVERHEAD, CPU_RUNTIME_BYTES
+
+    model = resnet18(tile_size=128)
+    held = predict_step_memory(model, 512, device="cpu")
+    lazy = predict_step_memory(model, 512, device="cpu", lazy_input=True)
+    image = 512 * 512 * 4
+    assert 0 < held.live_bytes - lazy.live_bytes <= image
+    assert held.process_bytes == CPU_RUNTIME_BYTES + int(held.live_bytes * (1 + CPU_HEAP_OVERHEAD))
+    assert held.host_bytes == 0 and held.forward_bytes > 0
+    # on CUDA the host holds the image, and with offload the feature map (then its gradient)
+    on_device = predict_step_memory(model, 512, device="cuda")
+    model.trunk.output_device = torch.device("cpu")
+    offloaded = predict_step_memory(model, 512, device="cuda")
+    assert on_device.host_bytes >= image
+    assert offloaded.host_bytes >= on_device.host_bytes + 512 * 16 * 16 * 4

@@ -80,13 +80,16 @@ def test_fixed_knobs_are_constraints_of_the_search():
     fixed = plan(resnet18(), 256, budget, device="cuda", tile_sizes=tiles, exhaustive=True, checkpoint=False,
                  offload=False)
     assert {(c.checkpoint, c.offload) for c in fixed.candidates} == {(False, False)}
-    assert [c.mode for c in fixed.candidates] == ["conventional", "stream"]
+    # the streamed plan comes with its forward on the same tiles and on the whole image
+    assert [(c.mode, c.forward_whole) for c in fixed.candidates] == \
+        [("conventional", False), ("stream", False), ("stream", True)]
     no_stream = plan(resnet18(), 256, budget, device="cuda", tile_size=None, exhaustive=True)
     assert [c.mode for c in no_stream.candidates] == ["conventional", "checkpoint"]
     tile = plan(resnet18(), 256, budget, device="cuda", tile_size=128, head_checkpoint=True, offload=False,
                 exhaustive=True)
-    assert [(c.mode, c.tile_size, c.head_checkpoint) for c in tile.candidates] == \
-        [("stream", 128, True), ("stream+checkpoint", 128, True)]
+    assert [(c.mode, c.tile_size, c.head_checkpoint, c.forward_whole) for c in tile.candidates] == \
+        [("stream", 128, True, False), ("stream", 128, True, True),
+         ("stream+checkpoint", 128, True, False), ("stream+checkpoint", 128, True, True)]
     assert tile.to_json()["fixed"] == {"tile_size": 128, "head_checkpoint": True, "offload": False}
     assert "fixed: tile_size=128, head_checkpoint=True, offload=False" in str(tile)
     smallest = min(c.predicted_device_bytes for c in fixed.candidates)

@@ -92,6 +92,15 @@ def test_valid_padding_and_even_kernels_exact():
         assert_same_gradients(net, streamcnn.StreamingModule(net, tile), torch.randn(1, 2, 91, 77, dtype=torch.float64), EXACT)
 
 
+@pytest.mark.parametrize("tile, forward_tile", [(48, 4096), ((64, 48), (96, 128)), (96, 32)])
+def test_separate_forward_tiles_exact(tile, forward_tile):
+    trunk = resnet_trunk("resnet18", stages=3)
+    streamed = streamcnn.StreamingModule(trunk, tile, forward_tile_size=forward_tile)
+    backward, forward = streamed.plan((130, 150)), streamed.forward_plan((130, 150))
+    assert backward.grid != forward.grid and len(backward.tiles) > 1
+    assert_same_gradients(trunk, streamed, torch.randn(2, 3, 130, 150, dtype=torch.float64), EXACT)
+
+
 def test_checkpoint_inside_tile_exact():
     trunk = resnet_trunk("resnet18", stages=3)
     streamed = streamcnn.StreamingModule(trunk, 64, checkpoint=True)
@@ -161,6 +170,14 @@ def test_region_source_input_reads_only_windows():
     expected = [(t.window[0][0], t.window[1][0], *t.window_shape) for t in plan.tiles]
     assert sources[0].reads == expected * 2          # each window once forward, once backward
     assert max(h * w for _, _, h, w in sources[0].reads) < 96 * 140
+    # a whole-image forward reads the image once, then the backward's windows
+    for s in sources:
+        s.reads.clear()
+    streamed.forward_tile_size = 4096
+    f_whole, g_whole, _ = forward_backward(lambda _: streamed(sources), params, torch.zeros(1), weight)
+    assert sources[0].reads == [(0, 0, 96, 140)] + expected
+    assert relative_error(f_ref, f_whole) <= EXACT
+    assert all(relative_error(a, b) <= EXACT for a, b in zip(g_ref, g_whole))
 
 
 def test_single_region_source_and_bad_inputs():

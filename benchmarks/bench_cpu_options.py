@@ -1,0 +1,109 @@
+"""Benchmark: CPU throughput options for one tile's forward + backward.
+
+    python benchmarks/bench_cpu_options.py                 # window 512 px, 3 rounds
+    python benchmarks/bench_cpu_options.py --window 736 --rounds 3
+
+What a streamed step repeats is one window's forward and backward through the trunk
+(ResNet-18, batch 1, 3 channels). Each option runs in a fresh subprocess, the options
+interleaved, ``--rounds`` times; a row is the median over rounds of the median of
+``--steps`` timed steps after one warm-up step (compilation happens in the warm-up and is
+reported apart):
+
+* ``fp32``: the default.
+* ``channels_last``: trunk and window in ``torch.channels_last``.
+* ``bf16``: ``torch.autocast("cpu", torch.bfloat16)``.
+* ``bf16+channels_last``.
+* ``compile``: ``torch.compile(trunk, dynamic=False)``: interior windows share one shape, so
+  one compilation serves all of them (border windows add a few more).
+
+Writes ``benchmarks/results/cpu_options.json``. An option is worth turning on by default
+only if it is faster than ``fp32`` in every round.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+from common import environment, markdown_table, write_json  # noqa: E402
+
+OPTIONS = ["fp32", "channels_last", "bf16", "bf16+channels_last", "compile"]
+
+
+def measure(option: str, window: int, steps: int) -> dict:
+    import torch
+
+    from streamcnn.models import build_trunk
+
+    torch.manual_seed(0)
+    trunk, _ = build_trunk("resnet18")
+    x = torch.randn(1, 3, window, window)
+    if "channels_last" in option:
+        trunk = trunk.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    run = torch.compile(trunk, dynamic=False) if option == "compile" else trunk
+    bf16 = option.startswith("bf16")
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = run(x)
+        out.float().sum().backward()
+        for p in trunk.parameters():
+            p.grad = None
+        return time.perf_counter() - t0
+
+    first = step()
+    times = sorted(step() for _ in range(steps))
+    return {"option": option, "seconds": times[len(times) // 2], "first_step_seconds": first}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--options", nargs="+", default=OPTIONS, choices=OPTIONS)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(measure(**json.loads(args.worker))))
+        return
+    env = environment("cpu")
+    rows = []
+    for i in range(args.rounds):
+        for option in args.options:
+            spec = json.dumps({"option": option, "window": args.window, "steps": args.steps})
+            proc = subprocess.run([sys.executable, __file__, "--worker", spec], capture_output=True, text=True)
+            row = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {
+                "option": option, "error": ((proc.stderr or proc.stdout).strip().splitlines() or ["?"])[-1]}
+            rows.append({**row, "round": i, "load_average": os.getloadavg()})
+            print(f"round {i + 1}: {option} {row.get('seconds', row.get('error'))}", flush=True)
+    for row in rows:
+        ref = next((r for r in rows if r["round"] == row["round"] and r["option"] == "fp32" and "seconds" in r), None)
+        if ref and "seconds" in row:
+            row["vs_fp32"] = row["seconds"] / ref["seconds"]
+    table = []
+    for option in args.options:
+        group = [r for r in rows if r["option"] == option and "seconds" in r]
+        if not group:
+            table.append({"option": option, "error": next(r for r in rows if r["option"] == option).get("error")})
+            continue
+        med = {k: sorted(r[k] for r in group)[len(group) // 2] for k in ("seconds", "first_step_seconds", "vs_fp32")}
+        table.append({"option": option, **med, "faster_every_round": all(r["vs_fp32"] < 1 for r in group),
+                      "rounds": len(group)})
+    print(f"\n{env['device']}, ResNet-18 trunk, window {args.window}^2, forward + backward\n")
+    print(markdown_table(table, [("option", "option"), ("seconds", "s/step"), ("vs_fp32", "vs fp32"),
+                                 ("first_step_seconds", "first step s"), ("faster_every_round", "faster every round"),
+                                 ("error", "error")]))
+    env["load_average_after"] = os.getloadavg()
+    path = write_json("cpu_options.json", {"environment": env, "window": args.window, "rows": table,
+                                           "per_round": rows})
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
