@@ -10,6 +10,7 @@ import importlib.util
 import re
 import sys
 from pathlib import Path
+from typing import Callable
 
 _SIZE = re.compile(r"^\s*\d+(\.\d*)?\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 
@@ -33,3 +34,13 @@ def check_budget(budget: str | None) -> None:
 def check_exists(path: str | None, what: str, hint: str = "") -> None:
     if path is not None and not Path(path).exists():
         raise FileNotFoundError(f"{what} {path} does not exist" + (f" ({hint})" if hint else ""))
+
+
+def one_line_errors(tool: str, body: Callable[[], int]) -> int:
+    """Run a tool's body; a bad argument, file, config or budget (``BudgetError`` is a ``ValueError``)
+    ends as one line on stderr and exit status 1, never a traceback."""
+    try:
+        return body()
+    except (FileNotFoundError, ValueError) as error:
+        print(f"{tool}: error: {error}", file=sys.stderr)
+        return 1

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))      # tools/_preflight.py, also when loaded by path
-from _preflight import check_budget, check_exists
+from _preflight import check_budget, check_exists, one_line_errors
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,27 +31,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        check_exists(args.checkpoint, "checkpoint")
-        check_exists(args.data, "data folder")
-        check_budget(args.budget)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"evaluate.py: error: {error}", file=sys.stderr)
-        return 1
-    from streamcnn.planning import BudgetError
-    from streamcnn.training.evaluation import evaluate_checkpoint
+def evaluate(args: argparse.Namespace) -> int:
+    check_exists(args.checkpoint, "checkpoint")
+    check_exists(args.data, "data folder")
+    check_budget(args.budget)
+    from streamcnn.training.evaluation import evaluate_checkpoint     # torch: only after the checks
 
-    try:
-        report = evaluate_checkpoint(args.checkpoint, args.data, manifest=args.manifest, budget=args.budget,
-                                     device=args.device, out=args.out, batch_size=args.batch_size)
-    except (BudgetError, FileNotFoundError, ValueError) as error:
-        print(f"evaluate.py: error: {error}", file=sys.stderr)
-        return 1
+    report = evaluate_checkpoint(args.checkpoint, args.data, manifest=args.manifest, budget=args.budget,
+                                 device=args.device, out=args.out, batch_size=args.batch_size)
     print(f"accuracy {report['accuracy']:.2%} on {report['images']} images (loss {report['loss']:.4f}); "
           f"confusion matrix: {report['out']}/confusion_matrix.png")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return one_line_errors("evaluate.py", lambda: evaluate(args))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))      # tools/_preflight.py, also when loaded by path
-from _preflight import check_budget, check_exists
+from _preflight import check_budget, check_exists, one_line_errors
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,28 +34,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        check_exists(args.checkpoint, "checkpoint")
-        check_exists(args.data, "data")
-        check_budget(args.budget)
-        from streamcnn.planning import BudgetError
-        from streamcnn.training.prediction import predict_checkpoint
-    except (FileNotFoundError, ValueError) as error:
-        print(f"predict.py: error: {error}", file=sys.stderr)
-        return 1
-    try:
-        summary = predict_checkpoint(args.checkpoint, args.data, args.out, budget=args.budget, device=args.device,
-                                     heatmaps=args.heatmaps, on_error=args.on_error, progress=not args.quiet)
-    except (BudgetError, FileNotFoundError, ValueError) as error:
-        print(f"predict.py: error: {error}", file=sys.stderr)
-        return 1
+def predict(args: argparse.Namespace) -> int:
+    check_exists(args.checkpoint, "checkpoint")
+    check_exists(args.data, "data")
+    check_budget(args.budget)
+    from streamcnn.training.prediction import predict_checkpoint     # torch: only after the checks
+
+    summary = predict_checkpoint(args.checkpoint, args.data, args.out, budget=args.budget, device=args.device,
+                                 heatmaps=args.heatmaps, on_error=args.on_error, progress=not args.quiet)
     accuracy = f", accuracy {summary['accuracy']:.1%} on the labelled ones" if "accuracy" in summary else ""
     print(f"predicted {summary['images']} images{accuracy}: {summary['predictions']}")
     if summary["skipped"]:
         print(f"skipped {len(summary['skipped'])} bad file(s): " + "; ".join(summary["skipped"]))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return one_line_errors("predict.py", lambda: predict(args))
 
 
 if __name__ == "__main__":
