@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arms", nargs="*", help="a subset of the suite's arms")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--minutes", type=float, default=30.0, help="--max-minutes of every run")
-    parser.add_argument("--budget", default="120MB", help="--budget of every run")
+    parser.add_argument("--budget", default="920MB", help="--budget of every run")
     parser.add_argument("--size", type=int, default=512, help="canvas px of the generated images")
     parser.add_argument("--train-count", type=int, default=12000,
                         help="images generated for training (the count variant keeps about half: the balanced subset)")
