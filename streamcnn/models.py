@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .backbones import SOURCES, torchvision_trunk
 from .batchnorm import freeze_batchnorm
+from .pooling import global_mean_max
 from .streaming import StreamingModule
 
 __all__ = ["TRUNKS", "HEADS", "register_trunk", "register_head", "trunk_factory", "build_trunk", "build_head",
@@ -98,8 +99,11 @@ def conv_head(channels: int, num_classes: int, width: int = 256, depth: int = 4,
 
 
 class _GlobalPool(nn.Module):
+    """Mean and max over positions (:func:`streamcnn.pooling.global_mean_max`: its backward
+    makes one feature-map-sized gradient, not three)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)
+        return global_mean_max(x)
 
 
 def trunk_factory(name: str) -> TrunkFactory:
