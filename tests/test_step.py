@@ -108,7 +108,8 @@ def test_a_config_that_fixes_checkpoint_false_is_planned_with_it():
     assert all(c["checkpoint"] is False and c["tile_size"] == 256 for c in report["candidates"])
     assert (model.trunk.tile_size, model.trunk.checkpoint) == (report["tile_size"], report["checkpoint"])
     assert (report["tile_size"], report["checkpoint"]) == (256, False)
-    running = predict_step_memory(model, 512, device="cpu", accumulate=2, weight_decay=config.optim.weight_decay)
+    running = predict_step_memory(model, 512, device="cpu", accumulate=2, weight_decay=config.optim.weight_decay,
+                                  dtype=loop.resolve_amp(config.train.amp, torch.device("cpu")))
     assert running.allocated_bytes == report["predicted_peak_bytes"]
 
 
@@ -130,3 +131,18 @@ def test_tiny_cnn_plans_and_measures_quietly_from_the_cli():
     assert report["model"] == "tiny-cnn" and report["measured_peak_bytes"] > 0
     assert "gpuGetDeviceCount" not in result.stderr and "profiler_start" not in result.stderr, result.stderr
     assert "tiny-cnn" in TRUNKS
+
+
+def test_amp_auto_is_bf16_channels_last_only_on_cpus_with_native_bf16(monkeypatch):
+    from streamcnn import cpu
+
+    cpu_device = torch.device("cpu")
+    monkeypatch.setattr(loop, "native_bf16", lambda: True)
+    assert loop.resolve_amp("auto", cpu_device) is torch.bfloat16
+    assert cpu.preferred_memory_format(cpu_device, torch.bfloat16) is torch.channels_last
+    monkeypatch.setattr(loop, "native_bf16", lambda: False)
+    assert loop.resolve_amp("auto", cpu_device) is None and loop.resolve_amp("off", cpu_device) is None
+    assert cpu.preferred_memory_format(cpu_device, None) is torch.contiguous_format
+    assert cpu.preferred_memory_format(torch.device("cuda"), torch.bfloat16) is torch.contiguous_format
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        loop.resolve_amp("fp16", cpu_device)

@@ -101,6 +101,22 @@ def test_separate_forward_tiles_exact(tile, forward_tile):
     assert_same_gradients(trunk, streamed, torch.randn(2, 3, 130, 150, dtype=torch.float64), EXACT)
 
 
+def test_channels_last_windows_exact():
+    """A trunk converted to channels-last (the bf16 CPU default) is fed channels-last windows
+    and gives the contiguous full-image gradients."""
+    reference = resnet_trunk("resnet18", stages=3)
+    trunk = copy.deepcopy(reference).to(memory_format=torch.channels_last)
+    layouts = []
+    trunk.register_forward_pre_hook(lambda m, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    streamed = streamcnn.StreamingModule(trunk, 48, forward_tile_size=96, memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 130, 150, dtype=torch.float64)
+    f0, g0, x0 = forward_backward(reference, list(reference.parameters()), x)
+    f1, g1, x1 = forward_backward(streamed, list(trunk.parameters()), x)
+    assert layouts and all(layouts) and len(streamed.plan((130, 150)).tiles) > 1
+    assert relative_error(f0, f1) <= EXACT and relative_error(x0, x1) <= EXACT
+    assert max(relative_error(a, b) for a, b in zip(g0, g1)) <= EXACT
+
+
 def test_checkpoint_inside_tile_exact():
     trunk = resnet_trunk("resnet18", stages=3)
     streamed = streamcnn.StreamingModule(trunk, 64, checkpoint=True)

@@ -200,9 +200,11 @@ def test_budget_makes_the_planner_stream(tmp_path):
     """A budget below the conventional step's predicted peak: the run streams, as the planner chose."""
     from streamcnn.planning import plan
     from streamcnn.training import build_training_model
+    from streamcnn.training.loop import resolve_amp
 
     config = tiny_config(tmp_path / "run", "train.epochs=1", "data.synthetic_count=16", "plan.tile_size=auto", "model.in_channels=1")
-    table = plan(build_training_model(config), (128, 128), "1GB", batch=4, device="cpu", exhaustive=True)
+    amp = resolve_amp(config.train.amp, torch.device("cpu"))     # bf16 on CPUs with native bf16
+    table = plan(build_training_model(config), (128, 128), "1GB", batch=4, device="cpu", exhaustive=True, dtype=amp)
     peaks = {c.name: c.predicted_device_bytes for c in table.candidates if c.tile_size in (None, 64)}
     assert peaks["stream"] < peaks["checkpoint"] <= peaks["conventional"]
     budget = (peaks["stream"] + peaks["checkpoint"]) // 2

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from ..cpu import native_bf16
 from ..step import micro_step, model_input, optimizer_step
 from ..units import resolve_dtype
 from .distributed import DistributedContext, all_reduce_sum, gather_objects
@@ -39,9 +40,12 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``amp`` (auto|bf16|fp16|off): ``auto`` is bf16 on GPUs that have it, else off."""
+    """The autocast dtype for ``amp`` (auto|bf16|fp16|off): ``auto`` is bf16 on GPUs that have it
+    and on CPUs with native bf16 instructions (:func:`streamcnn.cpu.native_bf16`), else off."""
     if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        return torch.bfloat16 if device.type == "cpu" and native_bf16() else None
     if amp == "fp16" and device.type != "cuda":
         raise ValueError("train.amp=fp16 needs a CUDA device; use bf16 or off on CPU")
     return resolve_dtype(None if amp == "off" else amp)
