@@ -55,6 +55,14 @@ def test_bad_overrides_name_the_key(override, message):
     assert message in str(error.value)
 
 
+def test_amp_off_unquoted_in_yaml_and_on_the_command_line(tmp_path):
+    (tmp_path / "c.yaml").write_text("train:\n  amp: off\n")      # YAML 1.1 reads it as False
+    assert load_config(tmp_path / "c.yaml").train.amp == "off"
+    assert load_config(overrides=["train.amp=off"]).train.amp == "off"
+    with pytest.raises(ConfigError, match="train.amp: Input should be 'auto', 'bf16', 'fp16' or 'off'"):
+        load_config(overrides=["train.amp=on"])
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match=r"config file .*missing.yaml does not exist \(see configs/"):
         load_config(tmp_path / "missing.yaml")

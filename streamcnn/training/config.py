@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 __all__ = ["ConfigError", "DataConfig", "ModelConfig", "PlanConfig", "OptimConfig", "LoopConfig",
            "TrainConfig", "load_config", "apply_overrides", "parse_override"]
@@ -135,6 +135,12 @@ class LoopConfig(_Section):
     device: str = "auto"
     progress: bool = True
     checkpoint_minutes: float = Field(5.0, gt=0)  # last.pt is also written mid-epoch this often
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        """YAML reads an unquoted ``off`` as False: ``amp: off`` means "off"."""
+        return "off" if value is False else value
 
 
 class TrainConfig(_Section):
