@@ -9,12 +9,16 @@ writer (:func:`streamcnn.data.ultramnist.write_pyramid_tiff`) into ``--data-dir`
 lazily (:func:`streamcnn.io.open_image`: only the windows a tile needs are decoded). The
 planner (:func:`streamcnn.planning.plan`, CPU, ``lazy_input=True``) chooses the plan under
 ``--budget`` in this process; each step then runs in a fresh subprocess: a warm-up step on
-a small in-memory image, then ONE training step (trunk + pool head, cross-entropy, AdamW,
-fp32) on the TIFF. Recorded: peak RSS (``ru_maxrss``), its growth over the RSS before the
+a small in-memory image, then ONE training step (trunk + pool head, cross-entropy, AdamW:
+:func:`streamcnn.step.training_step`, the trainer's step) on the TIFF, under ``--amp``
+(``auto``: what ``tools/train.py`` would use here: bf16 autocast and the channels-last layout
+on a CPU with native bf16, :mod:`streamcnn.cpu`; ``off``: fp32). Recorded: peak RSS (``ru_maxrss``), its growth over the RSS before the
 step, the allocator peak of the step's tensors (a second, profiled step; only up to
 ``--profile-max`` px, as it doubles the time), seconds, megapixels per second, and the cost
-model's predicted time: seconds per conventional FLOP measured on the largest conventional
-row x the step's conventional FLOPs x the plan's relative cost. Conventional steps (the
+model's predicted time: the plan's relative cost x the step's conventional FLOPs x seconds
+per conventional FLOP, measured on the conventional row whose image is closest in area to the
+plan's largest backward window (a CPU runs a whole 2048^2 step at a lower FLOP rate than a
+1248^2 window, so the rate is calibrated at the size the plan computes at). Conventional steps (the
 whole image read into memory) run beside the streamed ones up to ``--conventional-max`` px.
 Writes ``benchmarks/results/scale_cpu.json`` and ``scale_cpu.png`` (memory and time against
 pixels, with the feature map + its gradient for reference).
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -58,30 +63,39 @@ def write_image(path: Path, size: int) -> None:
     write_pyramid_tiff(image, path, compression="deflate")
 
 
+def amp_dtype(amp: str):
+    import torch
+
+    from streamcnn.training.loop import resolve_amp
+    return resolve_amp(amp, torch.device("cpu"))
+
+
 def measure(path: str, size: int, tile, forward_tile, checkpoint: bool, head_checkpoint: bool,
-            profile: bool) -> dict:
+            profile: bool, amp: str = "off") -> dict:
     """One step in this (fresh) process."""
     import torch
-    import torch.nn.functional as F
 
     from streamcnn.allocator import allocator_state
+    from streamcnn.cpu import preferred_memory_format
     from streamcnn.io import open_image
     from streamcnn.measurement import cpu_allocator_peak
     from streamcnn.models import build_model
+    from streamcnn.step import make_optimizer, training_step
 
     torch.manual_seed(0)
     model = build_model(MODEL, head=HEAD, num_classes=CLASSES, in_channels=1, tile_size=tile,
                         checkpoint=checkpoint, head_checkpoint=head_checkpoint)
     model.trunk.forward_tile_size = forward_tile
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
+    dtype = amp_dtype(amp)
+    fmt = preferred_memory_format(torch.device("cpu"), dtype)
+    model.to(memory_format=fmt)
+    model.trunk.memory_format = fmt
+    opt = make_optimizer("adamw", model, lr=1e-4, foreach=False)
     labels = torch.zeros(1, dtype=torch.long)
 
     def step(x) -> float:
         t0 = time.perf_counter()
-        loss = F.cross_entropy(model(x), labels)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        training_step(model, x, labels, opt, device_type="cpu", amp_dtype=dtype)
         return time.perf_counter() - t0
 
     saved = model.trunk.tile_size, model.trunk.forward_tile_size
@@ -108,16 +122,17 @@ def run_isolated(spec: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def choose(size: int, budget: str) -> dict:
+def choose(size: int, budget: str, amp: str) -> dict:
     """The planner's fastest streamed plan under the budget, for this size."""
     from streamcnn.planning import plan
 
     report = plan(MODEL, size, budget, in_channels=1, num_classes=CLASSES, head=HEAD, device="cpu",
-                  lazy_input=True, modes=["stream", "stream+checkpoint"])
+                  lazy_input=True, modes=["stream", "stream+checkpoint"], dtype=amp_dtype(amp))
     c = report.chosen
     return {"tile": c.tile_size, "forward_tile": c.forward_tile_size, "checkpoint": c.checkpoint,
             "head_checkpoint": c.head_checkpoint, "relative_cost": c.relative_cost, "plan": c.label,
             "predicted_rss_bytes": c.predicted_device_bytes, "predicted_peak_bytes": c.predicted_peak_bytes,
+            "max_window": list(c.max_window) if c.max_window else None,
             "conventional_flops": report.flops.conventional, "planning_seconds": report.planning_seconds}
 
 
@@ -164,6 +179,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="fresh subprocesses per setting, interleaved")
     parser.add_argument("--conventional-max", type=int, default=2048)
     parser.add_argument("--profile-max", type=int, default=4096)
+    parser.add_argument("--amp", default="auto", choices=["auto", "off", "bf16"],
+                        help="autocast as train.amp (auto: bf16 + channels-last on CPUs with native bf16)")
     parser.add_argument("--data-dir", default=os.environ.get("TMPDIR", "/tmp") + "/streamcnn-bench-scale")
     parser.add_argument("--name", default="scale_cpu")
     parser.add_argument("--quick", action="store_true", help="256 and 512 px; writes nothing")
@@ -183,10 +200,10 @@ def main() -> None:
         path = data / f"scale-{size}.tif"
         t0 = time.perf_counter()
         write_image(path, size)
-        plan = choose(size, args.budget)
+        plan = choose(size, args.budget, args.amp)
         print(f"{size}^2: {plan['plan']}, predicted RSS {format_size(plan['predicted_rss_bytes'])} "
               f"(image written in {time.perf_counter() - t0:.0f} s)", flush=True)
-        common = {"path": str(path), "size": size, "profile": size <= args.profile_max}
+        common = {"path": str(path), "size": size, "profile": size <= args.profile_max, "amp": args.amp}
         settings.append(({"mode": "streamed", **plan}, {**common, **{k: plan[k] for k in (
             "tile", "forward_tile", "checkpoint", "head_checkpoint")}}))
         if size <= args.conventional_max:
@@ -221,14 +238,17 @@ def report(args: argparse.Namespace, env: dict, rows: list[dict]) -> None:
         row.pop("round", None)
         merged.append(row)
     conventional = [r for r in merged if r["mode"] == "conventional" and "seconds" in r]
-    ref = max(conventional, key=lambda r: r["image"]) if conventional else None
     for r in merged:
+        # seconds per FLOP from the conventional step closest in area to what this row computes at
+        side = (r.get("max_window") or [r["image"]])[0]
+        ref = min(conventional, key=lambda c: abs(math.log(c["image"] / side))) if conventional else None
         r["megapixels"] = r["image"] ** 2 / 1e6
         r["feature_and_gradient_bytes"] = feature_bytes(r["image"])
         if "seconds" in r:
             r["megapixels_per_second"] = r["megapixels"] / r["seconds"]
         if ref is not None:
             per_flop = ref["seconds"] / ref["conventional_flops"]
+            r["calibrated_on"] = ref["image"]
             r["predicted_seconds"] = per_flop * r["conventional_flops"] * r["relative_cost"]
             if "seconds" in r:
                 r["time_vs_predicted"] = r["seconds"] / r["predicted_seconds"]
@@ -238,13 +258,17 @@ def report(args: argparse.Namespace, env: dict, rows: list[dict]) -> None:
     columns = [("image", "image px"), ("mode", "mode"), ("plan", "plan"), ("peak_rss_gb", "peak RSS GB"),
                ("predicted_rss_gb", "predicted RSS GB"), ("rss_growth_gb", "RSS growth GB"),
                ("allocator_peak_gb", "allocator peak GB"), ("seconds", "s/step"),
-               ("megapixels_per_second", "Mpx/s"), ("predicted_seconds", "predicted s"), ("error", "error")]
-    print(f"\n{env['device']}, budget {args.budget}, {MODEL} + {HEAD} head, fp32, AdamW, batch 1\n")
+               ("megapixels_per_second", "Mpx/s"), ("predicted_seconds", "predicted s"),
+               ("time_vs_predicted", "measured / predicted"), ("error", "error")]
+    dtype = amp_dtype(args.amp)
+    print(f"\n{env['device']}, budget {args.budget}, {MODEL} + {HEAD} head, "
+          f"{'fp32' if dtype is None else 'bf16 autocast, channels-last'}, AdamW, batch 1\n")
     print(markdown_table(merged, columns))
     if args.quick:
         return
     env = {**env, "load_average_after": os.getloadavg()}
     path = write_json(f"{args.name}.json", {"environment": env, "budget": args.budget, "model": MODEL, "head": HEAD,
+                                             "amp": args.amp, "autocast": str(dtype),
                                              "rows": merged, "per_round": rows})
     plot(merged, RESULTS / f"{args.name}.png", parse_size(args.budget))
     print(f"\nwrote {path} and {args.name}.png")
