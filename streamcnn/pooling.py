@@ -16,7 +16,7 @@ import torch
 __all__ = ["GlobalMeanMax", "global_mean_max"]
 
 #: Channels per chunk of the backward: bounds the boolean mask and product temporaries.
-_CHUNK_ELEMENTS = 2**22
+_CHUNK_ELEMENTS = 2**20
 
 
 class GlobalMeanMax(torch.autograd.Function):
@@ -38,10 +38,9 @@ class GlobalMeanMax(torch.autograd.Function):
         for c0 in range(0, c, step):
             part = slice(c0, min(c, c0 + step))
             mask = x[:, part] == amax[:, part, None, None]
-            count = mask.sum(dim=(2, 3), keepdim=True)
-            share = g_max[:, part, None, None] / count
+            share = g_max[:, part, None, None] / mask.sum(dim=(2, 3), keepdim=True)
             torch.div(g_mean[:, part, None, None].expand(-1, -1, h, w), h * w, out=out[:, part])
-            out[:, part].add_(share * mask)
+            out[:, part].add_(mask.to(out.dtype).mul_(share))
         return out
 
 

@@ -189,3 +189,17 @@ def test_step_flops_match_the_convolution_formula():
     assert flops.head_forward == head_fwd
     assert flops.head_backward == 2 * head_fwd          # weight and input gradients
     assert flops.conventional == 2 * trunk_fwd + 3 * head_fwd
+
+
+@pytest.mark.parametrize("dtype", [None, "bf16"])
+def test_memory_grows_with_the_image_no_faster_than_the_feature_map_and_its_gradient(dtype):
+    """Same tiles, image side doubled: the step's peak grows by at most the growth of F + dF (a
+    lazily read image takes no memory; the pool head's backward holds one F-sized gradient, where
+    autograd's mean + amax held three F-sized tensors and grew 1.26x faster than F + dF here)."""
+    model = build_model("tiny-cnn", head="pool", num_classes=3, in_channels=1, tile_size=256)
+    peaks = {s: predict_step_memory(model, s, device="cpu", dtype=dtype, lazy_input=True).live_bytes
+             for s in (1024, 2048)}
+    element = 4 if dtype is None else 2
+    f_and_df = {s: 2 * element * 64 * (s // 8) ** 2 for s in peaks}          # tiny-cnn: 64 channels, stride 8
+    grown, bound = peaks[2048] - peaks[1024], f_and_df[2048] - f_and_df[1024]
+    assert 0.5 * bound < grown <= bound, (grown, bound)
