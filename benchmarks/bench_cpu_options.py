@@ -15,8 +15,9 @@ reported apart):
 * ``bf16+channels_last``.
 * ``compile``: ``torch.compile(trunk, dynamic=False)``: interior windows share one shape, so
   one compilation serves all of them (border windows add a few more).
+* ``bf16+channels_last+compile``: all three.
 
-Writes ``benchmarks/results/cpu_options.json``. An option is worth turning on by default
+Writes ``benchmarks/results/cpu_options.json`` and ``cpu_options.png``. An option is worth turning on by default
 only if it is faster than ``fp32`` in every round.
 """
 from __future__ import annotations
@@ -28,9 +29,11 @@ import subprocess
 import sys
 import time
 
-from common import environment, markdown_table, write_json  # noqa: E402
+from common import RESULTS, environment, markdown_table, write_json  # noqa: E402
 
-OPTIONS = ["fp32", "channels_last", "bf16", "bf16+channels_last", "compile"]
+from streamcnn.files import save_figure  # noqa: E402
+
+OPTIONS = ["fp32", "channels_last", "bf16", "bf16+channels_last", "compile", "bf16+channels_last+compile"]
 
 
 def measure(option: str, window: int, steps: int) -> dict:
@@ -44,8 +47,8 @@ def measure(option: str, window: int, steps: int) -> dict:
     if "channels_last" in option:
         trunk = trunk.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    run = torch.compile(trunk, dynamic=False) if option == "compile" else trunk
-    bf16 = option.startswith("bf16")
+    run = torch.compile(trunk, dynamic=False) if "compile" in option else trunk
+    bf16 = "bf16" in option
 
     def step() -> float:
         t0 = time.perf_counter()
@@ -102,7 +105,27 @@ def main() -> None:
     env["load_average_after"] = os.getloadavg()
     path = write_json("cpu_options.json", {"environment": env, "window": args.window, "rows": table,
                                            "per_round": rows})
-    print(f"\nwrote {path}")
+    plot(table, args.window, env["device"])
+    print(f"\nwrote {path} and cpu_options.png")
+
+
+def plot(table: list[dict], window: int, device: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in table if "vs_fp32" in r]
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.2))
+    ax.barh([r["option"] for r in rows], [r["vs_fp32"] for r in rows],
+            color=["tab:green" if r["faster_every_round"] else "tab:gray" for r in rows])
+    ax.axvline(1, color="black", lw=1)
+    ax.invert_yaxis()
+    ax.set(xlabel="time vs fp32 (median of rounds; green: faster in every round)",
+           title=f"ResNet-18 window {window}^2, forward + backward, {device}")
+    fig.tight_layout()
+    save_figure(fig, RESULTS / "cpu_options.png")
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ on a CPU with native bf16, :mod:`streamcnn.cpu`; ``off``: fp32). Recorded: peak 
 step, the allocator peak of the step's tensors (a second, profiled step; only up to
 ``--profile-max`` px, as it doubles the time), seconds, megapixels per second, and the cost
 model's predicted time: the plan's relative cost x the step's conventional FLOPs x seconds
-per conventional FLOP, measured on the conventional row whose image is closest in area to the
-plan's largest backward window (a CPU runs a whole 2048^2 step at a lower FLOP rate than a
-1248^2 window, so the rate is calibrated at the size the plan computes at). Conventional steps (the
+per conventional FLOP, measured on the smallest conventional row (1024^2: the size of the
+windows plans compute at; on the 2-core CPU whole-image steps of 2048^2 and more run at a
+2-3x lower FLOP rate, see the README). Conventional steps (the
 whole image read into memory) run beside the streamed ones up to ``--conventional-max`` px.
 Writes ``benchmarks/results/scale_cpu.json`` and ``scale_cpu.png`` (memory and time against
 pixels, with the feature map + its gradient for reference).
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import subprocess
@@ -136,12 +135,12 @@ def choose(size: int, budget: str, amp: str) -> dict:
             "conventional_flops": report.flops.conventional, "planning_seconds": report.planning_seconds}
 
 
-def feature_bytes(size: int) -> int:
-    """The feature map and its gradient (fp32, 512 channels, stride 32)."""
-    return 2 * 4 * 512 * (size // 32) ** 2
+def feature_bytes(size: int, element: int) -> int:
+    """The feature map and its gradient (512 channels, stride 32, ``element`` bytes each: 4 fp32, 2 bf16)."""
+    return 2 * element * 512 * (size // 32) ** 2
 
 
-def plot(rows: list[dict], path: Path, budget: int) -> None:
+def plot(rows: list[dict], path: Path, budget: int, dtype_name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,8 +160,9 @@ def plot(rows: list[dict], path: Path, budget: int) -> None:
             ax_t.plot(mp, [r.get("predicted_seconds") or float("nan") for _, r in pts], "k:", marker="x",
                       label="cost model")
     sizes = sorted({r["image"] for r in rows})
-    ax_m.plot([s * s / 1e6 for s in sizes], [feature_bytes(s) / 1e9 for s in sizes], color="gray", ls=":",
-              label="feature map + gradient (fp32)")
+    ax_m.plot([s * s / 1e6 for s in sizes], [r["feature_and_gradient_bytes"] / 1e9 for r in sorted(
+        {r["image"]: r for r in rows}.values(), key=lambda r: r["image"])], color="gray", ls=":",
+              label=f"feature map + gradient ({dtype_name})")
     ax_m.axhline(budget / 1e9, color="black", lw=1.5, label="budget")
     ax_m.set(xscale="log", yscale="log", xlabel="megapixels", ylabel="GB", title="memory, one training step")
     ax_t.set(xscale="log", yscale="log", xlabel="megapixels", ylabel="seconds", title="time, one training step")
@@ -239,11 +239,9 @@ def report(args: argparse.Namespace, env: dict, rows: list[dict]) -> None:
         merged.append(row)
     conventional = [r for r in merged if r["mode"] == "conventional" and "seconds" in r]
     for r in merged:
-        # seconds per FLOP from the conventional step closest in area to what this row computes at
-        side = (r.get("max_window") or [r["image"]])[0]
-        ref = min(conventional, key=lambda c: abs(math.log(c["image"] / side))) if conventional else None
+        ref = min(conventional, key=lambda c: c["image"]) if conventional else None
         r["megapixels"] = r["image"] ** 2 / 1e6
-        r["feature_and_gradient_bytes"] = feature_bytes(r["image"])
+        r["feature_and_gradient_bytes"] = feature_bytes(r["image"], 4 if amp_dtype(args.amp) is None else 2)
         if "seconds" in r:
             r["megapixels_per_second"] = r["megapixels"] / r["seconds"]
         if ref is not None:
@@ -270,7 +268,7 @@ def report(args: argparse.Namespace, env: dict, rows: list[dict]) -> None:
     path = write_json(f"{args.name}.json", {"environment": env, "budget": args.budget, "model": MODEL, "head": HEAD,
                                              "amp": args.amp, "autocast": str(dtype),
                                              "rows": merged, "per_round": rows})
-    plot(merged, RESULTS / f"{args.name}.png", parse_size(args.budget))
+    plot(merged, RESULTS / f"{args.name}.png", parse_size(args.budget), "fp32" if amp_dtype(args.amp) is None else "bf16")
     print(f"\nwrote {path} and {args.name}.png")
 
 
