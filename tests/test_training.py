@@ -34,9 +34,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # deterministic, fast tiny C
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "tools" / "train.py"
 # Tiny task, streamed: 128 px images, tiles of 48 px (9 tiles per image).
-TINY = ["data.kind=synthetic", "data.synthetic_size=128", "data.synthetic_count=96", "model.trunk=tiny-cnn",
+TINY = ["train.epochs=3", "data.kind=synthetic", "data.synthetic_size=128", "data.synthetic_count=96", "model.trunk=tiny-cnn",
         "model.head=pool", "model.num_classes=4", "plan.tile_size=48", "train.batch_size=4", "train.accumulate=1",
-        "optim.lr=4e-3", "train.progress=false", "train.device=cpu"]
+        "optim.lr=4e-3", "train.progress=false", "train.device=cpu",
+        "optim.schedule=cosine", "optim.warmup_steps=0"]
 # Values that depend on the machine's speed, not on the computation.
 TIMING_KEYS = {"seconds", "val_seconds", "images_per_second", "megapixels_per_second", "peak_memory_bytes"}
 
