@@ -113,7 +113,8 @@ def test_training_step_runs_the_models_own_micro_step():
 PATCHGD_RUN = ["data.kind=synthetic", "data.synthetic_size=128", "data.synthetic_count=16", "model.mode=patchgd",
                "model.patch_size=32", "model.patch_sampling=0.125", "model.inner_iterations=2",
                "model.trunk=tiny-cnn", "model.num_classes=4", "train.batch_size=4", "train.accumulate=1",
-               "train.progress=false", "train.device=cpu", "train.epochs=1"]
+               "train.progress=false", "train.device=cpu", "train.epochs=1", "optim.schedule=cosine",
+               "optim.warmup_steps=0"]
 
 
 def test_patchgd_mode_trains_through_the_runner_inside_its_budget(tmp_path):

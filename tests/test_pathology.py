@@ -24,7 +24,8 @@ SIZES = [(96, 128), (160, 112), (128, 192), (80, 80), (144, 160), (112, 144)]
 pytestmark = pytest.mark.usefixtures("one_thread")  # deterministic, fast tiny CPU runs: see conftest.py
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 TINY = ["model.trunk=tiny-cnn", "model.head=pool", "train.epochs=1", "train.batch_size=1", "train.accumulate=2",
-        "plan.tile_size=64", "train.progress=false", "data.manifest=slides.csv", "optim.lr=3e-3"]
+        "plan.tile_size=64", "train.progress=false", "data.manifest=slides.csv", "optim.lr=3e-3",
+        "optim.schedule=cosine", "optim.warmup_steps=0"]
 
 
 def _tool(name: str):

@@ -36,13 +36,14 @@ TRAIN = REPO / "tools" / "train.py"
 # Tiny task, streamed: 128 px images, tiles of 48 px (9 tiles per image).
 TINY = ["data.kind=synthetic", "data.synthetic_size=128", "data.synthetic_count=96", "model.trunk=tiny-cnn",
         "model.head=pool", "model.num_classes=4", "plan.tile_size=48", "train.batch_size=4", "train.accumulate=1",
-        "optim.lr=4e-3", "train.progress=false", "train.device=cpu"]
+        "optim.lr=4e-3", "train.progress=false", "train.device=cpu",
+        "optim.schedule=cosine", "optim.warmup_steps=0"]
 # Values that depend on the machine's speed, not on the computation.
 TIMING_KEYS = {"seconds", "val_seconds", "images_per_second", "megapixels_per_second", "peak_memory_bytes"}
 
 
 def tiny_config(out: Path, *extra: str):
-    return load_config(overrides=[*TINY, f"out={out}", *extra])
+    return load_config(overrides=[*TINY, "train.epochs=3", f"out={out}", *extra])
 
 
 def computed(rows: list[dict]) -> list[dict]:
@@ -249,7 +250,7 @@ def test_schedules_per_optimizer_step():
 
     cosine = lrs(OptimConfig(lr=1.0, warmup_steps=2, schedule="cosine"), total=6, per_epoch=3)
     assert cosine == pytest.approx([0.5, 1.0, 1.0, 0.5 * (1 + 0.5 ** 0.5), 0.5, 0.5 * (1 - 0.5 ** 0.5)])
-    paper = lrs(OptimConfig(name="adam", lr=1.0, schedule="exponential", gamma=0.5), total=6, per_epoch=2)
+    paper = lrs(OptimConfig(name="adam", lr=1.0, schedule="exponential", gamma=0.5, warmup_steps=0), total=6, per_epoch=2)
     assert paper == pytest.approx([1, 1, 0.5, 0.5, 0.25, 0.25])
     groups = build_optimizer(torch.nn.Linear(2, 2), OptimConfig(weight_decay=0.1)).param_groups
     assert [(len(g["params"]), g["weight_decay"]) for g in groups] == [(1, 0.1), (1, 0.0)]   # no decay on the bias

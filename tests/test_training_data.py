@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # deterministic, fast tiny C
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["model.trunk=tiny-cnn", "model.head=pool", "train.batch_size=2", "train.accumulate=1", "train.epochs=1",
-         "train.progress=false", "train.device=cpu"]
+         "train.progress=false", "train.device=cpu", "optim.schedule=cosine", "optim.warmup_steps=0"]
 
 
 def _tool(name: str):
@@ -38,7 +38,7 @@ def ultramnist(tmp_path_factory) -> Path:
 def test_default_data_is_generated_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("STREAMCNN_CACHE", str(tmp_path / "cache"))
     config = ["data.generate_count=4", "data.generate_val_count=2", "data.generate_size=128",
-              "plan.tile_size=64", *SMALL]
+              "data.generate_variant=null", "plan.tile_size=64", *SMALL]
     history = fit(load_config(overrides=[*config, f"out={tmp_path / 'a'}"]))
     cached = tmp_path / "cache" / "ultramnist-128px-seed0"
     assert len(ManifestDataset(cached / "train")) == 4 and len(ManifestDataset(cached / "test")) == 2
@@ -46,6 +46,23 @@ def test_default_data_is_generated_once_into_the_cache(tmp_path, monkeypatch):
     fit(load_config(overrides=[*config, f"out={tmp_path / 'b'}"]))
     assert {p: p.stat().st_mtime_ns for p in (cached / "train" / "images").iterdir()} == images  # reused
     assert history[0]["images"] == 4 and history[0]["val_accuracy"] is not None
+
+
+def test_the_default_run_finishes_on_its_balanced_variant(tmp_path, monkeypatch):
+    """`python tools/train.py --budget 11GB` with fewer images and one epoch: the same task and model."""
+    monkeypatch.setenv("STREAMCNN_CACHE", str(tmp_path / "cache"))
+    config = load_config(overrides=["plan.budget=11GB", "data.generate_count=120", "data.generate_val_count=80",
+                                    "train.epochs=1", "train.progress=false", f"out={tmp_path / 'run'}"])
+    history = fit(config)
+    cached = tmp_path / "cache" / "ultramnist-128px-seed0"
+    train, test = (ManifestDataset(cached / split, "manifest-smallest.csv") for split in ("train", "test"))
+    for dataset, generated in ((train, 120), (test, 80)):
+        counts = [dataset.labels.count(c) for c in range(10)]
+        assert len(set(counts)) == 1 and 0 < len(dataset) < generated     # balanced subset of the images
+    [row] = history
+    assert row["images"] == len(train) // 32 * 32 and row["val_accuracy"] is not None
+    saved = load_checkpoint(tmp_path / "run" / "last.pt")["config"]
+    assert saved["model"]["num_classes"] == 10 and saved["model"]["trunk"] == "resnet18-ws-w16-s2"
 
 
 def test_manifest_training_then_evaluate_tool(ultramnist, tmp_path, capsys):

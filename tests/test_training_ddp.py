@@ -17,7 +17,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # deterministic, fast tiny C
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.kind=synthetic", "data.synthetic_size=128", "data.synthetic_count=32", "model.trunk=tiny-cnn",
         "model.head=pool", "model.num_classes=4", "plan.tile_size=48", "train.accumulate=2", "train.epochs=2",
-        "optim.lr=4e-3", "train.progress=false", "train.device=cpu",
+        "optim.lr=4e-3", "train.progress=false", "train.device=cpu", "train.batch_size=1", "optim.schedule=cosine",
+        "optim.warmup_steps=0",
         "train.amp=off"]   # fp32: bf16 (the default on CPUs with native bf16) rounds batch 2 and 2 x 1 differently
 
 

@@ -40,7 +40,7 @@ def test_sum_variant_is_the_benchmark_label(generated):
 
 
 def test_unknown_variant_and_missing_manifest_are_named(tmp_path, generated):
-    with pytest.raises(ValueError, match=r"unknown UltraMNIST variant 'parity'; choose one of \['count', 'sum'\]"):
+    with pytest.raises(ValueError, match=r"unknown UltraMNIST variant 'parity'; choose one of \['count', 'smallest', 'sum'\]"):
         write_variant_manifest(generated, "parity")
     with pytest.raises(FileNotFoundError, match="manifest.csv does not exist: generate the images first"):
         write_variant_manifest(tmp_path, "count")
@@ -62,3 +62,24 @@ def test_learning_arms_share_budget_data_optimizer_and_loop():
         "learning-stream": ("stream", None), "learning-down256": ("downsample", 33),
         "learning-down512": ("downsample", 66), "learning-down1024": ("downsample", 131),
         "learning-patchgd": ("patchgd", None)}
+
+
+def test_smallest_labels_from_a_hand_made_manifest(tmp_path):
+    """The digit in the smallest box; boxes of the same smallest size: the largest of their values."""
+    rows = [  # digits (ascending, as the generator writes them) and boxes [x, y, w, h]
+        ("a.tiff", [1, 4, 7], [[0, 0, 40, 40], [50, 0, 14, 14], [0, 50, 20, 20]]),              # 4: one smallest
+        ("b.tiff", [2, 3, 8], [[0, 0, 14, 14], [20, 0, 30, 30], [60, 0, 14, 14]]),              # tie 2 / 8: 8
+        ("c.tiff", [0, 5, 5, 9], [[0, 0, 16, 16], [20, 0, 16, 16], [40, 0, 60, 60], [0, 40, 17, 17]]),  # tie 0 / 5: 5
+        ("d.tiff", [0, 0, 6], [[0, 0, 70, 70], [80, 0, 90, 90], [0, 80, 15, 15]]),             # 6, far from the rest
+    ]
+    with open(tmp_path / "manifest.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "path", "label", "digits", "boxes"])
+        for path, digits, boxes in rows:
+            writer.writerow([path, path, sum(digits), json.dumps(digits), json.dumps(boxes)])
+    path, counts = write_variant_manifest(tmp_path, "smallest", balance=False)
+    assert [(row["path"], int(row["label"])) for row in _rows(path)] == [
+        ("a.tiff", 4), ("b.tiff", 8), ("c.tiff", 5), ("d.tiff", 6)]
+    assert counts == [0, 0, 0, 0, 1, 1, 1, 0, 1, 0]
+    _, balanced = write_variant_manifest(tmp_path, "smallest")     # classes 0-3 have no image
+    assert balanced == [0] * 10 and _rows(path) == []

@@ -37,7 +37,9 @@ class DataConfig(_Section):
     ``kind``: ``manifest`` reads ``root/manifest`` (see :class:`streamcnn.data.ManifestDataset`);
     ``ultramnist`` generates a small UltraMNIST set (``generate_count`` train and
     ``generate_val_count`` test images of ``generate_size`` px) into the cache directory
-    once and reuses it; ``synthetic`` is the in-memory "full resolution matters" task of
+    once and reuses it, relabelled as ``generate_variant`` (:mod:`streamcnn.data.variants`, balanced;
+    ``None``: the generator's own label) and read whole unless ``lazy`` is true (other kinds read
+    lazily unless ``lazy`` is false); ``synthetic`` is the in-memory "full resolution matters" task of
     :mod:`streamcnn.training.synthetic` (tests, smoke runs).
     Validation: ``val_root``/``val_manifest`` name a second manifest (``val_root`` defaults
     to ``root``); without one, ``val_fraction`` of the training set is held out.
@@ -49,12 +51,14 @@ class DataConfig(_Section):
     val_root: Optional[str] = None
     val_manifest: Optional[str] = None
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
-    lazy: bool = True
+    lazy: Optional[bool] = None  # None: lazy readers, except the generated UltraMNIST set (small: read whole)
     cache_dir: Optional[str] = None
-    generate_count: int = Field(100, ge=1)
-    generate_val_count: int = Field(50, ge=0)
-    generate_size: int = Field(512, ge=64)
+    generate_count: int = Field(24000, ge=1)
+    generate_val_count: int = Field(1400, ge=0)
+    generate_size: int = Field(128, ge=64)
     generate_seed: int = 0
+    # a relabelling of the generated images (streamcnn.data.variants), class-balanced; None: the sum
+    generate_variant: Optional[str] = "smallest"
     synthetic_size: int = Field(256, ge=32)
     synthetic_count: int = Field(64, ge=1)
     # Slides (see docs/pathology.md): pyramid level or microns per pixel, tissue crop, bad files.
@@ -73,8 +77,8 @@ class ModelConfig(_Section):
     patches, ``patch_sampling`` of them updated per inner iteration, ``inner_iterations``)."""
 
     mode: Literal["stream", "downsample", "patchgd"] = "stream"
-    trunk: str = "resnet18"
-    head: str = "conv"
+    trunk: str = "resnet18-ws-w16-s2"
+    head: str = "pool"
     head_kwargs: dict[str, Any] = Field(default_factory=dict)
     weights: Optional[str] = None
     in_channels: Optional[int] = Field(None, ge=1)   # None: the training images' channels
@@ -107,10 +111,10 @@ class OptimConfig(_Section):
     """
 
     name: Literal["adamw", "adam"] = "adamw"
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    schedule: Literal["cosine", "exponential", "constant"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "exponential", "constant"] = "constant"
+    warmup_steps: int = Field(100, ge=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     gamma: float = Field(0.95, gt=0, le=1)
 
@@ -124,11 +128,11 @@ class LoopConfig(_Section):
     ``batch_size * accumulate * processes`` images.
     """
 
-    epochs: int = Field(3, ge=1)
+    epochs: int = Field(5, ge=1)
     max_steps: Optional[int] = Field(None, ge=1)
     max_minutes: Optional[float] = Field(None, gt=0)
-    batch_size: int = Field(1, ge=1)
-    accumulate: int = Field(4, ge=1)
+    batch_size: int = Field(32, ge=1)
+    accumulate: int = Field(1, ge=1)
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     seed: int = 0
     workers: int = Field(0, ge=0)

@@ -36,9 +36,15 @@ def default_cache_dir() -> Path:
 def _ultramnist(config: TrainConfig, context: DistributedContext) -> tuple[Dataset, Dataset | None]:
     from ..data import ManifestDataset, generate_ultramnist
     from ..data.ultramnist import NUM_CLASSES
+    from ..data.variants import VARIANTS, write_variant_manifest
 
     data = config.data
-    classes = config.model.num_classes or NUM_CLASSES  # the generator's classes, however few images show them
+    variant = data.generate_variant
+    if variant is not None and variant not in VARIANTS:
+        raise ValueError(f"unknown data.generate_variant {variant!r}; choose one of {sorted(VARIANTS)} "
+                         "(or null for the generator's own label, the sum)")
+    # the task's classes, however few images show them
+    classes = config.model.num_classes or (VARIANTS[variant][1] if variant else NUM_CLASSES)
     cache = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
     root = cache / f"ultramnist-{data.generate_size}px-seed{data.generate_seed}"
     splits = [("train", data.generate_count)] + ([("test", data.generate_val_count)] if data.generate_val_count else [])
@@ -46,8 +52,16 @@ def _ultramnist(config: TrainConfig, context: DistributedContext) -> tuple[Datas
         for split, count in splits:
             generate_ultramnist(root / split, count, size=data.generate_size, seed=data.generate_seed, split=split,
                                 progress=config.train.progress)
+        if variant is not None:     # a relabelling of the same images, class-balanced
+            for split, count in splits:
+                _, per_class = write_variant_manifest(root / split, variant)
+                if not per_class[0]:
+                    raise ValueError(f"the {count} generated {split} images leave no image of some class of the "
+                                     f"{variant!r} variant once balanced: generate more (data.generate_count / "
+                                     "data.generate_val_count)")
     context.barrier()
-    sets = [ManifestDataset(root / split, lazy=data.lazy, num_classes=classes) for split, _ in splits]
+    manifest = f"manifest-{variant}.csv" if variant else "manifest.csv"
+    sets = [ManifestDataset(root / split, manifest, lazy=bool(data.lazy), num_classes=classes) for split, _ in splits]
     return sets[0], (sets[1] if len(sets) > 1 else None)
 
 
@@ -73,7 +87,7 @@ def _manifest(config: TrainConfig) -> tuple[Dataset, Dataset | None]:
 def slide_options(config: TrainConfig) -> dict[str, Any]:
     """The :class:`~streamcnn.data.ManifestDataset` options a config sets (level, mpp, tissue, ...)."""
     data = config.data
-    return {"lazy": data.lazy, "num_classes": config.model.num_classes, "classes": data.classes,
+    return {"lazy": data.lazy is not False, "num_classes": config.model.num_classes, "classes": data.classes,
             "level": data.level, "mpp": data.mpp, "tissue": data.tissue, "mask_suffix": data.mask_suffix,
             "on_error": data.on_error}
 
