@@ -17,8 +17,8 @@ step, the allocator peak of the step's tensors (a second, profiled step; only up
 ``--profile-max`` px, as it doubles the time), seconds, megapixels per second, and the cost
 model's predicted time: the plan's relative cost x the step's conventional FLOPs x seconds
 per conventional FLOP, measured on the smallest conventional row (1024^2: the size of the
-windows plans compute at; on the 2-core CPU whole-image steps of 2048^2 and more run at a
-2-3x lower FLOP rate, see the README). Conventional steps (the
+windows plans compute at; a whole-image step can run at a lower FLOP rate: 4096^2 at 1.29x
+the 1024^2 rate's time on the 2-core CPU, see the README). Conventional steps (the
 whole image read into memory) run beside the streamed ones up to ``--conventional-max`` px.
 Writes ``benchmarks/results/scale_cpu.json`` and ``scale_cpu.png`` (memory and time against
 pixels, with the feature map + its gradient for reference).
@@ -86,9 +86,7 @@ def measure(path: str, size: int, tile, forward_tile, checkpoint: bool, head_che
                         checkpoint=checkpoint, head_checkpoint=head_checkpoint)
     model.trunk.forward_tile_size = forward_tile
     dtype = amp_dtype(amp)
-    fmt = preferred_memory_format(torch.device("cpu"), dtype)
-    model.to(memory_format=fmt)
-    model.trunk.memory_format = fmt
+    model.use_memory_format(preferred_memory_format(torch.device("cpu"), dtype))
     opt = make_optimizer("adamw", model, lr=1e-4, foreach=False)
     labels = torch.zeros(1, dtype=torch.long)
 
@@ -238,10 +236,12 @@ def report(args: argparse.Namespace, env: dict, rows: list[dict]) -> None:
         row.pop("round", None)
         merged.append(row)
     conventional = [r for r in merged if r["mode"] == "conventional" and "seconds" in r]
+    ref = min(conventional, key=lambda c: c["image"]) if conventional else None
+    dtype = amp_dtype(args.amp)
+    dtype_name = "fp32" if dtype is None else "bf16"
     for r in merged:
-        ref = min(conventional, key=lambda c: c["image"]) if conventional else None
         r["megapixels"] = r["image"] ** 2 / 1e6
-        r["feature_and_gradient_bytes"] = feature_bytes(r["image"], 4 if amp_dtype(args.amp) is None else 2)
+        r["feature_and_gradient_bytes"] = feature_bytes(r["image"], 4 if dtype is None else 2)
         if "seconds" in r:
             r["megapixels_per_second"] = r["megapixels"] / r["seconds"]
         if ref is not None:
@@ -258,7 +258,6 @@ def report(args: argparse.Namespace, env: dict, rows: list[dict]) -> None:
                ("allocator_peak_gb", "allocator peak GB"), ("seconds", "s/step"),
                ("megapixels_per_second", "Mpx/s"), ("predicted_seconds", "predicted s"),
                ("time_vs_predicted", "measured / predicted"), ("error", "error")]
-    dtype = amp_dtype(args.amp)
     print(f"\n{env['device']}, budget {args.budget}, {MODEL} + {HEAD} head, "
           f"{'fp32' if dtype is None else 'bf16 autocast, channels-last'}, AdamW, batch 1\n")
     print(markdown_table(merged, columns))
@@ -268,7 +267,7 @@ def report(args: argparse.Namespace, env: dict, rows: list[dict]) -> None:
     path = write_json(f"{args.name}.json", {"environment": env, "budget": args.budget, "model": MODEL, "head": HEAD,
                                              "amp": args.amp, "autocast": str(dtype),
                                              "rows": merged, "per_round": rows})
-    plot(merged, RESULTS / f"{args.name}.png", parse_size(args.budget), "fp32" if amp_dtype(args.amp) is None else "bf16")
+    plot(merged, RESULTS / f"{args.name}.png", parse_size(args.budget), dtype_name)
     print(f"\nwrote {path} and {args.name}.png")
 
 

@@ -2,7 +2,7 @@
 
 Measured by ``benchmarks/bench_cpu_options.py`` (ResNet-18, one 1248 px window, forward +
 backward, one thread): on a CPU with native bfloat16 instructions (AVX512-BF16 or AMX) bf16
-autocast takes about 0.55x the fp32 time and bf16 with the channels-last layout about 0.4x;
+autocast takes about 0.57x the fp32 time and bf16 with the channels-last layout about 0.4x;
 channels-last alone in fp32, and ``torch.compile`` of the trunk, do not pay reliably. So:
 
 - :func:`native_bf16`: whether this CPU has the instructions (without them bf16 is emulated and
@@ -10,8 +10,9 @@ channels-last alone in fp32, and ``torch.compile`` of the trunk, do not pay reli
 - :func:`preferred_memory_format`: channels-last for bf16 autocast on the CPU, else contiguous.
 
 A model converted with ``model.to(memory_format=torch.channels_last)`` is fed channels-last
-windows by :class:`streamcnn.streaming.StreamingModule` (it follows its first convolution's
-layout); the layout changes no result beyond float rounding.
+windows by :class:`streamcnn.streaming.StreamingModule` when its ``memory_format`` says so
+(:meth:`streamcnn.models.StreamingClassifier.use_memory_format` sets both); the layout changes
+no result beyond float rounding.
 """
 from __future__ import annotations
 

@@ -176,6 +176,13 @@ class StreamingClassifier(nn.Module):
         self.trunk.output_device = torch.device(output_device) if output_device is not None else None
         self.head_checkpoint = head_checkpoint
 
+    def use_memory_format(self, memory_format: torch.memory_format) -> "StreamingClassifier":
+        """Convert every parameter to ``memory_format`` and have the trunk read its windows in it
+        (``torch.channels_last``: see :func:`streamcnn.cpu.preferred_memory_format`)."""
+        self.to(memory_format=memory_format)
+        self.trunk.memory_format = memory_format
+        return self
+
     def forward(self, x) -> torch.Tensor:
         features = self.trunk(x)
         device = next(self.head.parameters()).device

@@ -32,8 +32,8 @@ __all__ = ["VARIANTS", "write_variant_manifest"]
 
 def _smallest(digits: list[int], boxes: list[list[int]]) -> int:
     """The value of the digit in the smallest box; several boxes of that size: the largest value."""
-    side = min(box[2] * box[3] for box in boxes)
-    return max(digit for digit, box in zip(digits, boxes) if box[2] * box[3] == side)
+    area = min(box[2] * box[3] for box in boxes)
+    return max(digit for digit, box in zip(digits, boxes) if box[2] * box[3] == area)
 
 
 #: name -> (label from the digit list and their boxes ``[x, y, w, h]``, number of classes)

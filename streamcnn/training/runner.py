@@ -31,9 +31,9 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
+from ..cpu import preferred_memory_format
 from ..models import StreamingClassifier, build_model
 from ..patchgd import PatchGDClassifier, build_patchgd, check_budget
-from ..cpu import preferred_memory_format
 from ..planning import enforce_budget, plan
 from ..files import atomic_write_text
 from .checkpointing import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
@@ -132,8 +132,7 @@ def planned_model(config: TrainConfig, image_size: tuple[int, int], device: torc
     model.to(device)
     fmt = preferred_memory_format(device, resolve_amp(config.train.amp, device))
     if fmt != torch.contiguous_format and isinstance(model, StreamingClassifier):
-        model.to(memory_format=fmt)
-        model.trunk.memory_format = fmt
+        model.use_memory_format(fmt)
     if config.plan.budget is not None and device.type == "cuda":
         enforce_budget(config.plan.budget, device)
     return model, plan_text, plan_json
