@@ -42,6 +42,27 @@ def test_eager_items_are_uint8_tensors_and_collate_stacks_them(ultramnist):
     assert labels.tolist() == data.labels[:2]
 
 
+def test_images_read_whole_are_decoded_once_when_they_fit_in_memory(ultramnist, tmp_path, monkeypatch):
+    import shutil
+
+    import streamcnn.data.dataset as dataset_module
+
+    copy = tmp_path / "copy"
+    shutil.copytree(ultramnist, copy)
+    kept, unkept = ManifestDataset(copy, lazy=False), ManifestDataset(copy, lazy=False, in_memory=False)
+    monkeypatch.setattr(dataset_module, "IN_MEMORY_LIMIT", 6 * 256 * 256 - 1)   # one sample short of the six images
+    over = ManifestDataset(copy, lazy=False)
+    assert ManifestDataset(copy, lazy=True, in_memory=True)._decoded is None   # readers are never decoded here
+    first = [kept[i][0].clone() for i in range(6)]
+    over[0]
+    (copy / "images" / "train_000003.tiff").write_bytes(b"")       # every image was read once: gone from disk now
+    torch.testing.assert_close(kept[3][0], first[3])
+    with pytest.raises(ValueError, match="train_000003.tiff"):
+        unkept[3]
+    with pytest.raises(ValueError, match="train_000003.tiff"):
+        over[3]                                                     # 6 x 256^2 samples > the limit: not kept
+
+
 def test_collate_never_stacks_readers_or_unequal_tensors(ultramnist):
     data = ManifestDataset(ultramnist)
     images, labels = collate_images([data[0], data[1]])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import importlib
 import json
 import math
 import re
@@ -18,6 +19,8 @@ from streamcnn.data import generate_ultramnist, layout_statistics, load_digit_ba
 from streamcnn.data.digits import read_idx
 from streamcnn.data.ultramnist import MANIFEST_COLUMNS, MIN_DIGIT_PX, class_multisets, digit_side
 from streamcnn.data.ultramnist import write as ultramnist_write
+
+ultramnist_generate = importlib.import_module("streamcnn.data.ultramnist.generate")
 
 SIZE = 512
 
@@ -205,6 +208,22 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
     for name in files:
         np.testing.assert_array_equal(tifffile.imread(tmp_path / "images" / name),
                                       tifffile.imread(reference / "images" / name))
+
+
+def test_a_finished_folder_is_reused_and_a_damaged_one_is_repaired(tmp_path, monkeypatch):
+    generate_ultramnist(tmp_path, 4, size=SIZE, progress=False)
+    manifest = read_manifest(tmp_path)
+    drawn = []
+    real_layout = ultramnist_generate.sample_layout
+    monkeypatch.setattr(ultramnist_generate, "sample_layout", lambda *a, **k: drawn.append(a) or real_layout(*a, **k))
+    generate_ultramnist(tmp_path, 4, size=SIZE, progress=False)
+    assert drawn == [] and read_manifest(tmp_path) == manifest      # reused: no layout drawn again
+    (tmp_path / "images" / "train_000002.tiff").unlink()
+    generate_ultramnist(tmp_path, 4, size=SIZE, progress=False)
+    assert len(drawn) == 4 and (tmp_path / "images" / "train_000002.tiff").is_file()
+    assert read_manifest(tmp_path) == manifest
+    generate_ultramnist(tmp_path, 5, size=SIZE, progress=False)      # more images: the rows are drawn again
+    assert len(drawn) == 9 and read_manifest(tmp_path)[:4] == manifest
 
 
 def test_refuses_to_mix_parameters_in_one_folder(tmp_path):

@@ -8,7 +8,9 @@ the chosen pyramid ``level`` (or the level nearest ``mpp``) and, with ``tissue``
 to the tissue's bounding box. With ``lazy=True`` an item is a lazy reader (or a
 :class:`~streamcnn.data.slides.SlideView` of one), which
 :class:`streamcnn.StreamingModule` consumes one window at a time; with ``lazy=False``
-it is the whole image as a tensor, for images that fit in memory.
+it is the whole image as a tensor, for images that fit in memory; ``in_memory`` keeps each
+decoded tensor after its first read (small datasets read for many epochs: the generated
+UltraMNIST set decodes in 0.8 ms an image, as long as a training step takes for 20 of them).
 """
 from __future__ import annotations
 
@@ -23,7 +25,11 @@ from ..io import ImageReader, open_image
 from .slides import SlideView, inspect_slides
 from .table import read_slide_table
 
-__all__ = ["ManifestDataset", "collate_images"]
+__all__ = ["IN_MEMORY_LIMIT", "ManifestDataset", "collate_images"]
+
+#: ``in_memory=None`` keeps decoded images in memory when they total at most this many samples
+#: (pixels x channels; bytes for 8-bit images).
+IN_MEMORY_LIMIT = 2 * 2**30
 
 
 class ManifestDataset(Dataset):
@@ -36,6 +42,8 @@ class ManifestDataset(Dataset):
         lazy: return :class:`~streamcnn.io.ImageReader` objects (default) instead of
             (C, H, W) tensors of the image's dtype (uint8 for 8-bit images).
         transform: applied to the image (reader or tensor) before it is returned.
+        in_memory: with ``lazy=False``, keep every image after its first read; ``None``: when they
+            total at most :data:`IN_MEMORY_LIMIT` samples. Ignored for lazy readers.
         num_classes: number of classes; default the number of class names, or max label + 1.
         classes: class names in label order (e.g. a trained model's), to number named labels.
         require_labels: unlabelled images are an error (training) or allowed (prediction;
@@ -47,7 +55,8 @@ class ManifestDataset(Dataset):
                  lazy: bool = True, transform: Callable[[Any], Any] | None = None, num_classes: int | None = None,
                  *, classes: Sequence[str] | None = None, require_labels: bool = True, level: int | None = None,
                  mpp: float | None = None, tissue: Literal["none", "otsu", "mask"] = "none",
-                 mask_suffix: str = "_mask", on_error: Literal["raise", "skip"] = "raise"):
+                 mask_suffix: str = "_mask", on_error: Literal["raise", "skip"] = "raise",
+                 in_memory: bool | None = None):
         self.root = Path(root)
         self.lazy = lazy
         self.transform = transform
@@ -69,6 +78,9 @@ class ManifestDataset(Dataset):
         self.num_classes = num_classes if num_classes is not None else len(self.classes) if self.classes else known
         if known > self.num_classes:
             raise ValueError(f"{self.manifest}: label {known - 1} >= num_classes {self.num_classes}")
+        samples = sum(e.size[0] * e.size[1] * e.channels for e in self.entries)
+        keep = not lazy and (samples <= IN_MEMORY_LIMIT if in_memory is None else in_memory)
+        self._decoded: dict[int, torch.Tensor] | None = {} if keep else None
 
     @property
     def class_names(self) -> list[str]:
@@ -84,6 +96,9 @@ class ManifestDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[ImageReader | SlideView | torch.Tensor, int]:
+        if self._decoded is not None and index in self._decoded:
+            image = self._decoded[index]
+            return (self.transform(image) if self.transform is not None else image), self.labels[index]
         entry = self.entries[index]
         reader = open_image(entry.path)
         full = entry.level == 0 and entry.box == (0, 0, *reader.level_shapes[0][1:])
@@ -93,6 +108,8 @@ class ManifestDataset(Dataset):
         else:
             with reader:
                 image = torch.from_numpy(source.read_region(0, 0, *entry.size))
+            if self._decoded is not None:
+                self._decoded[index] = image
         if self.transform is not None:
             image = self.transform(image)
         return image, self.labels[index]

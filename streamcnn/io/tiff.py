@@ -166,7 +166,11 @@ class TiffReader(ImageReader):
     def _read(self, handle: _Handle, level, top, left, height, width) -> np.ndarray:
         index = tuple(slice(top, top + height) if a == "Y" else slice(left, left + width) if a == "X"
                       else slice(None) if a == self._channel_axis else 0 for a in self._axes)
-        region = np.asarray(handle.level(level)[index])
+        _, h, w = self.level_shapes[level]
+        if (top, left, height, width) == (0, 0, h, w):     # whole level: no zarr per-chunk overhead (4x on 128 px)
+            region = handle.series.levels[level].asarray()[index]
+        else:
+            region = np.asarray(handle.level(level)[index])
         kept = [a for a in self._axes if a in ("Y", "X", self._channel_axis)]
         if self._channel_axis is None:
             return region[None]

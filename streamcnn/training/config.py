@@ -52,6 +52,8 @@ class DataConfig(_Section):
     val_manifest: Optional[str] = None
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     lazy: Optional[bool] = None  # None: lazy readers, except the generated UltraMNIST set (small: read whole)
+    # images read whole are kept after their first read; None: when they total <= 2 GiB (8-bit)
+    in_memory: Optional[bool] = None
     cache_dir: Optional[str] = None
     generate_count: int = Field(24000, ge=1)
     generate_val_count: int = Field(1400, ge=0)
@@ -83,7 +85,7 @@ class ModelConfig(_Section):
     weights: Optional[str] = None
     in_channels: Optional[int] = Field(None, ge=1)   # None: the training images' channels
     num_classes: Optional[int] = Field(None, ge=2)   # None: the training data's (dataset.num_classes)
-    input_size: int = Field(512, ge=32)
+    input_size: int = Field(512, ge=8)
     # downsample mode: "pad" fits the long side to input_size and pads the short side (square
     # batches); "long_side" fits the long side and keeps the short side (batch of one shape).
     input_fit: Literal["pad", "long_side"] = "pad"

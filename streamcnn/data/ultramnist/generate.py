@@ -108,9 +108,10 @@ def generate_ultramnist(out_dir: str | Path, count: int, size: int = REFERENCE_S
     for stale in image_dir.glob(TEMPORARY_GLOB):     # left by an interrupted run
         stale.unlink(missing_ok=True)
 
-    job = _Job(size, seed, split, mnist, image_dir)
-    rows = _run_jobs(job, range(count), workers, progress)
     manifest = out_dir / "manifest.csv"
+    rows = _complete_rows(manifest, out_dir, split, count)
+    if rows is None:
+        rows = _run_jobs(_Job(size, seed, split, mnist, image_dir), range(count), workers, progress)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
     writer.writeheader()
@@ -119,6 +120,18 @@ def generate_ultramnist(out_dir: str | Path, count: int, size: int = REFERENCE_S
     if preview is not None:
         write_preview(out_dir, rows[:16], preview)
     return manifest
+
+
+def _complete_rows(manifest: Path, out_dir: Path, split: str, count: int) -> list[dict] | None:
+    """The manifest's rows when it lists exactly images ``0..count-1`` and every one exists
+    (a finished run of these parameters, reused without drawing the layouts again); else None."""
+    if not manifest.is_file():
+        return None
+    with manifest.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if [row.get("id") for row in rows] != [_image_name(split, i) for i in range(count)]:
+        return None
+    return rows if all((out_dir / row["path"]).is_file() for row in rows) else None
 
 
 def _run_jobs(job: _Job, indices: Iterable[int], workers: int, progress: bool) -> list[dict]:
