@@ -3,20 +3,21 @@
 
 The miniature budget-aware UltraMNIST benchmark (docs/learning.md). Every arm is a config
 ``configs/learning-<arm>.yaml`` run through ``tools/train.py`` with the same ``--budget`` and
-``--max-minutes``, one subprocess per arm and seed; the test split is evaluated after
-every epoch, which gives test accuracy against minutes. Each arm's training-step peak is
-then measured in its own subprocess (the CPU allocator's peak, :mod:`streamcnn.measurement`,
-the figure the budget limits; the process RSS, which adds Python and torch, is recorded too).
+``--max-minutes``, one subprocess per arm and seed (``--jobs`` at a time); the test split is
+evaluated after every epoch, which gives test accuracy against minutes. Each arm's training
+step is then measured in its own fresh subprocess: the CPU allocator's peak
+(:mod:`streamcnn.measurement`) and the process's peak RSS, the figure a CPU budget limits;
+each run's own peak RSS (which adds the images held in memory) is in its metrics.
 
-    python benchmarks/bench_learning.py                          # the headline: 3 seeds, 30 min
-    python benchmarks/bench_learning.py --seeds 0 --minutes 6 --pilot
+    python benchmarks/bench_learning.py --jobs 2 --threads 1      # the headline: 3 seeds, 8 min
+    python benchmarks/bench_learning.py --seeds 0 --minutes 4 --pilot
     python benchmarks/bench_learning.py --suite trunks --seeds 0 --minutes 4 --pilot
 
 Suites: ``arms`` (full resolution streamed, downsampled 256/512/1024 of 4000 scaled, PatchGD)
 and ``trunks`` (the from-scratch trunk candidates of :mod:`streamcnn.scratch`). ``--threads 1``
 when other work shares the cores: two OpenMP threads on a busy 2-core machine wait at every
 op's barrier (a 131 px step: 10.8 s with 2 threads vs 0.1 s with 1, measured under load). Writes
-``benchmarks/results/learning-<suite>[-pilot].json`` and ``.png`` and prints the table.
+``benchmarks/results/learning-<suite>-<variant>[-pilot].json`` and ``.png`` and prints the table.
 Data: UltraMNIST at ``--size`` px from the project's generator, relabelled as ``--variant``.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import common
@@ -53,7 +55,7 @@ def prepare_data(root: Path, size: int, train: int, test: int, variant: str) -> 
 
     counts = {}
     for split, count in (("train", train), ("test", test)):
-        generate_ultramnist(root / split, count, size=size, seed=0, split=split, progress=False)
+        generate_ultramnist(root / split, count, size=size, seed=0, split=split, workers=2, progress=False)
         _, counts[split] = write_variant_manifest(root / split, variant)
     return counts
 
@@ -81,16 +83,19 @@ def _train(config: str, overrides: list[str], data: Path, variant: str, budget: 
 
 
 _MEASURE = """
-import json, sys, torch
+import json, resource, sys, torch
 from streamcnn.measurement import measure_step_memory
 from streamcnn.training.config import load_config
-from streamcnn.training.runner import apply_memory_plan, build_training_model
+from streamcnn.training.loop import resolve_amp
+from streamcnn.training.runner import planned_model
 config = load_config(sys.argv[1], json.loads(sys.argv[2]))
-model = build_training_model(config)
 size = config.model.input_size if config.model.mode == "downsample" else json.loads(sys.argv[3])
-apply_memory_plan(model, config, (size, size), torch.device("cpu"), batch=config.train.batch_size)
-peak = measure_step_memory(model, size, batch=config.train.batch_size, device="cpu", optimizer=config.optim.name)
-print(json.dumps({"measured_peak_bytes": peak.allocated_bytes, "input_px": size}))
+model, _, _ = planned_model(config, (size, size), torch.device("cpu"))   # as the trainer runs it
+dtype = resolve_amp(config.train.amp, torch.device("cpu"))
+peak = measure_step_memory(model, size, batch=config.train.batch_size, device="cpu", optimizer=config.optim.name,
+                           dtype=dtype)
+print(json.dumps({"measured_peak_bytes": peak.allocated_bytes, "input_px": size, "dtype": str(dtype),
+                  "measured_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 
 
@@ -121,6 +126,8 @@ def read_run(out: Path) -> dict:
 def summarise(arm: str, runs: list[dict], peak: dict) -> dict:
     finals = [r["curve"][-1]["test_accuracy"] for r in runs if r["curve"]]
     return {"arm": arm, "input_px": peak["input_px"], "measured_peak_MB": peak["measured_peak_bytes"] / 1e6,
+            "measured_rss_MB": peak["measured_rss_bytes"] / 1e6,
+            "run_rss_MB": max(r["curve"][-1]["rss_peak_bytes"] for r in runs if r["curve"]) / 1e6,
             "minutes": statistics.mean(r["curve"][-1]["minutes"] for r in runs if r["curve"]),
             "epochs": statistics.mean(r["curve"][-1]["epoch"] for r in runs if r["curve"]),
             "test_accuracy_mean": statistics.mean(finals),
@@ -151,15 +158,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--suite", choices=sorted(SUITES), default="arms")
     parser.add_argument("--arms", nargs="*", help="a subset of the suite's arms")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--minutes", type=float, default=30.0, help="--max-minutes of every run")
-    parser.add_argument("--budget", default="920MB", help="--budget of every run")
-    parser.add_argument("--size", type=int, default=512, help="canvas px of the generated images")
-    parser.add_argument("--train-count", type=int, default=12000,
-                        help="images generated for training (the count variant keeps about half: the balanced subset)")
-    parser.add_argument("--test-count", type=int, default=1500, help="images generated for the test split")
-    parser.add_argument("--variant", default="count", help="label variant (streamcnn.data.variants)")
+    parser.add_argument("--minutes", type=float, default=8.0, help="--max-minutes of every run")
+    parser.add_argument("--budget", default="1GB", help="--budget of every run")
+    parser.add_argument("--size", type=int, default=128, help="canvas px of the generated images")
+    parser.add_argument("--train-count", type=int, default=24000,
+                        help="images generated for training (a variant keeps its class-balanced subset)")
+    parser.add_argument("--test-count", type=int, default=1400, help="images generated for the test split")
+    parser.add_argument("--variant", default="smallest", help="label variant (streamcnn.data.variants)")
     parser.add_argument("--data", type=Path, default=ROOT / "runs/learning-data", help="generated data folder")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs/learning", help="run folders")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (give each --threads cores / jobs)")
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the runs (default: torch's)")
     parser.add_argument("--pilot", action="store_true", help="label the results a pilot (too short or too few seeds)")
     args = parser.parse_args(argv)
@@ -176,19 +184,22 @@ def main(argv: list[str] | None = None) -> None:
     chance = 1 / VARIANTS[args.variant][1]
     colors = ["tab:red", "tab:blue", "tab:cyan", "tab:green", "tab:purple", "tab:orange"]
     name = f"learning-{args.suite}-{args.variant}" + ("-pilot" if args.pilot else "")
-    results: dict = {}
-    for seed in args.seeds:  # seeds outermost: an interrupted benchmark has every arm's first seed
-        for arm in arms:
-            config, overrides = suite[arm]
-            out = args.runs / name / f"{arm}-seed{seed}"
-            if not (out / "metrics.jsonl").exists() or not (out / "last.pt").exists():
-                wall = _train(config, overrides, data, args.variant, args.budget, args.minutes, seed, out,
-                              args.threads)
-            else:
-                wall = None
-            entry = results.setdefault(arm, {"runs": [], "color": colors[len(results) % len(colors)], "chance": chance})
-            entry["runs"].append({"seed": seed, "wall_seconds": wall, **read_run(out)})
-            print(f"{arm} seed {seed}: test accuracy {entry['runs'][-1]['curve'][-1]['test_accuracy']:.3f}", flush=True)
+    results: dict = {arm: {"runs": [], "color": colors[i % len(colors)], "chance": chance} for i, arm in enumerate(arms)}
+    # seeds outermost: an interrupted benchmark has every arm's first seed; a finished run is reused
+    todo = [(seed, arm, args.runs / name / f"{arm}-seed{seed}") for seed in args.seeds for arm in arms]
+
+    def run(job: tuple[int, str, Path]) -> float | None:
+        seed, arm, out = job
+        if (out / "metrics.jsonl").exists() and (out / "last.pt").exists():
+            return None
+        config, overrides = suite[arm]
+        return _train(config, overrides, data, args.variant, args.budget, args.minutes, seed, out, args.threads)
+
+    with ThreadPoolExecutor(args.jobs) as pool:      # each run is its own process
+        for (seed, arm, out), wall in zip(todo, pool.map(run, todo)):
+            results[arm]["runs"].append({"seed": seed, "wall_seconds": wall, **read_run(out)})
+            print(f"{arm} seed {seed}: test accuracy {results[arm]['runs'][-1]['curve'][-1]['test_accuracy']:.3f}",
+                  flush=True)
     for arm in arms:
         config, overrides = suite[arm]
         results[arm]["summary"] = summarise(arm, results[arm]["runs"], measure_peak(config, overrides, args.budget,
@@ -200,7 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     plot(results, common.RESULTS / f"{name}.png",
          f"{args.variant} at {args.size} px, budget {args.budget}, {args.minutes:g} min" + (" (pilot)" if args.pilot else ""))
     print(common.markdown_table([results[arm]["summary"] for arm in arms], [
-        ("arm", "arm"), ("input_px", "input px"), ("measured_peak_MB", "measured peak (MB)"),
+        ("arm", "arm"), ("input_px", "input px"), ("measured_peak_MB", "step: tensor peak (MB)"),
+        ("measured_rss_MB", "step: peak RSS (MB)"), ("run_rss_MB", "run: peak RSS (MB)"),
         ("minutes", "minutes"), ("epochs", "epochs"), ("test_accuracy_mean", "test accuracy (mean)"),
         ("test_accuracy_spread", "spread (std)"), ("seeds", "seeds")]))
     print(f"budget {args.budget}; chance {chance:.3f}; wrote {common.RESULTS / name}.json and .png")

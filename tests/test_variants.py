@@ -59,8 +59,8 @@ def test_learning_arms_share_budget_data_optimizer_and_loop():
     assert len({repr(v) for v in shared.values()}) == 1
     assert {name: (c.model.mode, c.model.input_size if c.model.mode == "downsample" else None)
             for name, c in configs.items()} == {
-        "learning-stream": ("stream", None), "learning-down256": ("downsample", 33),
-        "learning-down512": ("downsample", 66), "learning-down1024": ("downsample", 131),
+        "learning-stream": ("stream", None), "learning-down256": ("downsample", 8),
+        "learning-down512": ("downsample", 16), "learning-down1024": ("downsample", 33),
         "learning-patchgd": ("patchgd", None)}
 
 
