@@ -42,9 +42,9 @@ ARMS = {  # arm -> (config, extra overrides)
     "down1024": ("learning-down1024", []),
     "patchgd": ("learning-patchgd", []),
 }
-# The trunk candidates on the 131 px arm: streaming computes the same function as conventional
-# training, so a trunk's trainability does not depend on the plan, and this arm is the cheapest.
-TRUNKS = {kind: ("learning-down1024", [f"model.trunk=resnet18-{kind}-w16-s2"]) for kind in ("affine", "fixup", "ws", "ln")}
+# The trunk candidates on the full-resolution arm (the downsampled ones learn nothing to compare):
+# streaming computes the same function as conventional training, so trainability does not depend on the plan.
+TRUNKS = {kind: ("learning-stream", [f"model.trunk=resnet18-{kind}-w16-s2"]) for kind in ("affine", "fixup", "ws", "ln")}
 SUITES = {"arms": ARMS, "trunks": TRUNKS}
 
 
@@ -85,17 +85,26 @@ def _train(config: str, overrides: list[str], data: Path, variant: str, budget: 
 _MEASURE = """
 import json, resource, sys, torch
 from streamcnn.measurement import measure_step_memory
+from streamcnn.step import allocate_optimizer_state, make_optimizer, training_step
 from streamcnn.training.config import load_config
 from streamcnn.training.loop import resolve_amp
 from streamcnn.training.runner import planned_model
 config = load_config(sys.argv[1], json.loads(sys.argv[2]))
 size = config.model.input_size if config.model.mode == "downsample" else json.loads(sys.argv[3])
 model, _, _ = planned_model(config, (size, size), torch.device("cpu"))   # as the trainer runs it
-dtype = resolve_amp(config.train.amp, torch.device("cpu"))
-peak = measure_step_memory(model, size, batch=config.train.batch_size, device="cpu", optimizer=config.optim.name,
-                           dtype=dtype)
+dtype, batch = resolve_amp(config.train.amp, torch.device("cpu")), config.train.batch_size
+# RSS first, without the profiler (its event buffers are not the step's): three steps on uint8 images,
+# as the trainer takes them, from a process that has loaded nothing else
+optimizer = allocate_optimizer_state(make_optimizer(config.optim.name, model, lr=config.optim.lr,
+                                                    weight_decay=config.optim.weight_decay))
+images = torch.randint(0, 256, (batch, config.model.in_channels or 1, size, size), dtype=torch.uint8)
+labels = torch.zeros(batch, dtype=torch.long)
+for _ in range(3):
+    training_step(model, images, labels, optimizer, device_type="cpu", amp_dtype=dtype)
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = measure_step_memory(model, size, batch=batch, device="cpu", optimizer=config.optim.name, dtype=dtype)
 print(json.dumps({"measured_peak_bytes": peak.allocated_bytes, "input_px": size, "dtype": str(dtype),
-                  "measured_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                  "measured_rss_bytes": rss}))
 """
 
 
@@ -161,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--minutes", type=float, default=8.0, help="--max-minutes of every run")
     parser.add_argument("--budget", default="1GB", help="--budget of every run")
     parser.add_argument("--size", type=int, default=128, help="canvas px of the generated images")
-    parser.add_argument("--train-count", type=int, default=24000,
+    parser.add_argument("--train-count", type=int, default=40000,
                         help="images generated for training (a variant keeps its class-balanced subset)")
     parser.add_argument("--test-count", type=int, default=1400, help="images generated for the test split")
     parser.add_argument("--variant", default="smallest", help="label variant (streamcnn.data.variants)")

@@ -14,6 +14,7 @@ batch B see together, and a resumed run sees the same order as an uninterrupted 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -35,7 +36,11 @@ def default_cache_dir() -> Path:
 
 def _generator_workers(count: int) -> int:
     """Processes for generating ``count`` images: every core this process may use (each worker
-    starts in about a second, so not for a handful of images)."""
+    starts in about a second, so not for a handful of images). Spawned workers re-import the main
+    script, so a program read from stdin generates in this process."""
+    main = getattr(sys.modules["__main__"], "__file__", None)
+    if main is not None and not Path(main).is_file():
+        return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, min(cores, count // 500))
 
