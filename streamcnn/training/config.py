@@ -55,7 +55,7 @@ class DataConfig(_Section):
     # images read whole are kept after their first read; None: when they total <= 2 GiB (8-bit)
     in_memory: Optional[bool] = None
     cache_dir: Optional[str] = None
-    generate_count: int = Field(24000, ge=1)
+    generate_count: int = Field(40000, ge=1)
     generate_val_count: int = Field(1400, ge=0)
     generate_size: int = Field(128, ge=64)
     generate_seed: int = 0
@@ -113,10 +113,10 @@ class OptimConfig(_Section):
     """
 
     name: Literal["adamw", "adam"] = "adamw"
-    lr: float = Field(3e-3, gt=0)
+    lr: float = Field(4.2e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     schedule: Literal["cosine", "exponential", "constant"] = "constant"
-    warmup_steps: int = Field(100, ge=0)
+    warmup_steps: int = Field(50, ge=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     gamma: float = Field(0.95, gt=0, le=1)
 
@@ -130,10 +130,10 @@ class LoopConfig(_Section):
     ``batch_size * accumulate * processes`` images.
     """
 
-    epochs: int = Field(5, ge=1)
+    epochs: int = Field(9, ge=1)
     max_steps: Optional[int] = Field(None, ge=1)
     max_minutes: Optional[float] = Field(None, gt=0)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(64, ge=1)
     accumulate: int = Field(1, ge=1)
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     seed: int = 0
