@@ -96,23 +96,26 @@ class ManifestDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[ImageReader | SlideView | torch.Tensor, int]:
-        if self._decoded is not None and index in self._decoded:
-            image = self._decoded[index]
-            return (self.transform(image) if self.transform is not None else image), self.labels[index]
+        image = self._decoded.get(index) if self._decoded is not None else None
+        if image is None:
+            image = self._read(index)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.labels[index]
+
+    def _read(self, index: int) -> ImageReader | SlideView | torch.Tensor:
+        """Image ``index``: a reader (lazy) or the decoded tensor (kept when in memory)."""
         entry = self.entries[index]
         reader = open_image(entry.path)
         full = entry.level == 0 and entry.box == (0, 0, *reader.level_shapes[0][1:])
         source: Any = reader if full else SlideView(reader, entry.level, entry.box)
         if self.lazy:
-            image: Any = source
-        else:
-            with reader:
-                image = torch.from_numpy(source.read_region(0, 0, *entry.size))
-            if self._decoded is not None:
-                self._decoded[index] = image
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, self.labels[index]
+            return source
+        with reader:
+            image = torch.from_numpy(source.read_region(0, 0, *entry.size))
+        if self._decoded is not None:
+            self._decoded[index] = image
+        return image
 
 
 def collate_images(batch: Sequence[tuple[Any, int]]) -> tuple[list[ImageReader] | torch.Tensor | list, torch.Tensor]:

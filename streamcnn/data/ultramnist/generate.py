@@ -110,13 +110,13 @@ def generate_ultramnist(out_dir: str | Path, count: int, size: int = REFERENCE_S
 
     manifest = out_dir / "manifest.csv"
     rows = _complete_rows(manifest, out_dir, split, count)
-    if rows is None:
+    if rows is None:        # otherwise reused as it is: the same rows would be written again
         rows = _run_jobs(_Job(size, seed, split, mnist, image_dir), range(count), workers, progress)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(manifest, buffer.getvalue())
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(manifest, buffer.getvalue())
     if preview is not None:
         write_preview(out_dir, rows[:16], preview)
     return manifest
