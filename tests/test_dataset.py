@@ -42,7 +42,8 @@ def test_eager_items_are_uint8_tensors_and_collate_stacks_them(ultramnist):
     assert labels.tolist() == data.labels[:2]
 
 
-def test_images_read_whole_are_decoded_once_when_they_fit_in_memory(ultramnist, tmp_path, monkeypatch):
+def test_images_read_whole_are_read_once_and_kept_compressed_when_they_fit_in_memory(ultramnist, tmp_path,
+                                                                                     monkeypatch):
     import shutil
 
     import streamcnn.data.dataset as dataset_module
@@ -52,11 +53,14 @@ def test_images_read_whole_are_decoded_once_when_they_fit_in_memory(ultramnist, 
     kept, unkept = ManifestDataset(copy, lazy=False), ManifestDataset(copy, lazy=False, in_memory=False)
     monkeypatch.setattr(dataset_module, "IN_MEMORY_LIMIT", 6 * 256 * 256 - 1)   # one sample short of the six images
     over = ManifestDataset(copy, lazy=False)
-    assert ManifestDataset(copy, lazy=True, in_memory=True)._decoded is None   # readers are never decoded here
+    assert ManifestDataset(copy, lazy=True, in_memory=True)._kept is None   # readers are never decoded here
     first = [kept[i][0].clone() for i in range(6)]
     over[0]
+    assert 0 < kept.kept_bytes < sum(image.numel() for image in first) / 4   # compressed: binary images, 4x at least
+    assert unkept.kept_bytes == 0 and over.kept_bytes == 0
     (copy / "images" / "train_000003.tiff").write_bytes(b"")       # every image was read once: gone from disk now
-    torch.testing.assert_close(kept[3][0], first[3])
+    torch.testing.assert_close(kept[3][0], first[3], rtol=0, atol=0)
+    assert kept[3][0].dtype == torch.uint8 and kept[3][0].shape == first[3].shape
     with pytest.raises(ValueError, match="train_000003.tiff"):
         unkept[3]
     with pytest.raises(ValueError, match="train_000003.tiff"):

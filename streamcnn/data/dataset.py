@@ -9,8 +9,9 @@ to the tissue's bounding box. With ``lazy=True`` an item is a lazy reader (or a
 :class:`~streamcnn.data.slides.SlideView` of one), which
 :class:`streamcnn.StreamingModule` consumes one window at a time; with ``lazy=False``
 it is the whole image as a tensor, for images that fit in memory; ``in_memory`` keeps each
-decoded tensor after its first read (small datasets read for many epochs: the generated
-UltraMNIST set decodes in 0.8 ms an image, as long as a training step takes for 20 of them).
+image after its first read, compressed with zstd (small datasets read for many epochs: a
+generated 128 px UltraMNIST image takes 0.8 ms to read from its TIFF and about 0.04 ms to
+decompress, and is held in 1.5 kB instead of 16 kB).
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
+import imagecodecs
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -42,8 +45,9 @@ class ManifestDataset(Dataset):
         lazy: return :class:`~streamcnn.io.ImageReader` objects (default) instead of
             (C, H, W) tensors of the image's dtype (uint8 for 8-bit images).
         transform: applied to the image (reader or tensor) before it is returned.
-        in_memory: with ``lazy=False``, keep every image after its first read; ``None``: when they
-            total at most :data:`IN_MEMORY_LIMIT` samples. Ignored for lazy readers.
+        in_memory: with ``lazy=False``, keep every image after its first read (zstd-compressed);
+            ``None``: when they total at most :data:`IN_MEMORY_LIMIT` samples (uncompressed).
+            Ignored for lazy readers.
         num_classes: number of classes; default the number of class names, or max label + 1.
         classes: class names in label order (e.g. a trained model's), to number named labels.
         require_labels: unlabelled images are an error (training) or allowed (prediction;
@@ -80,7 +84,7 @@ class ManifestDataset(Dataset):
             raise ValueError(f"{self.manifest}: label {known - 1} >= num_classes {self.num_classes}")
         samples = sum(e.size[0] * e.size[1] * e.channels for e in self.entries)
         keep = not lazy and (samples <= IN_MEMORY_LIMIT if in_memory is None else in_memory)
-        self._decoded: dict[int, torch.Tensor] | None = {} if keep else None
+        self._kept: dict[int, tuple[bytes, tuple[int, ...], np.dtype]] | None = {} if keep else None
 
     @property
     def class_names(self) -> list[str]:
@@ -96,15 +100,14 @@ class ManifestDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[ImageReader | SlideView | torch.Tensor, int]:
-        image = self._decoded.get(index) if self._decoded is not None else None
-        if image is None:
-            image = self._read(index)
+        kept = self._kept.get(index) if self._kept is not None else None
+        image = _decompress(*kept) if kept is not None else self._read(index)
         if self.transform is not None:
             image = self.transform(image)
         return image, self.labels[index]
 
     def _read(self, index: int) -> ImageReader | SlideView | torch.Tensor:
-        """Image ``index``: a reader (lazy) or the decoded tensor (kept when in memory)."""
+        """Image ``index``: a reader (lazy) or the decoded tensor (kept, compressed, when in memory)."""
         entry = self.entries[index]
         reader = open_image(entry.path)
         full = entry.level == 0 and entry.box == (0, 0, *reader.level_shapes[0][1:])
@@ -112,10 +115,21 @@ class ManifestDataset(Dataset):
         if self.lazy:
             return source
         with reader:
-            image = torch.from_numpy(source.read_region(0, 0, *entry.size))
-        if self._decoded is not None:
-            self._decoded[index] = image
-        return image
+            array = np.ascontiguousarray(source.read_region(0, 0, *entry.size))
+        if self._kept is not None:
+            self._kept[index] = (imagecodecs.zstd_encode(array), array.shape, array.dtype)
+        return torch.from_numpy(array)
+
+    @property
+    def kept_bytes(self) -> int:
+        """Bytes of the images kept in memory so far (compressed)."""
+        return sum(len(blob) for blob, _, _ in self._kept.values()) if self._kept is not None else 0
+
+
+def _decompress(blob: bytes, shape: tuple[int, ...], dtype: np.dtype) -> torch.Tensor:
+    array = np.empty(shape, dtype)
+    imagecodecs.zstd_decode(blob, out=array.reshape(-1))
+    return torch.from_numpy(array)
 
 
 def collate_images(batch: Sequence[tuple[Any, int]]) -> tuple[list[ImageReader] | torch.Tensor | list, torch.Tensor]:
