@@ -109,3 +109,24 @@ def test_downsample_baseline_reads_the_pyramid(ultramnist, tmp_path):
     assert plan["image_size"] == [64, 64] and plan["mode"] == "conventional"    # planned at the small size
     assert history[0]["megapixels_per_second"] == pytest.approx(6 * 64 * 64 / 1e6 / history[0]["seconds"])
     assert load_checkpoint(tmp_path / "run" / "last.pt")["config"]["model"]["mode"] == "downsample"
+
+
+def test_long_side_batches_of_unequal_shapes_are_refused_before_training(tmp_path):
+    import numpy as np
+    import tifffile
+
+    from streamcnn.training.runner import fit as run
+
+    rows = ["path,label"]
+    for i, (h, w) in enumerate([(64, 128), (128, 64), (96, 96), (64, 128)]):
+        tifffile.imwrite(tmp_path / f"im{i}.tiff", np.full((h, w), 40 * i, dtype=np.uint8))
+        rows.append(f"im{i}.tiff,{i % 2}")
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    base = [*SMALL, "data.kind=manifest", f"data.root={tmp_path}", "data.val_fraction=0.5", "model.mode=downsample",
+            "model.input_size=32", "model.input_fit=long_side", f"out={tmp_path / 'run'}"]
+    with pytest.raises(ValueError, match=r"come out in \d shapes .*im\d.tiff: \d+ x \d+.*set train.batch_size=1 or "
+                                         r"model.input_fit=pad"):
+        run(load_config(overrides=base))
+    assert not (tmp_path / "run").exists()
+    history = run(load_config(overrides=[*base, "train.batch_size=1"]))      # one image per batch: any shapes
+    assert len(history) == 1

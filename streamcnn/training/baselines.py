@@ -21,15 +21,27 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-__all__ = ["downsample_image", "DownsampledDataset"]
+__all__ = ["downsample_image", "downsampled_shape", "DownsampledDataset"]
+
+
+def _check_fit(fit: str) -> None:
+    if fit not in ("pad", "long_side"):
+        raise ValueError(f"fit must be 'pad' or 'long_side', got {fit!r}")
+
+
+def downsampled_shape(height: int, width: int, size: int, fit: str = "pad") -> tuple[int, int]:
+    """(H, W) of an image of ``height`` x ``width`` px after :func:`downsample_image`."""
+    _check_fit(fit)
+    if fit == "pad":
+        return size, size
+    return max(1, round(height * size / max(height, width))), max(1, round(width * size / max(height, width)))
 
 
 def downsample_image(image: Any, size: int, fit: str = "pad") -> torch.Tensor:
     """``image`` (a reader with ``read_thumbnail``, or a (C, H, W) array/tensor) as a float
     tensor in [0, 1] (integer pixels are divided by their maximum) whose long side is
     ``size``: (C, size, size) with ``fit="pad"``, aspect-exact with ``fit="long_side"``."""
-    if fit not in ("pad", "long_side"):
-        raise ValueError(f"fit must be 'pad' or 'long_side', got {fit!r}")
+    _check_fit(fit)
     if hasattr(image, "read_thumbnail"):
         pixels = torch.as_tensor(np.ascontiguousarray(image.read_thumbnail(size)))
     elif isinstance(image, (torch.Tensor, np.ndarray)):
@@ -41,7 +53,7 @@ def downsample_image(image: Any, size: int, fit: str = "pad") -> torch.Tensor:
     scale = float(torch.iinfo(pixels.dtype).max) if not pixels.is_floating_point() else 1.0
     pixels = pixels.float() / scale
     h, w = pixels.shape[1:]
-    target = (max(1, round(h * size / max(h, w))), max(1, round(w * size / max(h, w))))
+    target = downsampled_shape(h, w, size, "long_side")
     if (h, w) != target:
         pixels = F.interpolate(pixels[None], size=target, mode="area")[0]
     if fit == "pad" and target != (size, size):

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from .baselines import DownsampledDataset
+from .baselines import DownsampledDataset, downsampled_shape
 from .config import TrainConfig
 from .distributed import DistributedContext
 from .synthetic import SyntheticTextures
@@ -135,8 +135,30 @@ def build_datasets(config: TrainConfig, context: DistributedContext) -> tuple[Da
 def model_input(dataset: Dataset, config: TrainConfig) -> Dataset:
     """``dataset`` as the model reads it: downsampled to ``model.input_size`` in the baseline mode."""
     if config.model.mode == "downsample":
+        _check_batches_share_a_shape(dataset, config)
         return DownsampledDataset(dataset, config.model.input_size, config.model.input_fit)
     return dataset
+
+
+def _check_batches_share_a_shape(dataset: Dataset, config: TrainConfig) -> None:
+    """``input_fit=long_side`` keeps aspect ratios: with a batch of more than one image, every image
+    must come out the same shape (read from the headers before anything is trained)."""
+    m = config.model
+    if m.input_fit != "long_side" or config.train.batch_size == 1:
+        return
+    base, indices = unwrap_dataset(dataset)
+    entries = getattr(base, "entries", None)
+    if entries is None:
+        return
+    shapes: dict[tuple[int, int], Any] = {}
+    for i in indices if indices is not None else range(len(entries)):
+        shapes.setdefault(downsampled_shape(*entries[i].size, m.input_size, "long_side"), entries[i].path)
+    if len(shapes) > 1:
+        examples = "; ".join(f"{path}: {h} x {w}" for (h, w), path in list(shapes.items())[:2])
+        raise ValueError(f"model.input_fit=long_side keeps each image's aspect ratio, and the images of "
+                         f"{getattr(base, 'manifest', 'the data')} come out in {len(shapes)} shapes ({examples}), "
+                         f"which cannot share a batch of {config.train.batch_size}: set train.batch_size=1 or "
+                         "model.input_fit=pad")
 
 
 def image_size_of(image: Any) -> tuple[int, int]:
