@@ -104,45 +104,70 @@ def measure_row(model_name: str, size: int, mode: str, tile: int | None, dtype: 
     return row
 
 
+def rss_specs(quick: bool) -> list[dict]:
+    """CPU RSS rows: the batch-1 fp32 ImageNet layouts at 512/1024 px, and the trainer's own regime
+    (the from-scratch trunk of configs/learning-*.yaml with its pool head, 128 px, batch 64 and 256,
+    uint8 images, bf16 autocast where the CPU has native bf16)."""
+    from streamcnn.cpu import native_bf16
+
+    base = {"head": "conv", "classes": 28, "batch": 1, "dtype": "fp32", "uint8": False}
+    specs = [{**base, "model": m, "image": s, "plan": p, "tile": t} for m, s, p, t, _ in rows_for("cpu", quick)]
+    if not quick:
+        regime = {"head": "pool", "classes": 10, "uint8": True, "dtype": "bf16" if native_bf16() else "fp32"}
+        specs += [{**regime, "model": "resnet18-ws-w16-s2", "image": 128, "plan": p, "tile": None, "batch": b}
+                  for b in (64, 256) for p in ("conventional", "checkpoint")]
+    return specs
+
+
+def _rss_model(spec: dict):
+    model = build_model(spec["model"], head=spec["head"], num_classes=spec["classes"], in_channels=1)
+    candidate(spec["plan"], spec["tile"]).configure(model)
+    return model
+
+
 def rss_worker(spec: dict) -> dict:
-    """In a fresh process: one training step of the row's plan; the process's peak RSS."""
+    """In a fresh process: three training steps of the row's plan; the process's peak RSS."""
     import resource
 
     from streamcnn.step import allocate_optimizer_state, make_optimizer, training_step
+    from streamcnn.units import resolve_dtype
 
-    model = build_model(spec["model"], head="conv", num_classes=28, in_channels=1)
-    candidate(spec["plan"], spec["tile"]).configure(model)
+    from streamcnn.cpu import preferred_memory_format
+
+    model = _rss_model(spec)
+    model.use_memory_format(preferred_memory_format(torch.device("cpu"), resolve_dtype(spec["dtype"])))
     opt = allocate_optimizer_state(make_optimizer("adamw", model, foreach=False))
-    images = torch.rand(1, 1, spec["image"], spec["image"])
-    training_step(model, images, torch.zeros(1, dtype=torch.long), opt, device_type="cpu")
+    shape = (spec["batch"], 1, spec["image"], spec["image"])
+    images = torch.randint(0, 256, shape, dtype=torch.uint8) if spec["uint8"] else torch.rand(shape)
+    labels = torch.zeros(spec["batch"], dtype=torch.long)
+    for _ in range(3 if spec["batch"] > 1 else 1):
+        training_step(model, images, labels, opt, device_type="cpu", amp_dtype=resolve_dtype(spec["dtype"]))
     return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def rss_rows(quick: bool) -> list[dict]:
     """CPU: predicted process RSS (``predicted_device_bytes``) against the peak RSS of a fresh
-    process that runs one step of the plan (the runtime included, as a user sees it)."""
+    process that runs the plan's training steps (the runtime included, as a user sees it)."""
     import json
     import subprocess
     import sys
 
     rows = []
-    for model_name, size, mode, tile, dtype in rows_for("cpu", quick):
-        model = build_model(model_name, head="conv", num_classes=28, in_channels=1)
-        candidate(mode, tile).configure(model)
-        predicted = predict_step_memory(model, size, device="cpu")
-        spec = {"model": model_name, "image": size, "plan": mode, "tile": tile}
+    for spec in rss_specs(quick):
+        predicted = predict_step_memory(_rss_model(spec), spec["image"], batch=spec["batch"], device="cpu",
+                                        dtype=None if spec["dtype"] == "fp32" else spec["dtype"])
         proc = subprocess.run([sys.executable, __file__, "--rss-worker", json.dumps(spec)], capture_output=True,
                               text=True)
-        row = {**spec, "dtype": dtype, "predicted_rss_bytes": predicted.process_bytes,
-               "predicted_peak_bytes": predicted.allocated_bytes}
+        row = {**spec, "predicted_rss_bytes": predicted.process_bytes, "predicted_peak_bytes": predicted.allocated_bytes,
+               "predicted_live_bytes": predicted.live_bytes}
         if proc.returncode != 0:
             row["error"] = ((proc.stderr or proc.stdout).strip().splitlines() or ["?"])[-1]
         else:
             row["measured_rss_bytes"] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
             row["rss_error"] = row["predicted_rss_bytes"] / row["measured_rss_bytes"] - 1
-        print(f"{model_name} {size} {mode} {tile}: predicted RSS {format_size(row['predicted_rss_bytes'])}, "
-              f"measured {format_size(row.get('measured_rss_bytes', 0))} ({100 * row.get('rss_error', 0):+.1f}%)",
-              flush=True)
+        print(f"{spec['model']} {spec['image']} px batch {spec['batch']} {spec['dtype']} {spec['plan']} {spec['tile']}: "
+              f"predicted RSS {format_size(row['predicted_rss_bytes'])}, measured "
+              f"{format_size(row.get('measured_rss_bytes', 0))} ({100 * row.get('rss_error', 0):+.1f}%)", flush=True)
         rows.append(row)
     return rows
 
