@@ -158,15 +158,15 @@ def rss_rows(quick: bool) -> list[dict]:
                                         dtype=None if spec["dtype"] == "fp32" else spec["dtype"])
         proc = subprocess.run([sys.executable, __file__, "--rss-worker", json.dumps(spec)], capture_output=True,
                               text=True)
-        row = {**spec, "predicted_rss_bytes": predicted.process_bytes, "predicted_peak_bytes": predicted.allocated_bytes,
-               "predicted_live_bytes": predicted.live_bytes}
+        row = {**spec, "predicted_rss_bytes": predicted.process_bytes,
+               "predicted_peak_bytes": predicted.allocated_bytes, "predicted_live_bytes": predicted.live_bytes}
         if proc.returncode != 0:
             row["error"] = ((proc.stderr or proc.stdout).strip().splitlines() or ["?"])[-1]
         else:
             row["measured_rss_bytes"] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
             row["rss_error"] = row["predicted_rss_bytes"] / row["measured_rss_bytes"] - 1
-        print(f"{spec['model']} {spec['image']} px batch {spec['batch']} {spec['dtype']} {spec['plan']} {spec['tile']}: "
-              f"predicted RSS {format_size(row['predicted_rss_bytes'])}, measured "
+        print(f"{spec['model']} {spec['image']} px batch {spec['batch']} {spec['dtype']} {spec['plan']} "
+              f"{spec['tile']}: predicted RSS {format_size(row['predicted_rss_bytes'])}, measured "
               f"{format_size(row.get('measured_rss_bytes', 0))} ({100 * row.get('rss_error', 0):+.1f}%)", flush=True)
         rows.append(row)
     return rows

@@ -1,6 +1,7 @@
 """DDP: two gloo processes on CPU (torchrun) train exactly like one process with the same global batch."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -45,3 +46,41 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     for name in weights_single:
         torch.testing.assert_close(weights_ddp[name], weights_single[name], rtol=1e-4, atol=1e-5, msg=name)
     assert len(load_checkpoint(tmp_path / "ddp" / "last.pt")["rng"]) == 2   # each rank's random state
+
+
+def test_evaluate_under_two_gloo_processes_writes_every_prediction_in_manifest_order(tmp_path):
+    import csv
+
+    from streamcnn.data import generate_ultramnist
+    from streamcnn.training.evaluation import evaluate_checkpoint
+
+    generate_ultramnist(tmp_path / "train", 4, size=128, split="train", progress=False)
+    generate_ultramnist(tmp_path / "test", 5, size=128, split="test", progress=False)   # shards of 3 and 2
+    fit(load_config(overrides=["data.kind=manifest", f"data.root={tmp_path / 'train'}", "data.val_fraction=0.25",
+                               "model.trunk=tiny-cnn", "model.head=pool", "train.epochs=1", "train.batch_size=1",
+                               "train.progress=false", "train.device=cpu", "train.amp=off",
+                               f"out={tmp_path / 'run'}"]))
+    single = evaluate_checkpoint(tmp_path / "run" / "last.pt", tmp_path / "test", device="cpu",
+                                 out=tmp_path / "single", progress=False)
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(REPO / "tools" / "evaluate.py"), "--checkpoint", str(tmp_path / "run" / "last.pt"),
+                          "--data", str(tmp_path / "test"), "--device", "cpu", "--out", str(tmp_path / "ddp")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    def rows(folder):
+        with open(folder / "predictions.csv", newline="") as f:
+            return list(csv.DictReader(f))
+
+    one, two = rows(tmp_path / "single"), rows(tmp_path / "ddp")
+    images = sorted((tmp_path / "test" / "images").iterdir())
+    assert [r["path"] for r in two] == [r["path"] for r in one] == [str(p) for p in images]
+    for a, b in zip(one, two):
+        assert a["predicted"] == b["predicted"] and a["label"] == b["label"]
+        probabilities = [k for k in a if k.startswith("p_")]
+        assert [float(b[k]) for k in probabilities] == pytest.approx([float(a[k]) for k in probabilities], abs=1e-5)
+    ddp_report = json.loads((tmp_path / "ddp" / "evaluation.json").read_text())
+    assert ddp_report["images"] == single["images"] == 5
+    assert ddp_report["confusion_matrix"] == single["confusion_matrix"]

@@ -12,6 +12,7 @@ image) to ``--out`` (default:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -39,8 +40,9 @@ def evaluate(args: argparse.Namespace) -> int:
 
     report = evaluate_checkpoint(args.checkpoint, args.data, manifest=args.manifest, budget=args.budget,
                                  device=args.device, out=args.out, batch_size=args.batch_size)
-    print(f"accuracy {report['accuracy']:.2%} on {report['images']} images (loss {report['loss']:.4f}); "
-          f"confusion matrix: {report['out']}/confusion_matrix.png")
+    if int(os.environ.get("RANK", "0")) == 0:      # under torchrun: once, from the process that wrote the files
+        print(f"accuracy {report['accuracy']:.2%} on {report['images']} images (loss {report['loss']:.4f}); "
+              f"confusion matrix: {report['out']}/confusion_matrix.png")
     return 0
 
 

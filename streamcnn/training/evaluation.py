@@ -13,11 +13,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..files import atomic_write_text
 from .checkpointing import load_checkpoint
 from .config import TrainConfig, apply_overrides
 from .datasets import make_loader, model_input, plan_size
-from .distributed import init_distributed
+from .distributed import gather_objects, init_distributed
 from .loop import evaluate, resolve_amp
 from .metrics import plot_confusion_matrix
 from .prediction import open_data, write_predictions
@@ -51,19 +53,29 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, manifest: s
         plan_text = f"planned for {planned_for}\n{plan_text}"
         result = evaluate(model, make_loader(dataset, config, context, train=False), context=context,
                           num_classes=config.model.num_classes, amp_dtype=resolve_amp(config.train.amp, context.device),
-                          progress=progress, desc="evaluate", per_image=context.world_size == 1)
+                          progress=progress, desc="evaluate", per_image=True)
+        logits = _in_image_order(gather_objects(result.logits, context), len(dataset))  # type: ignore[arg-type]
     finally:
         context.close()
     report = {"checkpoint": str(checkpoint), "epoch": state["epoch"], "data": str(Path(data) / manifest),
               "images": result.images, "accuracy": result.accuracy, "loss": result.loss, "seconds": result.seconds,
               "budget": config.plan.budget, "device": str(context.device), "plan": plan_text,
               "confusion_matrix": result.confusion.tolist()}
+    folder = Path(out) if out is not None else checkpoint.parent / f"eval-{Path(data).resolve().name}"
+    report["out"] = str(folder)
     if context.is_main:
-        folder = Path(out) if out is not None else checkpoint.parent / f"eval-{Path(data).resolve().name}"
         atomic_write_text(folder / "evaluation.json", json.dumps(report, indent=1))
         plot_confusion_matrix(result.confusion, folder / "confusion_matrix.png",
                               title=f"{checkpoint.name} on {Path(data).name}", class_names=raw.class_names)
-        if result.logits is not None:
-            write_predictions(folder / "predictions.csv", raw.paths, result.logits, raw.labels, raw.class_names)
-        report["out"] = str(folder)
+        write_predictions(folder / "predictions.csv", raw.paths, logits, raw.labels, raw.class_names)
     return report
+
+
+def _in_image_order(shards: list[torch.Tensor | None], count: int) -> torch.Tensor:
+    """Every process's logits in the manifest's order: process ``r`` of ``W`` evaluated images
+    ``r, r + W, ...`` (:class:`streamcnn.training.datasets.ShardedBatchSampler`; None: no images)."""
+    logits = torch.empty(count, next(shard.shape[1] for shard in shards if shard is not None))
+    for rank, shard in enumerate(shards):
+        if shard is not None:
+            logits[rank::len(shards)] = shard
+    return logits
