@@ -122,9 +122,16 @@ def build_trunk(name: str, in_channels: int = 3, weights: str | Path | None = No
                 **kwargs) -> tuple[nn.Module, int]:
     """A trunk by name, with frozen BatchNorm; returns (trunk, output channels).
 
-    ``kwargs`` go to the model's constructor (e.g. ``depths=(1, 1)`` for a timm ConvNeXt).
+    ``kwargs`` go to the model's constructor (e.g. ``depths=(1, 1)`` for a timm ConvNeXt,
+    ``drop_path_rate=0.1``); keys the trunk does not take are a ``ValueError`` naming them.
     """
-    trunk, channels = trunk_factory(name)(in_channels=in_channels, weights=weights, **kwargs)
+    try:
+        trunk, channels = trunk_factory(name)(in_channels=in_channels, weights=weights, **kwargs)
+    except TypeError as error:
+        if not kwargs or "keyword argument" not in str(error):
+            raise
+        raise ValueError(f"trunk {name!r} does not take the arguments {sorted(kwargs)} ({error}): remove them from "
+                         "model.trunk_kwargs") from None
     return freeze_batchnorm(trunk), channels
 
 
@@ -201,12 +208,12 @@ class StreamingClassifier(nn.Module):
 def build_model(trunk: str = "resnet18", head: str = "conv", *, num_classes: int, in_channels: int = 3,
                 weights: str | Path | None = None, tile_size: int | None = None, checkpoint: bool = False,
                 head_checkpoint: bool = False, output_device: str | None = None,
-                head_kwargs: dict | None = None) -> StreamingClassifier:
+                head_kwargs: dict | None = None, trunk_kwargs: dict | None = None) -> StreamingClassifier:
     """The standard model: a named trunk, streamed as configured, and a named head.
 
     ``num_classes`` comes from the data (there is no default); ``in_channels`` likewise
-    for anything but RGB."""
-    body, channels = build_trunk(trunk, in_channels, weights)
+    for anything but RGB. ``trunk_kwargs`` / ``head_kwargs`` go to the trunk's / head's factory."""
+    body, channels = build_trunk(trunk, in_channels, weights, **(trunk_kwargs or {}))
     streamed = StreamingModule(body, tile_size, checkpoint=checkpoint, output_device=output_device)
     return StreamingClassifier(streamed, build_head(head, channels, num_classes, **(head_kwargs or {})),
                                head_checkpoint)

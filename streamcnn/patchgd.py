@@ -186,11 +186,11 @@ class PatchGDClassifier(nn.Module):
 
 def build_patchgd(trunk: str, num_classes: int, in_channels: int, *, patch_size: int, sampling: float = 0.25,
                   inner_iterations: int = 3, head_depth: int = 2, dropout: float = 0.0, global_patch: bool = True,
-                  weights: str | None = None) -> PatchGDClassifier:
-    """PatchGD over a named trunk of the registry (:func:`streamcnn.models.build_trunk`)."""
+                  weights: str | None = None, trunk_kwargs: dict | None = None) -> PatchGDClassifier:
+    """PatchGD over a named trunk of the registry (:func:`streamcnn.models.build_trunk`, with ``trunk_kwargs``)."""
     from .models import build_trunk
 
-    backbone, channels = build_trunk(trunk, in_channels, weights)
+    backbone, channels = build_trunk(trunk, in_channels, weights, **(trunk_kwargs or {}))
     return PatchGDClassifier(backbone, channels, num_classes, patch_size=patch_size, sampling=sampling,
                              inner_iterations=inner_iterations, head_depth=head_depth, dropout=dropout,
                              global_patch=global_patch)

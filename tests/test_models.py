@@ -67,3 +67,21 @@ def test_offloaded_feature_map_lowers_predicted_device_memory():
     # and only the tile's slice of it (1024 / 4096 of each side) comes to the device
     gradient = 512 * (4096 // 32) ** 2 * 4
     assert on_device - offloaded >= gradient * (1 - 1 / 16) - 2**20
+
+
+def test_trunk_kwargs_reach_the_constructor_from_a_config_and_unknown_ones_are_named():
+    from streamcnn.training.config import load_config
+    from streamcnn.training.runner import build_training_model
+
+    base = ["model.in_channels=1", "model.num_classes=3", "model.trunk=resnet50"]
+    plain = build_training_model(load_config(overrides=base))
+    wide = build_training_model(load_config(overrides=[*base, "model.trunk_kwargs={width_per_group: 96}"]))
+    count = lambda m: sum(p.numel() for p in m.trunk.parameters())   # noqa: E731
+    assert count(wide) > 1.5 * count(plain)      # torchvision ResNet(width_per_group=96): wider bottlenecks
+    with pytest.raises(ValueError, match=r"trunk 'resnet18-ws-w16-s2' does not take the arguments \['depth'\].*"
+                                         r"remove them from model.trunk_kwargs"):
+        build_training_model(load_config(overrides=["model.in_channels=1", "model.num_classes=3",
+                                                    "model.trunk_kwargs={depth: 2}"]))
+    patchgd = build_training_model(load_config(overrides=[*base, "model.mode=patchgd", "model.patch_size=32",
+                                                          "model.trunk_kwargs={width_per_group: 96}"]))
+    assert sum(p.numel() for p in patchgd.parameters()) > count(wide)

@@ -81,6 +81,7 @@ class ModelConfig(_Section):
     mode: Literal["stream", "downsample", "patchgd"] = "stream"
     trunk: str = "resnet18-ws-w16-s2"
     head: str = "pool"
+    trunk_kwargs: dict[str, Any] = Field(default_factory=dict)   # the trunk constructor's (torchvision, timm)
     head_kwargs: dict[str, Any] = Field(default_factory=dict)
     weights: Optional[str] = None
     in_channels: Optional[int] = Field(None, ge=1)   # None: the training images' channels

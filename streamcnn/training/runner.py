@@ -77,9 +77,10 @@ def build_training_model(config: TrainConfig) -> StreamingClassifier:
             raise ValueError("model.mode is patchgd but model.patch_size is not set; set it to a side that divides "
                              "the image (e.g. a quarter of it)")
         return build_patchgd(m.trunk, m.num_classes, m.in_channels, patch_size=m.patch_size,
-                             sampling=m.patch_sampling, inner_iterations=m.inner_iterations, weights=m.weights)
+                             sampling=m.patch_sampling, inner_iterations=m.inner_iterations, weights=m.weights,
+                             trunk_kwargs=m.trunk_kwargs)
     return build_model(m.trunk, m.head, num_classes=m.num_classes, in_channels=m.in_channels, weights=m.weights,
-                       head_kwargs=m.head_kwargs)
+                       head_kwargs=m.head_kwargs, trunk_kwargs=m.trunk_kwargs)
 
 
 def apply_memory_plan(model: StreamingClassifier, config: TrainConfig, image_size: tuple[int, int],
