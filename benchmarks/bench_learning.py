@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     data = args.data / f"{args.size}px"
     payload["images_per_class"] = prepare_data(data, args.size, args.train_count, args.test_count, args.variant)
     chance = 1 / VARIANTS[args.variant][1]
+    classes = [f"model.num_classes={VARIANTS[args.variant][1]}"]   # the configs say 10 (the smallest variant)
     colors = ["tab:red", "tab:blue", "tab:cyan", "tab:green", "tab:purple", "tab:orange"]
     name = f"learning-{args.suite}-{args.variant}" + ("-pilot" if args.pilot else "")
     results: dict = {arm: {"runs": [], "color": colors[i % len(colors)], "chance": chance} for i, arm in enumerate(arms)}
@@ -202,7 +203,8 @@ def main(argv: list[str] | None = None) -> None:
         if (out / "metrics.jsonl").exists() and (out / "last.pt").exists():
             return None
         config, overrides = suite[arm]
-        return _train(config, overrides, data, args.variant, args.budget, args.minutes, seed, out, args.threads)
+        return _train(config, overrides + classes, data, args.variant, args.budget, args.minutes, seed, out,
+                      args.threads)
 
     with ThreadPoolExecutor(args.jobs) as pool:      # each run is its own process
         for (seed, arm, out), wall in zip(todo, pool.map(run, todo)):
@@ -211,8 +213,8 @@ def main(argv: list[str] | None = None) -> None:
                   flush=True)
     for arm in arms:
         config, overrides = suite[arm]
-        results[arm]["summary"] = summarise(arm, results[arm]["runs"], measure_peak(config, overrides, args.budget,
-                                                                                  args.size, args.threads))
+        results[arm]["summary"] = summarise(arm, results[arm]["runs"], measure_peak(config, overrides + classes,
+                                                                                  args.budget, args.size, args.threads))
     payload["load_average_after"] = list(os.getloadavg())
     payload["chance"] = chance
     payload["arms"] = {arm: {k: v for k, v in entry.items() if k != "color"} for arm, entry in results.items()}
