@@ -10,8 +10,8 @@ to the tissue's bounding box. With ``lazy=True`` an item is a lazy reader (or a
 :class:`streamcnn.StreamingModule` consumes one window at a time; with ``lazy=False``
 it is the whole image as a tensor, for images that fit in memory; ``in_memory`` keeps each
 image after its first read, compressed with zstd (small datasets read for many epochs: a
-generated 128 px UltraMNIST image takes 0.8 ms to read from its TIFF and about 0.04 ms to
-decompress, and is held in 1.5 kB instead of 16 kB).
+generated 128 px UltraMNIST image takes 0.8 ms to read from its TIFF and about 0.05 ms to
+decompress, and is held in 1.4 kB instead of 16 kB).
 """
 from __future__ import annotations
 
