@@ -38,6 +38,8 @@ __all__ = [
     "CUDA_CONTEXT_BYTES",
     "CPU_RUNTIME_BYTES",
     "CPU_HEAP_OVERHEAD",
+    "BUDGET_COUNTS",
+    "budgeted_bytes",
 ]
 
 # --------------------------------------------------------------------------------------
@@ -105,6 +107,20 @@ class MemoryEstimate:
     largest_tensor_elements: int = 0
     host_bytes: int = 0
     forward_bytes: int = 0
+
+
+#: What a budget may count: ``"process"``, all the memory the process takes (peak RSS on
+#: CPU; reserved memory and the CUDA context on CUDA), or ``"tensors"``, the allocator's
+#: tensor peak alone (``torch.cuda.max_memory_allocated`` on CUDA; the CPU allocator's peak,
+#: :mod:`streamcnn.measurement`, on CPU), which leaves out the runtime a budget cannot move.
+BUDGET_COUNTS = ("process", "tensors")
+
+
+def budgeted_bytes(estimate: MemoryEstimate, counts: str = "process") -> int:
+    """The part of ``estimate`` a budget that ``counts`` (one of :data:`BUDGET_COUNTS`) limits."""
+    if counts not in BUDGET_COUNTS:
+        raise ValueError(f"a budget counts one of {list(BUDGET_COUNTS)}, got {counts!r}")
+    return estimate.process_bytes if counts == "process" else estimate.allocated_bytes
 
 
 def _estimate(device_type: str, live: int, base: int, largest: int = 0, host: int = 0,

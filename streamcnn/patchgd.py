@@ -198,12 +198,13 @@ def build_patchgd(trunk: str, num_classes: int, in_channels: int, *, patch_size:
 
 def check_budget(model: PatchGDClassifier, image_size: Sequence[int], budget: str | int, *, batch: int = 1,
                  accumulate: int = 1, dtype: torch.dtype | None = None, device: str = "cpu",
-                 optimizer: str = "adamw", weight_decay: float = 0.0) -> tuple[str, dict[str, Any]]:
-    """Predict a PatchGD step's peak (:func:`streamcnn.memory.predict_step_memory`) and check it
-    against ``budget``; returns a description and a JSON report, or raises
+                 optimizer: str = "adamw", weight_decay: float = 0.0,
+                 counts: str = "process") -> tuple[str, dict[str, Any]]:
+    """Predict a PatchGD step's peak (:func:`streamcnn.memory.predict_step_memory`) and check the
+    part of it that ``counts`` (:data:`streamcnn.memory.BUDGET_COUNTS`) against ``budget``; returns a description and a JSON report, or raises
     :class:`streamcnn.planning.BudgetError`. PatchGD has no plan to choose: its memory is set by
     the patch size, the sampling rate and the batch, which the config fixes."""
-    from .memory import predict_step_memory
+    from .memory import budgeted_bytes, predict_step_memory
     from .planning import BudgetError
     from .units import format_size, parse_size
 
@@ -213,11 +214,13 @@ def check_budget(model: PatchGDClassifier, image_size: Sequence[int], budget: st
     k, rows_cols = model.patches_per_iteration(image_size), model.grid(image_size)
     what = (f"PatchGD step: {rows_cols[0]} x {rows_cols[1]} patches of {model.patch_size} px, {k} updated per inner "
             f"iteration, {model.inner_iterations} inner iterations, batch {batch}, on {device}")
-    if estimate.process_bytes > limit:
-        raise BudgetError(f"{what} needs {format_size(estimate.process_bytes)}, over the budget of "
-                          f"{format_size(limit)}: lower model.patch_sampling, model.patch_size or train.batch_size, "
-                          f"or use a budget of at least {format_size(estimate.process_bytes)}", estimate.process_bytes)
-    text = f"{what}: predicted peak {format_size(estimate.process_bytes)} fits the budget of {format_size(limit)}"
-    return text, {"method": "patchgd", "predicted_bytes": estimate.process_bytes, "budget_bytes": limit,
+    need, of = budgeted_bytes(estimate, counts), ("" if counts == "process" else " of tensors")
+    if need > limit:
+        raise BudgetError(f"{what} needs {format_size(need)}{of}, over the budget of {format_size(limit)}{of}: lower "
+                          f"model.patch_sampling, model.patch_size or train.batch_size, or use a budget of at least "
+                          f"{format_size(need)}", need)
+    text = f"{what}: predicted peak {format_size(need)}{of} fits the budget of {format_size(limit)}{of}"
+    return text, {"method": "patchgd", "predicted_bytes": need, "budget_bytes": limit, "budget_counts": counts,
+                  "predicted_peak_bytes": estimate.allocated_bytes, "predicted_device_bytes": estimate.process_bytes,
                   "patches_per_iteration": k, "grid": list(rows_cols), "patch_size": model.patch_size,
                   "inner_iterations": model.inner_iterations}

@@ -33,8 +33,9 @@ class Candidate:
     feature map and its gradient in host memory. ``predicted_peak_bytes`` is the allocator
     peak (what ``torch.cuda.max_memory_allocated`` reads on CUDA; the CPU allocator peak on
     CPU); ``predicted_device_bytes`` adds the CUDA reserved-memory and context allowances
-    and is what the budget is compared with (on CPU: the predicted peak RSS). Both are None,
-    and ``fits`` is None, for a plan that was not simulated because a cheaper one fits.
+    (on CPU: the predicted peak RSS). ``budgeted_bytes`` is the one of them the budget is
+    compared with (the second unless the budget counts tensors). They are None, and ``fits``
+    is None, for a plan that was not simulated because a cheaper one fits.
     ``forward_tile_size``: the no-grad forward's tile (None: the backward's; the image's
     side: one window), ``forward_overlap`` its overlap factor. ``predicted_host_bytes``: host
     memory beside the device's (0 on CPU, where they are one).
@@ -57,6 +58,7 @@ class Candidate:
     forward_overlap: float | None = None
     forward_whole: bool = False      # the forward runs the whole image in one window
     predicted_host_bytes: int | None = None
+    budgeted_bytes: int | None = None
     estimate: MemoryEstimate | None = field(default=None, repr=False)
 
     @property
@@ -109,19 +111,21 @@ class PlanReport:
     measured: MemoryEstimate | None = None
     accumulate: int = 1
     fixed: dict = field(default_factory=dict)   # knobs the caller fixed (constraints), by name
+    counts: str = "process"                     # what the budget limits: streamcnn.memory.BUDGET_COUNTS
 
     @property
     def headroom_bytes(self) -> int:
-        return self.budget_bytes - int(self.chosen.predicted_device_bytes or 0)
+        return self.budget_bytes - int(self.chosen.budgeted_bytes or 0)
 
     @property
     def reason(self) -> str:
         cheaper = [c for c in self.candidates if c.fits is False and (c.offload, c.relative_cost)
                    < (self.chosen.offload, self.chosen.relative_cost)]
-        why = f"the fastest plan predicted to fit {format_size(self.budget_bytes)}"
+        of = "" if self.counts == "process" else " of tensors"
+        why = f"the fastest plan predicted to fit {format_size(self.budget_bytes)}{of}"
         if cheaper:
             shown = ", ".join(f"{c.label} makes a tensor of 2^31 or more elements, which cuDNN refuses"
-                              if c.too_large_tensor else f"{c.label} needs {format_size(c.predicted_device_bytes)}"
+                              if c.too_large_tensor else f"{c.label} needs {format_size(c.budgeted_bytes)}"
                               for c in cheaper[:3])
             why += f"; faster plans do not fit ({shown}{', ...' if len(cheaper) > 3 else ''})"
         return why
@@ -143,6 +147,8 @@ class PlanReport:
             "predicted_peak_bytes": self.chosen.predicted_peak_bytes,
             "predicted_device_bytes": self.chosen.predicted_device_bytes,
             "budget_bytes": self.budget_bytes,
+            "budget_counts": self.counts,
+            "budgeted_bytes": self.chosen.budgeted_bytes,
             "headroom_bytes": self.headroom_bytes,
             "relative_cost": self.chosen.relative_cost,
             "reason": self.reason,
@@ -169,7 +175,8 @@ class PlanReport:
         h, w = self.image_size
         batch = f"batch {self.batch}" + (f" x {self.accumulate} accumulated" if self.accumulate > 1 else "")
         head = (f"memory plan: {self.model}, {h}x{w} px, {batch}, {self.dtype}, {self.optimizer}, "
-                f"on {self.device}; budget {format_size(self.budget_bytes)}")
+                f"on {self.device}; budget {format_size(self.budget_bytes)}"
+                + ("" if self.counts == "process" else " of tensors"))
         if self.fixed:
             head += "; fixed: " + ", ".join(f"{k}={v}" for k, v in self.fixed.items())
         columns = ("", "plan", "tile", "tiles", "overlap", "peak", "RSS" if self.device == "cpu" else "on device",
@@ -202,14 +209,16 @@ class PlanReport:
                  f"chosen: {self.chosen.label} - {self.reason}.",
                  f"headroom: {format_size(self.headroom_bytes)} "
                  f"({100 * self.headroom_bytes / self.budget_bytes:.0f}% of the budget)."]
+        limits = "which the budget limits" if self.counts == "process" else "shown beside it"
         if self.device == "cuda":
-            lines.append(f"'peak' is predicted torch.cuda.max_memory_allocated; 'on device' adds reserved-memory "
-                         f"fragmentation and the CUDA context ({format_size(CUDA_CONTEXT_BYTES)}), and is what "
-                         "the budget limits. CUDA allowances are not yet calibrated on a GPU. 'host' is the "
+            lines.append(f"'peak' is predicted torch.cuda.max_memory_allocated"
+                         f"{', which the budget limits' if self.counts == 'tensors' else ''}; 'on device' adds "
+                         f"reserved-memory fragmentation and the CUDA context ({format_size(CUDA_CONTEXT_BYTES)}), "
+                         f"{limits}. CUDA allowances are not yet calibrated on a GPU. 'host' is the "
                          "host memory beside it (image, offloaded feature map and gradient).")
         else:
-            lines.append("'peak' is the predicted tensor peak; 'RSS' the process's resident memory (torch "
-                         "runtime + tensors + heap), which the budget limits.")
+            lines.append(f"'peak' is the predicted tensor peak{', which the budget limits' if self.counts == 'tensors' else ''}; "
+                         f"'RSS' the process's resident memory (torch runtime + tensors + heap), {limits}.")
         if self.measured is not None:
             lines.append(f"measured: peak {format_size(self.measured.allocated_bytes)}, "
                          f"on device {format_size(self.measured.process_bytes)} "

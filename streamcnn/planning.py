@@ -39,7 +39,8 @@ import torch.nn as nn
 
 from .flops import StepFlops, step_flops
 from .geometry import tile_plan
-from .memory import CPU_RUNTIME_BYTES, CUDA_CONTEXT_BYTES, predict_step_memory
+from .memory import (BUDGET_COUNTS, CPU_RUNTIME_BYTES, CUDA_CONTEXT_BYTES, CUDA_RESERVED_OVERHEAD, budgeted_bytes,
+                     predict_step_memory)
 from .models import build_model
 from .plan_report import MODES, Candidate, PlanReport
 from .plannable import Plannable, input_shape, meta_copy
@@ -200,11 +201,13 @@ def _leanest(template: nn.Module, image: tuple[int, int], tile_sizes: Sequence[i
 
 
 def _lower_bound(template: nn.Module, image: tuple[int, int], batch: int, optimizer: str,
-                 autocast_dtype: torch.dtype | None, device_type: str, lazy_input: bool, allow_offload: bool) -> int:
+                 autocast_dtype: torch.dtype | None, device_type: str, lazy_input: bool, allow_offload: bool,
+                 counts: str) -> int:
     """Bytes every plan needs, without simulating one: parameters, buffers and optimizer
     state, plus the larger of the parameter gradients and (on CPU, or without offload) the
     feature map with its gradient, which the head's backward holds together; on CPU the
-    image unless it is read lazily and the runtime; on CUDA the context."""
+    image unless it is read lazily; and when the budget counts the process, the CPU runtime
+    or the CUDA context."""
     trainable = sum(p.numel() * p.element_size() for p in template.parameters() if p.requires_grad)
     fixed = sum(t.numel() * t.element_size() for t in [*template.parameters(), *template.buffers()])
     total = fixed + trainable * {"sgd": 1}.get(optimizer, 2)
@@ -219,8 +222,9 @@ def _lower_bound(template: nn.Module, image: tuple[int, int], batch: int, optimi
     if device_type == "cpu":
         if not lazy_input:
             total += input_shape(template, image, batch)[1] * batch * image[0] * image[1] * 4
-        return CPU_RUNTIME_BYTES + total
-    return CUDA_CONTEXT_BYTES + total
+    if counts == "tensors":
+        return total
+    return total + (CPU_RUNTIME_BYTES if device_type == "cpu" else CUDA_CONTEXT_BYTES)
 
 
 def plan(model: nn.Module | str, image_size: int | Sequence[int], budget: int | str, *, batch: int = 1,
@@ -229,16 +233,19 @@ def plan(model: nn.Module | str, image_size: int | Sequence[int], budget: int | 
          optimizer: str = "adamw", weight_decay: float = 0.0, tile_sizes: Sequence[int] | None = None,
          allow_offload: bool = True, tile_size: int | None | str = AUTO, checkpoint: bool | str = AUTO,
          head_checkpoint: bool | str = AUTO, offload: bool | str = AUTO, progress: bool = False,
-         exhaustive: bool = False, lazy_input: bool = False, modes: Sequence[str] | None = None) -> PlanReport:
+         exhaustive: bool = False, lazy_input: bool = False, modes: Sequence[str] | None = None,
+         counts: str = "process") -> PlanReport:
     """Choose the fastest plan whose predicted training-step peak fits ``budget``.
 
     ``model``: a :class:`~streamcnn.plannable.Plannable` such as a
     :class:`~streamcnn.models.StreamingClassifier` (not modified; see
     :meth:`PlanReport.apply`) or a trunk name for :func:`~streamcnn.models.build_model`
     (with ``in_channels``, ``num_classes``, ``head``). ``budget``: bytes or a size such as
-    ``"11GB"`` (10^9) / ``"11GiB"`` (2^30); on CUDA it covers everything the process takes
-    from the card (allocator reserved memory and the CUDA context); on CPU the process's
-    resident memory. The step is :func:`streamcnn.step.training_step`: ``accumulate``
+    ``"11GB"`` (10^9) / ``"11GiB"`` (2^30); with ``counts="process"`` (the default) it covers
+    everything the process takes from the card on CUDA (allocator reserved memory and the CUDA
+    context) and the process's resident memory on CPU; with ``counts="tensors"`` only the
+    allocator's tensor peak (``torch.cuda.max_memory_allocated`` on CUDA, the CPU allocator's
+    peak on CPU: memory the plan moves, without the runtime it cannot). The step is :func:`streamcnn.step.training_step`: ``accumulate``
     micro-batches of ``batch`` images, ``dtype`` fp32 (None), bf16 or fp16 autocast,
     ``optimizer`` with ``weight_decay``. ``tile_size`` (an int, or None for no streaming),
     ``checkpoint``, ``head_checkpoint`` and ``offload``: "auto" lets the planner choose; any
@@ -252,6 +259,8 @@ def plan(model: nn.Module | str, image_size: int | Sequence[int], budget: int | 
     """
     started = time.perf_counter()
     budget_bytes = parse_size(budget)
+    if counts not in BUDGET_COUNTS:
+        raise ValueError(f"counts must be one of {list(BUDGET_COUNTS)} (what the budget limits), got {counts!r}")
     image = pair(image_size)
     device_type = torch.device(device).type
     autocast_dtype = resolve_dtype(dtype)
@@ -270,30 +279,33 @@ def plan(model: nn.Module | str, image_size: int | Sequence[int], budget: int | 
         c.predicted_peak_bytes = c.estimate.allocated_bytes
         c.predicted_device_bytes = c.estimate.process_bytes
         c.predicted_host_bytes = c.estimate.host_bytes
+        c.budgeted_bytes = budgeted_bytes(c.estimate, counts)
         c.too_large_tensor = device_type == "cuda" and c.estimate.largest_tensor_elements >= MAX_TENSOR_ELEMENTS
-        c.fits = c.predicted_device_bytes <= budget_bytes and not c.too_large_tensor
+        c.fits = c.budgeted_bytes <= budget_bytes and not c.too_large_tensor
 
     def refuse(smallest: Candidate) -> BudgetError:
-        suggest = math.ceil(smallest.predicted_device_bytes / 1e7) * 10**7
+        suggest = math.ceil(smallest.budgeted_bytes / 1e7) * 10**7
         h, w = image
         others = (["a smaller batch"] if batch > 1 else []) + (["bf16"] if autocast_dtype is None else []) + \
             (["smaller tiles (tile_sizes=...)"] if smallest.tile_size else []) + \
             ([f"leaving {', '.join(sorted(fixed))} to the planner"] if fixed else []) + ["a smaller model"]
         hints = "; or try " + (", ".join(others[:-1]) + " or " if len(others) > 1 else "") + others[-1]
+        of = "" if counts == "process" else " of tensors"
         return BudgetError(
-            f"no plan fits the budget of {format_size(budget_bytes)} on {device_type} for {name} at {h}x{w} px "
+            f"no plan fits the budget of {format_size(budget_bytes)}{of} on {device_type} for {name} at {h}x{w} px "
             f"(batch {batch}, {dtype_name}, {optimizer}): the smallest, {smallest.label}, needs "
-            f"{format_size(smallest.predicted_device_bytes)}. Use a budget of at least {format_size(suggest)}"
-            f"{hints}.", smallest.predicted_device_bytes)
+            f"{format_size(smallest.budgeted_bytes)}{of}. Use a budget of at least {format_size(suggest)}"
+            f"{hints}.", smallest.budgeted_bytes)
 
     # Fast refusal: a budget below a bound that every plan needs is refused before the FLOPs
     # and the candidates are worked out, naming the leaner of the two leanest plans.
-    floor = _lower_bound(template, image, batch, optimizer, autocast_dtype, device_type, lazy_input, allow_offload)
+    floor = _lower_bound(template, image, batch, optimizer, autocast_dtype, device_type, lazy_input, allow_offload,
+                         counts)
     if budget_bytes < floor and not exhaustive:
         probes = _leanest(template, image, tile_sizes, device_type, allow_offload, fixed)
         for c in probes:
             simulate(c)
-        raise refuse(min(probes, key=lambda c: (c.too_large_tensor, c.predicted_device_bytes)))
+        raise refuse(min(probes, key=lambda c: (c.too_large_tensor, c.budgeted_bytes)))
     flops = step_flops(template, image, batch=batch)
     candidates = _candidates(template, image, tile_sizes, device_type, allow_offload, flops, fixed)
     if modes is not None:
@@ -317,7 +329,7 @@ def plan(model: nn.Module | str, image_size: int | Sequence[int], budget: int | 
         if c.fits is None:
             simulate(c)
         if not c.fits and c.forward_tile_size is not None and c.estimate.forward_bytes:
-            if _estimate_forward(c, device_type) > budget_bytes:
+            if _estimate_forward(c, device_type, counts) > budget_bytes:
                 too_big_forward[key] = c.estimate.forward_bytes
         if c.fits and best_rank is None:
             best_rank = _rank(c)
@@ -334,26 +346,28 @@ def plan(model: nn.Module | str, image_size: int | Sequence[int], budget: int | 
                 f"every plan for {name} at {h}x{w} px makes a tensor of 2^31 or more elements, which cuDNN "
                 "refuses whatever the budget; use smaller images or a trunk with fewer feature-map channels",
                 0)
-        raise refuse(min(runnable, key=lambda c: c.predicted_device_bytes))
-    chosen = min(fitting, key=lambda c: (*_rank(c), c.predicted_device_bytes))
+        raise refuse(min(runnable, key=lambda c: c.budgeted_bytes))
+    chosen = min(fitting, key=lambda c: (*_rank(c), c.budgeted_bytes))
     return PlanReport(chosen, candidates, budget_bytes, name, image, batch, dtype_name, device_type, optimizer,
-                      flops, time.perf_counter() - started, accumulate=accumulate, fixed=fixed)
+                      flops, time.perf_counter() - started, accumulate=accumulate, fixed=fixed, counts=counts)
 
 
-def _estimate_forward(c: Candidate, device_type: str) -> int:
+def _estimate_forward(c: Candidate, device_type: str, counts: str) -> int:
     """What the budget is compared with, for the live peak of the forward pass alone."""
     from .memory import _estimate
 
-    return _estimate(device_type, c.estimate.forward_bytes, c.estimate.base_bytes).process_bytes
+    return budgeted_bytes(_estimate(device_type, c.estimate.forward_bytes, c.estimate.base_bytes), counts)
 
 
-def enforce_budget(budget_bytes: int | str, device: str | torch.device = "cuda") -> dict:
+def enforce_budget(budget_bytes: int | str, device: str | torch.device = "cuda", *, counts: str = "process") -> dict:
     """Cap this process's memory on ``device`` at the budget; returns what was done.
 
     On CUDA the caching allocator is capped with ``torch.cuda.set_per_process_memory_fraction``
     at the budget minus the CUDA context allowance (the context is memory the process takes
     from the card but the allocator does not see), so allocating past the budget raises
-    ``torch.OutOfMemoryError`` however large the card is. On CPU nothing is capped (the
+    ``torch.OutOfMemoryError`` however large the card is. A budget that counts tensors
+    (``counts="tensors"``) caps the allocator at the budget plus the reserved-memory
+    fragmentation allowance instead (its reserved memory may exceed its tensors). On CPU nothing is capped (the
     plan keeps the step inside the budget by prediction) and the returned dict says so.
     """
     budget = parse_size(budget_bytes)
@@ -367,7 +381,9 @@ def enforce_budget(budget_bytes: int | str, device: str | torch.device = "cuda")
     if budget > props.total_memory:
         raise ValueError(f"the budget {format_size(budget)} is more than the {format_size(props.total_memory)} "
                          f"of cuda:{index} ({props.name}); choose a budget of at most that")
-    allocator = budget - CUDA_CONTEXT_BYTES
+    if counts not in BUDGET_COUNTS:
+        raise ValueError(f"counts must be one of {list(BUDGET_COUNTS)} (what the budget limits), got {counts!r}")
+    allocator = budget - CUDA_CONTEXT_BYTES if counts == "process" else int(budget * (1 + CUDA_RESERVED_OVERHEAD))
     if allocator <= 0:
         raise ValueError(f"the budget {format_size(budget)} does not cover the CUDA context "
                          f"({format_size(CUDA_CONTEXT_BYTES)}); choose a larger budget")

@@ -141,3 +141,17 @@ def test_patchgd_over_budget_is_one_line_naming_the_knobs(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("train.py: error: PatchGD step: 4 x 4 patches of 32 px, 2 updated per inner iteration")
     assert "over the budget of 100.00 kB: lower model.patch_sampling" in err and "\n" not in err
+
+
+def test_patchgd_budget_of_tensors_checks_the_tensor_peak():
+    from streamcnn.patchgd import check_budget
+    from streamcnn.planning import BudgetError
+
+    model = patchgd()
+    estimate = predict_step_memory(model, (256, 256), batch=2, device="cpu")
+    budget = (estimate.allocated_bytes + estimate.process_bytes) // 2   # above its tensors, below its RSS
+    text, report = check_budget(model, (256, 256), budget, batch=2, counts="tensors")
+    assert report["predicted_bytes"] == estimate.allocated_bytes and report["budget_counts"] == "tensors"
+    assert "of tensors fits the budget" in text
+    with pytest.raises(BudgetError, match=r"needs [\d.]+ MB, over the budget of"):
+        check_budget(model, (256, 256), budget, batch=2)

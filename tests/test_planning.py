@@ -260,3 +260,37 @@ def test_lazy_input_counts_windows_not_the_image_and_cpu_budgets_are_rss():
     offloaded = predict_step_memory(model, 512, device="cuda")
     assert on_device.host_bytes >= image
     assert offloaded.host_bytes >= on_device.host_bytes + 512 * 16 * 16 * 4
+
+
+def test_a_budget_of_tensors_binds_on_the_tensor_peak_without_the_runtime():
+    model = resnet18()
+    conventional = predict_step_memory(model, 320, device="cpu")
+    budget = conventional.allocated_bytes - 4 * MiB        # tens of MB: far below the CPU runtime alone
+    report = plan(model, 320, budget, device="cpu", counts="tensors")
+    assert report.counts == "tensors" and report.chosen.mode != "conventional"
+    assert report.chosen.budgeted_bytes == report.chosen.predicted_peak_bytes <= budget
+    assert report.chosen.predicted_device_bytes > budget   # its RSS is shown, not limited
+    assert "of tensors" in str(report) and report.to_json()["budget_counts"] == "tensors"
+    report.apply(model)
+    assert measure_step_memory(model, 320, device="cpu", warmup=False).allocated_bytes <= budget
+    with pytest.raises(BudgetError) as err:                 # the same bytes as a budget of the process
+        plan(model, 320, budget, device="cpu")
+    assert "of tensors" not in str(err.value) and err.value.min_bytes > budget
+
+
+def test_a_tensor_budget_refusal_names_the_smallest_tensor_budget():
+    model = resnet18()
+    with pytest.raises(BudgetError) as err:
+        plan(model, 320, "1MB", device="cpu", counts="tensors", tile_sizes=[64])
+    assert str(err.value).startswith("no plan fits the budget of 1.00 MB of tensors on cpu")
+    assert plan(model, 320, err.value.min_bytes, device="cpu", counts="tensors",
+                tile_sizes=[64]).chosen.budgeted_bytes == err.value.min_bytes
+    with pytest.raises(ValueError, match=r"counts must be one of \['process', 'tensors'\].*got 'rss'"):
+        plan(model, 320, "1GB", device="cpu", counts="rss")
+
+
+def test_cli_budget_of_tensors(capsys):
+    assert plan_cli.main(["--model", "resnet18", "--image-size", "256", "--budget", "400MB", "--in-channels", "1",
+                          "--num-classes", "5", "--device", "cpu", "--counts", "tensors", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["budget_counts"] == "tensors" and data["budgeted_bytes"] == data["predicted_peak_bytes"] <= 4e8

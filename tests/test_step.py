@@ -113,6 +113,22 @@ def test_a_config_that_fixes_checkpoint_false_is_planned_with_it():
     assert running.allocated_bytes == report["predicted_peak_bytes"]
 
 
+def test_a_config_budget_of_tensors_reaches_the_planner():
+    """plan.budget_counts: tensors limits the tensor peak; the same bytes counted as the process's RSS fit nothing."""
+    settings = {"model": {"num_classes": 5, "in_channels": 1}, "train": {"device": "cpu", "progress": False, "amp": "off"}}
+    conventional = predict_step_memory(resnet18(), 320, device="cpu").allocated_bytes  # the peak is the backward's
+    config = TrainConfig.model_validate({**settings, "plan": {"budget": str(conventional - 1), "budget_counts": "tensors"}})
+    model = resnet18()
+    text, report = apply_memory_plan(model, config, (320, 320), torch.device("cpu"))
+    assert report["budget_counts"] == "tensors" and report["mode"] != "conventional"
+    assert report["budgeted_bytes"] == report["predicted_peak_bytes"] < conventional and "of tensors" in text
+    with pytest.raises(BudgetError, match="no plan fits the budget of .* on cpu"):
+        apply_memory_plan(resnet18(), TrainConfig.model_validate({**settings, "plan": {"budget": str(conventional - 1)}}),
+                          (320, 320), torch.device("cpu"))
+    with pytest.raises(ValueError, match="budget_counts"):
+        TrainConfig.model_validate({**settings, "plan": {"budget": "1GB", "budget_counts": "rss"}})
+
+
 def test_no_class_count_is_assumed():
     with pytest.raises(ValueError, match=r"plan\(\) builds 'resnet18' by name and needs num_classes"):
         plan("resnet18", 512, "11GB", device="cpu")

@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from streamcnn.measurement import measure_step_memory  # noqa: E402
+from streamcnn.memory import budgeted_bytes  # noqa: E402
 from streamcnn.models import HEADS, TRUNKS, build_model, trunk_factory  # noqa: E402
 from streamcnn.step import OPTIMIZERS  # noqa: E402
 from streamcnn.planning import BudgetError, enforce_budget, plan  # noqa: E402
@@ -59,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"trunk: {', '.join(sorted(TRUNKS))}, torchvision:<arch> or timm:<arch> (default resnet50)")
     p.add_argument("--image-size", type=_image_size, required=True, help="N or HxW pixels")
     p.add_argument("--budget", type=_budget, required=True, help="e.g. 11GB (10^9 bytes) or 11GiB (2^30 bytes)")
+    p.add_argument("--counts", default="process", choices=["process", "tensors"],
+                   help="what the budget limits: the process (RSS on CPU; reserved + context on CUDA) or tensors")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast precision")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--head", default="conv", choices=sorted(HEADS))
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                       device=args.device, optimizer=args.optimizer, weight_decay=args.weight_decay,
                       tile_sizes=args.tile_sizes,
                       allow_offload=not args.no_offload, progress=not args.json,
-                      exhaustive=args.all or args.plot is not None)
+                      exhaustive=args.all or args.plot is not None, counts=args.counts)
     except BudgetError as e:
         if args.json:
             print(json.dumps({"error": str(e), "budget_bytes": args.budget, "min_bytes": e.min_bytes}, indent=2))
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot is not None:
         report.plot(args.plot)
     if args.measure:
-        enforcement = enforce_budget(args.budget, args.device)
+        enforcement = enforce_budget(args.budget, args.device, counts=args.counts)
         model = build_model(args.model, head=args.head, num_classes=args.num_classes, in_channels=args.in_channels)
         report.apply(model)
         report.measured = measure_step_memory(model, args.image_size, batch=args.batch, dtype=args.dtype,
@@ -115,9 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.measure and not enforcement["enforced"]:
             print(f"note: {enforcement['reason']}")
         if args.measure:
-            fits = report.measured.process_bytes <= report.budget_bytes
-            print(f"measured peak on device {format_size(report.measured.process_bytes)} "
-                  f"{'within' if fits else 'OVER'} the budget of {format_size(report.budget_bytes)}")
+            measured = budgeted_bytes(report.measured, args.counts)
+            what = "on device" if args.counts == "process" else "of tensors"
+            print(f"measured peak {what} {format_size(measured)} "
+                  f"{'within' if measured <= report.budget_bytes else 'OVER'} the budget of "
+                  f"{format_size(report.budget_bytes)}")
     return 0
 
 

@@ -99,6 +99,9 @@ class PlanConfig(_Section):
     """Memory: the budget, and the plan choices a config may fix instead of the planner."""
 
     budget: Optional[str] = None
+    #: what the budget limits: "process" (peak RSS on CPU; reserved memory + CUDA context on CUDA)
+    #: or "tensors" (the allocator's tensor peak; streamcnn.memory.BUDGET_COUNTS)
+    budget_counts: Literal["process", "tensors"] = "process"
     tile_size: Union[int, Literal["auto"], None] = "auto"
     checkpoint: Union[bool, Literal["auto"]] = "auto"
     head_checkpoint: Union[bool, Literal["auto"]] = "auto"

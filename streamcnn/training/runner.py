@@ -103,13 +103,15 @@ def apply_memory_plan(model: StreamingClassifier, config: TrainConfig, image_siz
             return "no budget: PatchGD as the config says", None
         return check_budget(model, image_size, p.budget, batch=batch, accumulate=config.train.accumulate,
                             dtype=resolve_amp(config.train.amp, device), device=device.type,
-                            optimizer=config.optim.name, weight_decay=config.optim.weight_decay)
+                            optimizer=config.optim.name, weight_decay=config.optim.weight_decay,
+                            counts=p.budget_counts)
     offload = "auto" if p.output_device is None else torch.device(p.output_device).type == "cpu"
     if p.budget is not None:
         report = plan(model, image_size, p.budget, batch=batch, accumulate=config.train.accumulate,
                       dtype=resolve_amp(config.train.amp, device), device=device.type, optimizer=config.optim.name,
                       weight_decay=config.optim.weight_decay, tile_size=p.tile_size, checkpoint=p.checkpoint,
-                      head_checkpoint=p.head_checkpoint, offload=offload, progress=config.train.progress)
+                      head_checkpoint=p.head_checkpoint, offload=offload, progress=config.train.progress,
+                      counts=p.budget_counts)
         report.apply(model)
         description, report_json = str(report), report.to_json()
     else:
@@ -135,7 +137,7 @@ def planned_model(config: TrainConfig, image_size: tuple[int, int], device: torc
     if fmt != torch.contiguous_format and isinstance(model, StreamingClassifier):
         model.use_memory_format(fmt)
     if config.plan.budget is not None and device.type == "cuda":
-        enforce_budget(config.plan.budget, device)
+        enforce_budget(config.plan.budget, device, counts=config.plan.budget_counts)
     return model, plan_text, plan_json
 
 
