@@ -67,11 +67,11 @@ def _env(threads: int | None) -> dict:
     return env
 
 
-def _train(config: str, overrides: list[str], data: Path, variant: str, budget: str, minutes: float, seed: int,
-           out: Path, threads: int | None) -> float:
+def _train(config: str, overrides: list[str], data: Path, variant: str, budget: str, counts: str, minutes: float,
+           seed: int, out: Path, threads: int | None) -> float:
     command = [sys.executable, str(ROOT / "tools/train.py"), "--config", str(ROOT / "configs" / f"{config}.yaml"),
                "--data", str(data / "train"), "--budget", budget, "--max-minutes", str(minutes), "--seed", str(seed),
-               "--out", str(out), "--set", f"data.val_root={data / 'test'}",
+               "--out", str(out), "--set", f"data.val_root={data / 'test'}", "--set", f"plan.budget_counts={counts}",
                "--set", f"data.manifest=manifest-{variant}.csv", "--set", f"data.val_manifest=manifest-{variant}.csv"]
     for override in overrides:
         command += ["--set", override]
@@ -104,13 +104,15 @@ for _ in range(3):
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 peak = measure_step_memory(model, size, batch=batch, device="cpu", optimizer=config.optim.name, dtype=dtype)
 print(json.dumps({"measured_peak_bytes": peak.allocated_bytes, "input_px": size, "dtype": str(dtype),
-                  "measured_rss_bytes": rss}))
+                  "measured_rss_bytes": rss, "plan": {k: getattr(getattr(model, "trunk", None), k, None)
+                                                      for k in ("tile_size", "checkpoint")}}))
 """
 
 
-def measure_peak(config: str, overrides: list[str], budget: str, size: int, threads: int | None) -> dict:
+def measure_peak(config: str, overrides: list[str], budget: str, counts: str, size: int, threads: int | None) -> dict:
     """One training step of the arm as planned under ``budget``, measured in a fresh process."""
-    pairs = [o.split("=", 1) for o in overrides] + [["plan.budget", budget], ["train.progress", False]]
+    pairs = [o.split("=", 1) for o in overrides] + [["plan.budget", budget], ["plan.budget_counts", counts],
+                                                    ["train.progress", False]]
     result = subprocess.run([sys.executable, "-c", _MEASURE, str(ROOT / "configs" / f"{config}.yaml"),
                              json.dumps(pairs), json.dumps(size)], capture_output=True, text=True, cwd=ROOT,
                             env=_env(threads))
@@ -132,10 +134,12 @@ def read_run(out: Path) -> dict:
             "plan_text": (out / "plan.txt").read_text().strip().splitlines()[-1]}
 
 
-def summarise(arm: str, runs: list[dict], peak: dict) -> dict:
+def summarise(arm: str, runs: list[dict], peak: dict, budget_bytes: int, counts: str) -> dict:
     finals = [r["curve"][-1]["test_accuracy"] for r in runs if r["curve"]]
+    budgeted = peak["measured_peak_bytes"] if counts == "tensors" else peak["measured_rss_bytes"]
     return {"arm": arm, "input_px": peak["input_px"], "measured_peak_MB": peak["measured_peak_bytes"] / 1e6,
-            "measured_rss_MB": peak["measured_rss_bytes"] / 1e6,
+            "measured_rss_MB": peak["measured_rss_bytes"] / 1e6, "within_budget": budgeted <= budget_bytes,
+            "step_plan": peak["plan"],
             "run_rss_MB": max(r["curve"][-1]["rss_peak_bytes"] for r in runs if r["curve"]) / 1e6,
             "minutes": statistics.mean(r["curve"][-1]["minutes"] for r in runs if r["curve"]),
             "epochs": statistics.mean(r["curve"][-1]["epoch"] for r in runs if r["curve"]),
@@ -167,8 +171,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--suite", choices=sorted(SUITES), default="arms")
     parser.add_argument("--arms", nargs="*", help="a subset of the suite's arms")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--minutes", type=float, default=8.0, help="--max-minutes of every run")
-    parser.add_argument("--budget", default="1GB", help="--budget of every run")
+    parser.add_argument("--minutes", type=float, default=25.0, help="--max-minutes of every run")
+    parser.add_argument("--budget", default="80MB", help="--budget of every run")
+    parser.add_argument("--budget-counts", default="tensors", choices=["tensors", "process"],
+                        help="what the budget limits (plan.budget_counts): the tensor peak, or the process's RSS")
     parser.add_argument("--size", type=int, default=128, help="canvas px of the generated images")
     parser.add_argument("--train-count", type=int, default=40000,
                         help="images generated for training (a variant keeps its class-balanced subset)")
@@ -179,32 +185,36 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (give each --threads cores / jobs)")
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the runs (default: torch's)")
     parser.add_argument("--pilot", action="store_true", help="label the results a pilot (too short or too few seeds)")
+    parser.add_argument("--tag", help="appended to the results' file name (keeps another setting's results)")
     args = parser.parse_args(argv)
 
     from streamcnn.data.variants import VARIANTS
+    from streamcnn.units import parse_size
 
     suite = SUITES[args.suite]
     arms = args.arms or list(suite)
     payload = common.environment("cpu")
-    payload.update(suite=args.suite, pilot=args.pilot, budget=args.budget, max_minutes=args.minutes,
+    payload.update(suite=args.suite, pilot=args.pilot, budget=args.budget, budget_counts=args.budget_counts,
+                   max_minutes=args.minutes,
                    seeds=args.seeds, size=args.size, variant=args.variant, threads=args.threads)
     data = args.data / f"{args.size}px"
     payload["images_per_class"] = prepare_data(data, args.size, args.train_count, args.test_count, args.variant)
     chance = 1 / VARIANTS[args.variant][1]
     classes = [f"model.num_classes={VARIANTS[args.variant][1]}"]   # the configs say 10 (the smallest variant)
     colors = ["tab:red", "tab:blue", "tab:cyan", "tab:green", "tab:purple", "tab:orange"]
-    name = f"learning-{args.suite}-{args.variant}" + ("-pilot" if args.pilot else "")
+    name = f"learning-{args.suite}-{args.variant}" + (f"-{args.tag}" if args.tag else "") + ("-pilot" if args.pilot else "")
     results: dict = {arm: {"runs": [], "color": colors[i % len(colors)], "chance": chance} for i, arm in enumerate(arms)}
     # seeds outermost: an interrupted benchmark has every arm's first seed; a finished run is reused
-    todo = [(seed, arm, args.runs / name / f"{arm}-seed{seed}") for seed in args.seeds for arm in arms]
+    setting = f"{name}-{args.budget}-{args.budget_counts}-{args.minutes:g}min"   # a finished run is reused only as such
+    todo = [(seed, arm, args.runs / setting / f"{arm}-seed{seed}") for seed in args.seeds for arm in arms]
 
     def run(job: tuple[int, str, Path]) -> float | None:
         seed, arm, out = job
         if (out / "metrics.jsonl").exists() and (out / "last.pt").exists():
             return None
         config, overrides = suite[arm]
-        return _train(config, overrides + classes, data, args.variant, args.budget, args.minutes, seed, out,
-                      args.threads)
+        return _train(config, overrides + classes, data, args.variant, args.budget, args.budget_counts, args.minutes,
+                      seed, out, args.threads)
 
     with ThreadPoolExecutor(args.jobs) as pool:      # each run is its own process
         for (seed, arm, out), wall in zip(todo, pool.map(run, todo)):
@@ -213,20 +223,21 @@ def main(argv: list[str] | None = None) -> None:
                   flush=True)
     for arm in arms:
         config, overrides = suite[arm]
-        results[arm]["summary"] = summarise(arm, results[arm]["runs"], measure_peak(config, overrides + classes,
-                                                                                  args.budget, args.size, args.threads))
+        peak = measure_peak(config, overrides + classes, args.budget, args.budget_counts, args.size, args.threads)
+        results[arm]["summary"] = summarise(arm, results[arm]["runs"], peak, parse_size(args.budget), args.budget_counts)
     payload["load_average_after"] = list(os.getloadavg())
     payload["chance"] = chance
     payload["arms"] = {arm: {k: v for k, v in entry.items() if k != "color"} for arm, entry in results.items()}
     common.write_json(f"{name}.json", payload)
+    of = " of tensors" if args.budget_counts == "tensors" else ""
     plot(results, common.RESULTS / f"{name}.png",
-         f"{args.variant} at {args.size} px, budget {args.budget}, {args.minutes:g} min" + (" (pilot)" if args.pilot else ""))
+         f"{args.variant} at {args.size} px, budget {args.budget}{of}, {args.minutes:g} min" + (" (pilot)" if args.pilot else ""))
     print(common.markdown_table([results[arm]["summary"] for arm in arms], [
         ("arm", "arm"), ("input_px", "input px"), ("measured_peak_MB", "step: tensor peak (MB)"),
-        ("measured_rss_MB", "step: peak RSS (MB)"), ("run_rss_MB", "run: peak RSS (MB)"),
+        ("measured_rss_MB", "step: peak RSS (MB)"), ("within_budget", "within budget"), ("run_rss_MB", "run: peak RSS (MB)"),
         ("minutes", "minutes"), ("epochs", "epochs"), ("test_accuracy_mean", "test accuracy (mean)"),
         ("test_accuracy_spread", "spread (std)"), ("seeds", "seeds")]))
-    print(f"budget {args.budget}; chance {chance:.3f}; wrote {common.RESULTS / name}.json and .png")
+    print(f"budget {args.budget}{of}; chance {chance:.3f}; wrote {common.RESULTS / name}.json and .png")
 
 
 if __name__ == "__main__":
