@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from streamcnn.data.variants import VARIANTS
+    from streamcnn.memory import budget_counts_suffix
     from streamcnn.units import parse_size
 
     suite = SUITES[args.suite]
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     payload["chance"] = chance
     payload["arms"] = {arm: {k: v for k, v in entry.items() if k != "color"} for arm, entry in results.items()}
     common.write_json(f"{name}.json", payload)
-    of = " of tensors" if args.budget_counts == "tensors" else ""
+    of = budget_counts_suffix(args.budget_counts)
     plot(results, common.RESULTS / f"{name}.png",
          f"{args.variant} at {args.size} px, budget {args.budget}{of}, {args.minutes:g} min" + (" (pilot)" if args.pilot else ""))
     print(common.markdown_table([results[arm]["summary"] for arm in arms], [

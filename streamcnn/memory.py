@@ -39,6 +39,8 @@ __all__ = [
     "CPU_RUNTIME_BYTES",
     "CPU_HEAP_OVERHEAD",
     "BUDGET_COUNTS",
+    "check_budget_counts",
+    "budget_counts_suffix",
     "budgeted_bytes",
 ]
 
@@ -116,10 +118,21 @@ class MemoryEstimate:
 BUDGET_COUNTS = ("process", "tensors")
 
 
+def check_budget_counts(counts: str) -> None:
+    """Raise ``ValueError`` unless ``counts`` is one of :data:`BUDGET_COUNTS`."""
+    if counts not in BUDGET_COUNTS:
+        raise ValueError(f"counts must be one of {list(BUDGET_COUNTS)} (what the budget limits), got {counts!r}")
+
+
+def budget_counts_suffix(counts: str) -> str:
+    """What follows a budget's size in messages and tables: ``""`` or ``" of tensors"``."""
+    check_budget_counts(counts)
+    return "" if counts == "process" else " of tensors"
+
+
 def budgeted_bytes(estimate: MemoryEstimate, counts: str = "process") -> int:
     """The part of ``estimate`` a budget that ``counts`` (one of :data:`BUDGET_COUNTS`) limits."""
-    if counts not in BUDGET_COUNTS:
-        raise ValueError(f"a budget counts one of {list(BUDGET_COUNTS)}, got {counts!r}")
+    check_budget_counts(counts)
     return estimate.process_bytes if counts == "process" else estimate.allocated_bytes
 
 

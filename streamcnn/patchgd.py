@@ -204,7 +204,7 @@ def check_budget(model: PatchGDClassifier, image_size: Sequence[int], budget: st
     part of it that ``counts`` (:data:`streamcnn.memory.BUDGET_COUNTS`) against ``budget``; returns a description and a JSON report, or raises
     :class:`streamcnn.planning.BudgetError`. PatchGD has no plan to choose: its memory is set by
     the patch size, the sampling rate and the batch, which the config fixes."""
-    from .memory import budgeted_bytes, predict_step_memory
+    from .memory import budget_counts_suffix, budgeted_bytes, predict_step_memory
     from .planning import BudgetError
     from .units import format_size, parse_size
 
@@ -214,7 +214,7 @@ def check_budget(model: PatchGDClassifier, image_size: Sequence[int], budget: st
     k, rows_cols = model.patches_per_iteration(image_size), model.grid(image_size)
     what = (f"PatchGD step: {rows_cols[0]} x {rows_cols[1]} patches of {model.patch_size} px, {k} updated per inner "
             f"iteration, {model.inner_iterations} inner iterations, batch {batch}, on {device}")
-    need, of = budgeted_bytes(estimate, counts), ("" if counts == "process" else " of tensors")
+    need, of = budgeted_bytes(estimate, counts), budget_counts_suffix(counts)
     if need > limit:
         raise BudgetError(f"{what} needs {format_size(need)}{of}, over the budget of {format_size(limit)}{of}: lower "
                           f"model.patch_sampling, model.patch_size or train.batch_size, or use a budget of at least "

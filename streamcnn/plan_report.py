@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .files import save_figure
 from .flops import StepFlops
-from .memory import CUDA_CONTEXT_BYTES, MemoryEstimate
+from .memory import CUDA_CONTEXT_BYTES, MemoryEstimate, budget_counts_suffix
 from .plannable import Plannable
 from .units import format_size
 
@@ -121,7 +121,7 @@ class PlanReport:
     def reason(self) -> str:
         cheaper = [c for c in self.candidates if c.fits is False and (c.offload, c.relative_cost)
                    < (self.chosen.offload, self.chosen.relative_cost)]
-        of = "" if self.counts == "process" else " of tensors"
+        of = budget_counts_suffix(self.counts)
         why = f"the fastest plan predicted to fit {format_size(self.budget_bytes)}{of}"
         if cheaper:
             shown = ", ".join(f"{c.label} makes a tensor of 2^31 or more elements, which cuDNN refuses"
@@ -176,7 +176,7 @@ class PlanReport:
         batch = f"batch {self.batch}" + (f" x {self.accumulate} accumulated" if self.accumulate > 1 else "")
         head = (f"memory plan: {self.model}, {h}x{w} px, {batch}, {self.dtype}, {self.optimizer}, "
                 f"on {self.device}; budget {format_size(self.budget_bytes)}"
-                + ("" if self.counts == "process" else " of tensors"))
+                + budget_counts_suffix(self.counts))
         if self.fixed:
             head += "; fixed: " + ", ".join(f"{k}={v}" for k, v in self.fixed.items())
         columns = ("", "plan", "tile", "tiles", "overlap", "peak", "RSS" if self.device == "cpu" else "on device",

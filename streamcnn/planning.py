@@ -39,8 +39,8 @@ import torch.nn as nn
 
 from .flops import StepFlops, step_flops
 from .geometry import tile_plan
-from .memory import (BUDGET_COUNTS, CPU_RUNTIME_BYTES, CUDA_CONTEXT_BYTES, CUDA_RESERVED_OVERHEAD, budgeted_bytes,
-                     predict_step_memory)
+from .memory import (CPU_RUNTIME_BYTES, CUDA_CONTEXT_BYTES, CUDA_RESERVED_OVERHEAD, budget_counts_suffix,
+                     budgeted_bytes, check_budget_counts, predict_step_memory)
 from .models import build_model
 from .plan_report import MODES, Candidate, PlanReport
 from .plannable import Plannable, input_shape, meta_copy
@@ -259,8 +259,7 @@ def plan(model: nn.Module | str, image_size: int | Sequence[int], budget: int | 
     """
     started = time.perf_counter()
     budget_bytes = parse_size(budget)
-    if counts not in BUDGET_COUNTS:
-        raise ValueError(f"counts must be one of {list(BUDGET_COUNTS)} (what the budget limits), got {counts!r}")
+    check_budget_counts(counts)
     image = pair(image_size)
     device_type = torch.device(device).type
     autocast_dtype = resolve_dtype(dtype)
@@ -290,7 +289,7 @@ def plan(model: nn.Module | str, image_size: int | Sequence[int], budget: int | 
             (["smaller tiles (tile_sizes=...)"] if smallest.tile_size else []) + \
             ([f"leaving {', '.join(sorted(fixed))} to the planner"] if fixed else []) + ["a smaller model"]
         hints = "; or try " + (", ".join(others[:-1]) + " or " if len(others) > 1 else "") + others[-1]
-        of = "" if counts == "process" else " of tensors"
+        of = budget_counts_suffix(counts)
         return BudgetError(
             f"no plan fits the budget of {format_size(budget_bytes)}{of} on {device_type} for {name} at {h}x{w} px "
             f"(batch {batch}, {dtype_name}, {optimizer}): the smallest, {smallest.label}, needs "
@@ -381,8 +380,7 @@ def enforce_budget(budget_bytes: int | str, device: str | torch.device = "cuda",
     if budget > props.total_memory:
         raise ValueError(f"the budget {format_size(budget)} is more than the {format_size(props.total_memory)} "
                          f"of cuda:{index} ({props.name}); choose a budget of at most that")
-    if counts not in BUDGET_COUNTS:
-        raise ValueError(f"counts must be one of {list(BUDGET_COUNTS)} (what the budget limits), got {counts!r}")
+    check_budget_counts(counts)
     allocator = budget - CUDA_CONTEXT_BYTES if counts == "process" else int(budget * (1 + CUDA_RESERVED_OVERHEAD))
     if allocator <= 0:
         raise ValueError(f"the budget {format_size(budget)} does not cover the CUDA context "
