@@ -2,9 +2,13 @@
 
     python benchmarks/bench_cpu_options.py                 # window 512 px, 3 rounds
     python benchmarks/bench_cpu_options.py --window 736 --rounds 3
+    python benchmarks/bench_cpu_options.py --workload default-run --options fp32 channels_last --tag default-run-fp32
 
 What a streamed step repeats is one window's forward and backward through the trunk
-(ResNet-18, batch 1, 3 channels). Each option runs in a fresh subprocess, the options
+(``--workload resnet18-window``: ResNet-18, batch 1, 3 channels). ``--workload default-run`` is
+the step of ``python tools/train.py``'s embedded default instead: the from-scratch
+``resnet18-ws-w16-s2`` trunk and pool head, a batch of 64 one-channel 128 px images, the loss
+and an AdamW step (``--window`` is ignored). Each option runs in a fresh subprocess, the options
 interleaved, ``--rounds`` times; a row is the median over rounds of the median of
 ``--steps`` timed steps after one warm-up step (compilation happens in the warm-up and is
 reported apart):
@@ -17,7 +21,8 @@ reported apart):
   one compilation serves all of them (border windows add a few more).
 * ``bf16+channels_last+compile``: all three.
 
-Writes ``benchmarks/results/cpu_options.json`` and ``cpu_options.png``. An option is worth turning on by default
+Writes ``benchmarks/results/cpu_options.json`` and ``cpu_options.png`` (``cpu_options-<tag>.*`` with
+``--tag``). An option is worth turning on by default
 only if it is faster than ``fp32`` in every round.
 """
 from __future__ import annotations
@@ -36,25 +41,33 @@ from streamcnn.files import save_figure  # noqa: E402
 OPTIONS = ["fp32", "channels_last", "bf16", "bf16+channels_last", "compile", "bf16+channels_last+compile"]
 
 
-def measure(option: str, window: int, steps: int) -> dict:
+def measure(option: str, window: int, steps: int, workload: str = "resnet18-window") -> dict:
     import torch
 
-    from streamcnn.models import build_trunk
+    from streamcnn.models import build_model, build_trunk
 
     torch.manual_seed(0)
-    trunk, _ = build_trunk("resnet18")
-    x = torch.randn(1, 3, window, window)
+    if workload == "default-run":
+        trunk = build_model("resnet18-ws-w16-s2", "pool", num_classes=10, in_channels=1)
+        x, labels = torch.randn(64, 1, 128, 128), torch.randint(0, 10, (64,))
+    else:
+        trunk, _ = build_trunk("resnet18")
+        x, labels = torch.randn(1, 3, window, window), None
     if "channels_last" in option:
         trunk = trunk.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     run = torch.compile(trunk, dynamic=False) if "compile" in option else trunk
+    optimizer = torch.optim.AdamW(trunk.parameters(), lr=1e-3) if labels is not None else None
     bf16 = "bf16" in option
 
     def step() -> float:
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = run(x)
-        out.float().sum().backward()
+        loss = torch.nn.functional.cross_entropy(out.float(), labels) if labels is not None else out.float().sum()
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
         for p in trunk.parameters():
             p.grad = None
         return time.perf_counter() - t0
@@ -70,6 +83,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--options", nargs="+", default=OPTIONS, choices=OPTIONS)
+    parser.add_argument("--workload", default="resnet18-window", choices=["resnet18-window", "default-run"])
+    parser.add_argument("--tag", help="appended to the results' file name (keeps another machine's results)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -79,7 +94,8 @@ def main() -> None:
     rows = []
     for i in range(args.rounds):
         for option in args.options:
-            spec = json.dumps({"option": option, "window": args.window, "steps": args.steps})
+            spec = json.dumps({"option": option, "window": args.window, "steps": args.steps,
+                               "workload": args.workload})
             proc = subprocess.run([sys.executable, __file__, "--worker", spec], capture_output=True, text=True)
             row = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {
                 "option": option, "error": ((proc.stderr or proc.stdout).strip().splitlines() or ["?"])[-1]}
@@ -98,18 +114,21 @@ def main() -> None:
         med = {k: sorted(r[k] for r in group)[len(group) // 2] for k in ("seconds", "first_step_seconds", "vs_fp32")}
         table.append({"option": option, **med, "faster_every_round": all(r["vs_fp32"] < 1 for r in group),
                       "rounds": len(group)})
-    print(f"\n{env['device']}, ResNet-18 trunk, window {args.window}^2, forward + backward\n")
+    what = (f"ResNet-18 trunk, window {args.window}^2, forward + backward" if args.workload == "resnet18-window"
+            else "the default run's step (resnet18-ws-w16-s2 + pool, 64 x 1 x 128^2, AdamW)")
+    name = "cpu_options" + (f"-{args.tag}" if args.tag else "")
+    print(f"\n{env['device']}, {what}\n")
     print(markdown_table(table, [("option", "option"), ("seconds", "s/step"), ("vs_fp32", "vs fp32"),
                                  ("first_step_seconds", "first step s"), ("faster_every_round", "faster every round"),
                                  ("error", "error")]))
     env["load_average_after"] = os.getloadavg()
-    path = write_json("cpu_options.json", {"environment": env, "window": args.window, "rows": table,
-                                           "per_round": rows})
-    plot(table, args.window, env["device"])
-    print(f"\nwrote {path} and cpu_options.png")
+    path = write_json(f"{name}.json", {"environment": env, "workload": args.workload, "window": args.window,
+                                       "rows": table, "per_round": rows})
+    plot(table, what, env["device"], name)
+    print(f"\nwrote {path} and {name}.png")
 
 
-def plot(table: list[dict], window: int, device: str) -> None:
+def plot(table: list[dict], what: str, device: str, name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,9 +141,9 @@ def plot(table: list[dict], window: int, device: str) -> None:
     ax.axvline(1, color="black", lw=1)
     ax.invert_yaxis()
     ax.set(xlabel="time vs fp32 (median of rounds; green: faster in every round)",
-           title=f"ResNet-18 window {window}^2, forward + backward, {device}")
+           title=f"{what}\n{device}")
     fig.tight_layout()
-    save_figure(fig, RESULTS / "cpu_options.png")
+    save_figure(fig, RESULTS / f"{name}.png")
     plt.close(fig)
 
 

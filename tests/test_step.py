@@ -149,7 +149,7 @@ def test_tiny_cnn_plans_and_measures_quietly_from_the_cli():
     assert "tiny-cnn" in TRUNKS
 
 
-def test_amp_auto_is_bf16_channels_last_only_on_cpus_with_native_bf16(monkeypatch):
+def test_amp_auto_is_bf16_only_on_cpus_with_native_bf16_and_the_cpu_runs_channels_last(monkeypatch):
     from streamcnn import cpu
 
     cpu_device = torch.device("cpu")
@@ -158,7 +158,8 @@ def test_amp_auto_is_bf16_channels_last_only_on_cpus_with_native_bf16(monkeypatc
     assert cpu.preferred_memory_format(cpu_device, torch.bfloat16) is torch.channels_last
     monkeypatch.setattr(loop, "native_bf16", lambda: False)
     assert loop.resolve_amp("auto", cpu_device) is None and loop.resolve_amp("off", cpu_device) is None
-    assert cpu.preferred_memory_format(cpu_device, None) is torch.contiguous_format
+    assert cpu.preferred_memory_format(cpu_device, None) is torch.channels_last
     assert cpu.preferred_memory_format(torch.device("cuda"), torch.bfloat16) is torch.contiguous_format
+    assert cpu.preferred_memory_format(torch.device("cuda"), None) is torch.contiguous_format
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
         loop.resolve_amp("fp16", cpu_device)
