@@ -2,7 +2,7 @@
 
     python benchmarks/bench_cpu_options.py                 # window 512 px, 3 rounds
     python benchmarks/bench_cpu_options.py --window 736 --rounds 3
-    python benchmarks/bench_cpu_options.py --workload default-run --options fp32 channels_last --tag default-run-fp32
+    python benchmarks/bench_cpu_options.py --workload default-run --options fp32 channels_last --steps 15 --tag default-run-avx2
 
 What a streamed step repeats is one window's forward and backward through the trunk
 (``--workload resnet18-window``: ResNet-18, batch 1, 3 channels). ``--workload default-run`` is
