@@ -135,7 +135,7 @@ def rss_worker(spec: dict) -> dict:
     from streamcnn.cpu import preferred_memory_format
 
     model = _rss_model(spec)
-    model.use_memory_format(preferred_memory_format(torch.device("cpu"), resolve_dtype(spec["dtype"])))
+    model.use_memory_format(preferred_memory_format(torch.device("cpu")))
     opt = allocate_optimizer_state(make_optimizer("adamw", model, foreach=False))
     shape = (spec["batch"], 1, spec["image"], spec["image"])
     images = torch.randint(0, 256, shape, dtype=torch.uint8) if spec["uint8"] else torch.rand(shape)

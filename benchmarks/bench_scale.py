@@ -86,7 +86,7 @@ def measure(path: str, size: int, tile, forward_tile, checkpoint: bool, head_che
                         checkpoint=checkpoint, head_checkpoint=head_checkpoint)
     model.trunk.forward_tile_size = forward_tile
     dtype = amp_dtype(amp)
-    model.use_memory_format(preferred_memory_format(torch.device("cpu"), dtype))
+    model.use_memory_format(preferred_memory_format(torch.device("cpu")))
     opt = make_optimizer("adamw", model, lr=1e-4, foreach=False)
     labels = torch.zeros(1, dtype=torch.long)
 

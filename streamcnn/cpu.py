@@ -45,10 +45,9 @@ def native_bf16() -> bool:
     return False
 
 
-def preferred_memory_format(device: torch.device, amp_dtype: torch.dtype | None) -> torch.memory_format:
+def preferred_memory_format(device: torch.device) -> torch.memory_format:
     """``torch.channels_last`` on the CPU (measured faster with bf16 autocast and, for batched
-    small images, in fp32; see the module docstring), else ``torch.contiguous_format``.
-    ``amp_dtype`` is the autocast dtype (None: fp32), kept for rules that depend on it."""
+    small images, in fp32; see the module docstring), else ``torch.contiguous_format``."""
     if device.type == "cpu":
         return torch.channels_last
     return torch.contiguous_format

@@ -155,11 +155,9 @@ def test_amp_auto_is_bf16_only_on_cpus_with_native_bf16_and_the_cpu_runs_channel
     cpu_device = torch.device("cpu")
     monkeypatch.setattr(loop, "native_bf16", lambda: True)
     assert loop.resolve_amp("auto", cpu_device) is torch.bfloat16
-    assert cpu.preferred_memory_format(cpu_device, torch.bfloat16) is torch.channels_last
     monkeypatch.setattr(loop, "native_bf16", lambda: False)
     assert loop.resolve_amp("auto", cpu_device) is None and loop.resolve_amp("off", cpu_device) is None
-    assert cpu.preferred_memory_format(cpu_device, None) is torch.channels_last
-    assert cpu.preferred_memory_format(torch.device("cuda"), torch.bfloat16) is torch.contiguous_format
-    assert cpu.preferred_memory_format(torch.device("cuda"), None) is torch.contiguous_format
+    assert cpu.preferred_memory_format(cpu_device) is torch.channels_last       # in bf16 and fp32 alike
+    assert cpu.preferred_memory_format(torch.device("cuda")) is torch.contiguous_format
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
         loop.resolve_amp("fp16", cpu_device)

@@ -133,7 +133,7 @@ def planned_model(config: TrainConfig, image_size: tuple[int, int], device: torc
         model.load_state_dict(state)
     plan_text, plan_json = apply_memory_plan(model, config, image_size, device, batch=config.train.batch_size)
     model.to(device)
-    fmt = preferred_memory_format(device, resolve_amp(config.train.amp, device))
+    fmt = preferred_memory_format(device)
     if fmt != torch.contiguous_format and isinstance(model, StreamingClassifier):
         model.use_memory_format(fmt)
     if config.plan.budget is not None and device.type == "cuda":
