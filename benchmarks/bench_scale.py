@@ -11,8 +11,8 @@ planner (:func:`streamcnn.planning.plan`, CPU, ``lazy_input=True``) chooses the 
 ``--budget`` in this process; each step then runs in a fresh subprocess: a warm-up step on
 a small in-memory image, then ONE training step (trunk + pool head, cross-entropy, AdamW:
 :func:`streamcnn.step.training_step`, the trainer's step) on the TIFF, under ``--amp``
-(``auto``: what ``tools/train.py`` would use here: bf16 autocast and the channels-last layout
-on a CPU with native bf16, :mod:`streamcnn.cpu`; ``off``: fp32). Recorded: peak RSS (``ru_maxrss``), its growth over the RSS before the
+(``auto``: what ``tools/train.py`` would use here: bf16 autocast on a CPU with native bf16,
+fp32 elsewhere; ``off``: fp32; the channels-last layout on every CPU, :mod:`streamcnn.cpu`). Recorded: peak RSS (``ru_maxrss``), its growth over the RSS before the
 step, the allocator peak of the step's tensors (a second, profiled step; only up to
 ``--profile-max`` px, as it doubles the time), seconds, megapixels per second, and the cost
 model's predicted time: the plan's relative cost x the step's conventional FLOPs x seconds
