@@ -4,7 +4,7 @@ Measured by ``benchmarks/bench_cpu_options.py`` (README, "CPU options"). ResNet-
 forward + backward: on a CPU with native bfloat16 instructions (AVX512-BF16 or AMX) bf16 autocast
 takes about 0.57x the fp32 time and bf16 with the channels-last layout about 0.4x; ``torch.compile``
 of the trunk does not pay reliably. Channels-last in fp32 depends on the step: 0.86x and 1.03x for
-one ResNet-18 window (two CPUs), 0.52-0.78x for the default run's step (a batch of 64 small
+one ResNet-18 window (two CPUs), 0.52-0.92x for the default run's step (a batch of 64 small
 images through a 16-channel trunk, on an AVX2 CPU without bf16): never more than 3 % slower there. So:
 
 - :func:`native_bf16`: whether this CPU has the instructions (without them bf16 is emulated and
