@@ -20,7 +20,15 @@ This module owns the remedy and nothing else. ``STREAMCNN_TAME_MALLOC`` chooses 
 
 Both are applied the first time a :class:`~streamcnn.streaming.StreamingModule` streams a
 tile on CPU, and only with glibc. Their time and memory are measured by
-``benchmarks/bench_streaming.py``. On CUDA nothing here applies: the caching allocator's
+``benchmarks/bench_streaming.py``.
+
+A training loop repeats one step of the same shapes thousands of times, and there the opposite
+pays: :func:`keep_freed_memory` (called by the trainer on CPU, unless ``STREAMCNN_TAME_MALLOC``
+is ``0`` or ``mmap``) fixes the mmap threshold at glibc's 32 MiB maximum and stops the heap from
+trimming itself, so each step reuses the pages the last one freed instead of faulting in fresh
+zeroed ones. On the default run's step (``benchmarks/bench_cpu_options.py --workload
+default-run``) that removes about two thirds of the page faults. The peak stays what the step
+needs; the process keeps it resident between steps (streamed tiles still trim after each tile). On CUDA nothing here applies: the caching allocator's
 settings are documented in docs/planner.md.
 """
 from __future__ import annotations
@@ -31,12 +39,15 @@ import os
 
 import torch
 
-__all__ = ["tame_cpu_allocator", "release_cached", "allocator_state", "MMAP_THRESHOLD_BYTES", "ENV_VAR"]
+__all__ = ["tame_cpu_allocator", "keep_freed_memory", "release_cached", "allocator_state", "MMAP_THRESHOLD_BYTES",
+           "ENV_VAR"]
 
 #: Blocks at least this large are mmapped and returned to the system when freed.
 MMAP_THRESHOLD_BYTES = 1 << 20
 #: Free memory at the top of the heap beyond this is returned to the system.
 TRIM_THRESHOLD_BYTES = 16 << 20
+#: glibc's largest mmap threshold on 64-bit systems; :func:`keep_freed_memory` heaps every smaller block.
+KEEP_MMAP_THRESHOLD_BYTES = 32 << 20
 #: "trim" (default), "mmap", or "0" to leave glibc's malloc as it is.
 ENV_VAR = "STREAMCNN_TAME_MALLOC"
 
@@ -92,6 +103,17 @@ def tame_cpu_allocator(force: bool = False) -> bool:
     return ok
 
 
+def keep_freed_memory() -> bool:
+    """For a loop of same-shaped steps on CPU: keep freed blocks in the heap for the next step
+    (module docstring). True when applied; False with ``STREAMCNN_TAME_MALLOC=0`` or ``mmap``, or
+    without glibc. Once per process."""
+    if "kept" not in _state:
+        libc = _glibc() if _mode() == "trim" else None
+        _state["kept"] = bool(libc) and libc.mallopt(_M_MMAP_THRESHOLD, KEEP_MMAP_THRESHOLD_BYTES) == 1 \
+            and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    return _state["kept"]
+
+
 def release_cached(device: torch.device) -> None:
     """Between tiles: tame the allocator on first use, and on CPU return free heap pages."""
     if device.type != "cpu":
@@ -105,4 +127,5 @@ def release_cached(device: torch.device) -> None:
 def allocator_state() -> dict:
     """Whether the CPU allocator is tamed, and why (for benchmark records)."""
     return {"tamed": _state["tamed"], "mode": _state.get("mode", _mode()), "reason": _state["reason"],
+            "freed_memory_kept": _state.get("kept", False),
             "mmap_threshold_bytes": MMAP_THRESHOLD_BYTES if _state.get("mode") == "mmap" else None}

@@ -31,6 +31,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
+from ..allocator import keep_freed_memory
 from ..cpu import preferred_memory_format
 from ..models import StreamingClassifier, build_model
 from ..patchgd import PatchGDClassifier, build_patchgd, check_budget
@@ -136,6 +137,8 @@ def planned_model(config: TrainConfig, image_size: tuple[int, int], device: torc
     fmt = preferred_memory_format(device)
     if fmt != torch.contiguous_format and isinstance(model, StreamingClassifier):
         model.use_memory_format(fmt)
+    if device.type == "cpu":
+        keep_freed_memory()  # the steps repeat: reuse freed pages rather than fault in new ones
     if config.plan.budget is not None and device.type == "cuda":
         enforce_budget(config.plan.budget, device, counts=config.plan.budget_counts)
     return model, plan_text, plan_json
