@@ -30,7 +30,7 @@ from torchvision.ops import StochasticDepth
 
 from .units import pair as _pair
 
-__all__ = ["Window", "POINTWISE", "Refusal", "UnsupportedLayerError", "register_rule", "node_rule",
+__all__ = ["Window", "POINTWISE", "Refusal", "UnsupportedLayerError", "register_rule", "conv_windows", "node_rule",
            "is_leaf", "leaf_functions", "NCHW"]
 
 
@@ -105,7 +105,8 @@ SE_FIX = ("use a variant without SE (e.g. torchvision:mobilenet_v2, torchvision:
 REGISTER = "if it is local, describe it with streamcnn.register_rule(cls, rule); otherwise " + HEAD
 
 
-def _conv_windows(m: nn.Conv2d):
+def conv_windows(m: nn.Conv2d):
+    """A convolution's window per axis (also the rule of a Conv2d subclass with its own forward)."""
     if m.padding_mode == "circular":
         raise Refusal("circular padding wraps around the image, so it is not local",
                       "use padding_mode='zeros', 'reflect' or 'replicate'")
@@ -197,7 +198,7 @@ def register_rule(cls: type | Callable, rule: Callable | None = None):
     return cls
 
 
-register_rule(nn.Conv2d, _conv_windows)
+register_rule(nn.Conv2d, conv_windows)
 for _cls in (nn.MaxPool2d, nn.AvgPool2d):
     register_rule(_cls, _pool_windows)
 for _cls in (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm):

@@ -15,6 +15,10 @@ every plan computes the same function:
   unit variance, times the He gain ``sqrt(2 / fan_in)``) with the ``affine`` scale and bias.
 - ``ln``: :class:`ChannelLayerNorm2d`, ConvNeXt's LayerNorm2d: every pixel's channel vector
   normalised on its own (local, so exact under streaming, in train mode too).
+- ``sws``: ``ws`` with each scale and bias folded into the convolution before it
+  (:class:`ScaledStdConv2d`, as NF-ResNets do): the same function of the same parameters, so the
+  same training, but one pass over each activation fewer forward and backward and one saved
+  activation fewer per convolution (``docs/learning.md``, the default run, has the figures).
 
 Registered as ``resnet18-<kind>`` (width 64, four stages), ``resnet18-<kind>-w<width>`` for
 widths 8, 16 and 32, and with ``-s2`` for the first two stages only (stride 8, receptive field
@@ -30,9 +34,10 @@ from torch.nn.utils import parametrize
 from torchvision.models.resnet import BasicBlock, conv1x1
 
 from .geometry import register_rule
+from .rules import conv_windows
 from .models import register_trunk
 
-__all__ = ["ChannelLayerNorm2d", "ChannelAffine", "scratch_resnet18", "SCRATCH_KINDS"]
+__all__ = ["ChannelLayerNorm2d", "ChannelAffine", "ScaledStdConv2d", "scratch_resnet18", "SCRATCH_KINDS"]
 
 
 @register_rule
@@ -65,6 +70,15 @@ class ChannelAffine(nn.Module):
         return x * self.weight[:, None, None] + self.bias[:, None, None]
 
 
+def _standardise(weight: torch.Tensor, eps: float, gain: torch.Tensor | None = None) -> torch.Tensor:
+    """Filters at zero mean and unit variance times the He gain (times ``gain`` per filter)."""
+    fan_in = weight[0].numel()
+    mean = weight.mean(dim=(1, 2, 3), keepdim=True)
+    var = weight.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
+    scale = torch.rsqrt(var * fan_in / 2 + eps / fan_in)
+    return (weight - mean) * (scale if gain is None else scale * gain[:, None, None, None])
+
+
 class _Standardised(nn.Module):
     """Weight standardisation with the He gain, as a parametrisation of a convolution's weight."""
 
@@ -73,10 +87,40 @@ class _Standardised(nn.Module):
         self.eps = eps
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        fan_in = weight[0].numel()
-        mean = weight.mean(dim=(1, 2, 3), keepdim=True)
-        var = weight.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
-        return (weight - mean) * torch.rsqrt(var * fan_in / 2 + self.eps / fan_in)
+        return _standardise(weight, self.eps)
+
+
+class ScaledStdConv2d(nn.Conv2d):
+    """A weight-standardised convolution followed by a per-channel scale (``gain``) and bias,
+    computed as one convolution with standardised weights times ``gain``."""
+
+    def __init__(self, conv: nn.Conv2d, affine: ChannelAffine, eps: float = 1e-5):
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                         conv.dilation, conv.groups, bias=True)
+        self.eps = eps
+        self.gain = nn.Parameter(affine.weight.detach().clone())
+        with torch.no_grad():
+            self.weight.copy_(conv.weight)
+            self.bias.copy_(affine.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, _standardise(self.weight, self.eps, self.gain), self.bias)
+
+
+register_rule(ScaledStdConv2d, conv_windows)  # its own forward, the same window as any convolution
+
+
+def _fold_affines(trunk: nn.Sequential) -> None:
+    """Replace every convolution + :class:`ChannelAffine` pair by one :class:`ScaledStdConv2d`."""
+    pairs = [(trunk, "conv1", "bn1")]
+    for block in trunk.modules():
+        if isinstance(block, BasicBlock):
+            pairs += [(block, "conv1", "bn1"), (block, "conv2", "bn2")]
+            if block.downsample is not None:
+                pairs.append((block.downsample, "0", "1"))
+    for parent, conv, affine in pairs:
+        setattr(parent, conv, ScaledStdConv2d(getattr(parent, conv), getattr(parent, affine)))
+        setattr(parent, affine, nn.Identity())
 
 
 def _stage(inplanes: int, planes: int, stride: int, norm: Callable[[int], nn.Module]) -> nn.Sequential:
@@ -87,7 +131,7 @@ def _stage(inplanes: int, planes: int, stride: int, norm: Callable[[int], nn.Mod
                          BasicBlock(planes, planes, 1, None, norm_layer=norm))
 
 
-SCRATCH_KINDS = ("affine", "fixup", "ws", "ln")
+SCRATCH_KINDS = ("affine", "fixup", "ws", "ln", "sws")
 
 
 def scratch_resnet18(kind: str, in_channels: int = 3, width: int = 64, stages: int = 4) -> tuple[nn.Sequential, int]:
@@ -114,6 +158,9 @@ def scratch_resnet18(kind: str, in_channels: int = 3, width: int = 64, stages: i
             block.bn2.weight.zero_()  # each residual branch starts as zero: the block is the identity
             if kind == "fixup":
                 block.conv1.weight.mul_(len(blocks) ** -0.5)
+    if kind == "sws":
+        with torch.random.fork_rng(devices=[]):  # draws nothing: a seed gives the ws trunk's weights
+            _fold_affines(trunk)
     if kind == "ws":
         for m in list(trunk.modules()):
             if isinstance(m, nn.Conv2d):
