@@ -114,6 +114,31 @@ def test_pyramid_levels_as_pages_are_all_seen_by_tifffile_openslide_and_tiffslid
         assert ts.level_dimensions == tuple((w, h) for _, h, w in reader.level_shapes)
 
 
+@pytest.mark.parametrize("bands", [1, 3])
+def test_a_one_tile_image_is_the_file_libvips_would_write(tmp_path, rgb, bands):
+    from streamcnn.data.ultramnist import write as ultramnist_write
+
+    image = np.ascontiguousarray(rgb[:120, :90] if bands == 3 else rgb[:120, :90, 1])
+    write_pyramid_tiff(image, tmp_path / "fast.tiff")           # one 256 px tile: tifffile
+    ultramnist_write._pyramid(np.atleast_3d(image), tmp_path / "vips.tiff", 256, "deflate")
+    pages = {}
+    for name in ("fast", "vips"):
+        with tifffile.TiffFile(tmp_path / f"{name}.tiff") as tif:
+            assert tif.is_bigtiff and len(tif.pages) == 1
+            page = tif.pages[0]
+            pages[name] = page.asarray(), {tag: page.tags[tag].value for tag in (
+                "ImageWidth", "ImageLength", "SamplesPerPixel", "PhotometricInterpretation", "Compression",
+                "Predictor", "TileWidth", "TileLength", "XResolution", "ResolutionUnit")}, page.planarconfig
+    assert np.array_equal(pages["fast"][0], image) and np.array_equal(pages["vips"][0], image)
+    assert pages["fast"][2] == pages["vips"][2]     # samples interleaved
+    fast, vips = pages["fast"][1], pages["vips"][1]
+    (fn, fd), (vn, vd) = fast.pop("XResolution"), vips.pop("XResolution")
+    assert fn / fd == pytest.approx(vn / vd, rel=1e-6)    # 25.4 pixels per inch: 1 px/mm
+    assert fast == vips
+    np.testing.assert_array_equal(open_image(tmp_path / "fast.tiff").read_level(0),
+                                  image[None] if bands == 1 else np.moveaxis(image, -1, 0))
+
+
 def test_thumbnail_uses_the_pyramid(files, rgb):
     path, levels = files["pyramid as pages, deflate"]
     reader = open_image(path)
