@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from streamcnn.data import ManifestDataset, collate_images, generate_ultramnist
+from streamcnn.data.slides import BadFiles
 from streamcnn.io import ImageReader, TiffReader, VipsReader
 
 
@@ -65,6 +66,29 @@ def test_images_read_whole_are_read_once_and_kept_compressed_when_they_fit_in_me
         unkept[3]
     with pytest.raises(ValueError, match="train_000003.tiff"):
         over[3]                                                     # 6 x 256^2 samples > the limit: not kept
+
+
+def test_images_to_keep_are_read_with_their_headers_once_in_worker_processes(ultramnist, tmp_path, monkeypatch):
+    import shutil
+
+    import streamcnn.data.slides as slides_module
+
+    opened = []
+    real_open = slides_module.open_image
+    monkeypatch.setattr(slides_module, "open_image", lambda path, *a, **k: opened.append(path) or real_open(path, *a, **k))
+    copy = tmp_path / "copy"
+    shutil.copytree(ultramnist, copy)
+    here = ManifestDataset(copy, lazy=False, workers=1)
+    assert len(opened) == 6 and here.kept_bytes > 0                 # one open per file: header and pixels
+    pooled = ManifestDataset(copy, lazy=False, workers=2)           # two spawned processes check and read
+    assert pooled.entries == here.entries and pooled.kept_bytes == here.kept_bytes
+    for path in (copy / "images").glob("*.tiff"):
+        path.write_bytes(b"")                                       # nothing is read from disk any more
+    for i in range(6):
+        torch.testing.assert_close(pooled[i][0], here[i][0], rtol=0, atol=0)
+    assert len(opened) == 6
+    with pytest.raises(BadFiles, match="train_000002.tiff"):        # a bad file named from a worker, too
+        ManifestDataset(copy, lazy=False, workers=2)
 
 
 def test_collate_never_stacks_readers_or_unequal_tensors(ultramnist):

@@ -11,21 +11,24 @@ to the tissue's bounding box. With ``lazy=True`` an item is a lazy reader (or a
 it is the whole image as a tensor, for images that fit in memory; ``in_memory`` keeps each
 image after its first read, compressed with zstd (small datasets read for many epochs: a
 generated 128 px UltraMNIST image takes 0.8 ms to read from its TIFF and about 0.05 ms to
-decompress, and is held in 1.4 kB instead of 16 kB).
+decompress, and is held in 1.4 kB instead of 16 kB). Images that will be kept are read while
+their headers are checked, so each file is opened once, in ``workers`` processes.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
-import imagecodecs
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from ..io import ImageReader, open_image
-from .slides import SlideView, inspect_slides
+from .parallel import worker_count
+from .slides import KeptPixels, SlideView, inspect_slides
 from .table import read_slide_table
 
 __all__ = ["IN_MEMORY_LIMIT", "ManifestDataset", "collate_images"]
@@ -53,6 +56,9 @@ class ManifestDataset(Dataset):
         require_labels: unlabelled images are an error (training) or allowed (prediction;
             their label is -1).
         level, mpp, tissue, mask_suffix, on_error: see :func:`streamcnn.data.slides.inspect_slides`.
+        workers: processes that check the files (and read the images to keep); ``None``: one per
+            core this process may use, one per 500 files at most (:func:`streamcnn.data.parallel.worker_count`).
+        progress: a bar while the files are checked.
     """
 
     def __init__(self, root: str | os.PathLike, manifest: str | os.PathLike | None = "manifest.csv",
@@ -60,20 +66,25 @@ class ManifestDataset(Dataset):
                  *, classes: Sequence[str] | None = None, require_labels: bool = True, level: int | None = None,
                  mpp: float | None = None, tissue: Literal["none", "otsu", "mask"] = "none",
                  mask_suffix: str = "_mask", on_error: Literal["raise", "skip"] = "raise",
-                 in_memory: bool | None = None):
+                 in_memory: bool | None = None, workers: int | None = None, progress: bool = False):
         self.root = Path(root)
         self.lazy = lazy
         self.transform = transform
         table = read_slide_table(self.root, manifest, classes=classes, require_labels=require_labels,
                                  mask_suffix=mask_suffix)
         self.manifest = table.source
+        # images read while checking: all that will surely be kept (in_memory=None: all of them
+        # when every one is at most its share of IN_MEMORY_LIMIT)
+        keep_below = 0 if lazy or in_memory is False else \
+            sys.maxsize if in_memory else IN_MEMORY_LIMIT // max(1, len(table.rows))
         entries, self.skipped = inspect_slides([r.path for r in table.rows], level=level, mpp=mpp, tissue=tissue,
                                                masks=[r.mask for r in table.rows], mask_suffix=mask_suffix,
-                                               on_error=on_error)
+                                               on_error=on_error, keep_below=keep_below, progress=progress,
+                                               workers=worker_count(len(table.rows)) if workers is None else workers)
         kept = [(row, entry) for row, entry in zip(table.rows, entries) if entry is not None]
         if not kept:
             raise ValueError(f"{self.manifest}: no readable images left after skipping {len(self.skipped)} bad file(s)")
-        self.entries = [entry for _, entry in kept]
+        self.entries = [dataclasses.replace(entry, pixels=None) for _, entry in kept]
         self.paths: list[Path] = [row.path for row, _ in kept]
         self.labels: list[int] = [-1 if row.label is None else row.label for row, _ in kept]
         self.classes: list[str] | None = table.classes
@@ -84,7 +95,9 @@ class ManifestDataset(Dataset):
             raise ValueError(f"{self.manifest}: label {known - 1} >= num_classes {self.num_classes}")
         samples = sum(e.size[0] * e.size[1] * e.channels for e in self.entries)
         keep = not lazy and (samples <= IN_MEMORY_LIMIT if in_memory is None else in_memory)
-        self._kept: dict[int, tuple[bytes, tuple[int, ...], np.dtype]] | None = {} if keep else None
+        self._kept: dict[int, KeptPixels] | None = None
+        if keep:
+            self._kept = {i: entry.pixels for i, (_, entry) in enumerate(kept) if entry.pixels is not None}
 
     @property
     def class_names(self) -> list[str]:
@@ -101,7 +114,7 @@ class ManifestDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[ImageReader | SlideView | torch.Tensor, int]:
         kept = self._kept.get(index) if self._kept is not None else None
-        image = _decompress(*kept) if kept is not None else self._read(index)
+        image = kept.tensor() if kept is not None else self._read(index)
         if self.transform is not None:
             image = self.transform(image)
         return image, self.labels[index]
@@ -117,19 +130,13 @@ class ManifestDataset(Dataset):
         with reader:
             array = np.ascontiguousarray(source.read_region(0, 0, *entry.size))
         if self._kept is not None:
-            self._kept[index] = (imagecodecs.zstd_encode(array), array.shape, array.dtype)
+            self._kept[index] = KeptPixels.of(array)
         return torch.from_numpy(array)
 
     @property
     def kept_bytes(self) -> int:
         """Bytes of the images kept in memory so far (compressed)."""
-        return sum(len(blob) for blob, _, _ in self._kept.values()) if self._kept is not None else 0
-
-
-def _decompress(blob: bytes, shape: tuple[int, ...], dtype: np.dtype) -> torch.Tensor:
-    array = np.empty(shape, dtype)
-    imagecodecs.zstd_decode(blob, out=array.reshape(-1))
-    return torch.from_numpy(array)
+        return sum(len(pixels.blob) for pixels in self._kept.values()) if self._kept is not None else 0
 
 
 def collate_images(batch: Sequence[tuple[Any, int]]) -> tuple[list[ImageReader] | torch.Tensor | list, torch.Tensor]:

@@ -8,27 +8,54 @@ per good file: the level to read (``level``, or the level whose microns per pixe
 closest to ``mpp`` without being coarser, i.e. never upsampling), and the box to read
 (the whole level, or the tissue's bounding box).
 
+Asked to (``keep_below``), it also reads every image of at most that many samples while
+its file is open and keeps the pixels zstd-compressed (:class:`KeptPixels`), so a data set of
+small images that will be held in memory opens each file once; with ``workers`` the files are
+checked in that many processes (:mod:`streamcnn.data.parallel`).
+
 A :class:`SlideView` is that level and box of an open reader, itself a region source:
 the streaming engine reads it a window at a time, so a 40x slide trains at 10x by
 reading the 10x level lazily, never resampling the 40x pixels.
 """
 from __future__ import annotations
 
+import functools
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal, NamedTuple, Sequence
 
+import imagecodecs
 import numpy as np
+import torch
 
 from ..io import ImageReader, open_image
 from ..io.reader import shrink_to
+from .parallel import process_map
 from .tissue import tissue_box, tissue_mask
 
-__all__ = ["SlideEntry", "SlideView", "choose_level", "inspect_slides", "BadFiles", "THUMBNAIL_SIZE"]
+__all__ = ["SlideEntry", "SlideView", "KeptPixels", "choose_level", "inspect_slides", "BadFiles", "THUMBNAIL_SIZE"]
 
 THUMBNAIL_SIZE = 1024      # long side of the thumbnails tissue detection looks at
 Tissue = Literal["none", "otsu", "mask"]
+
+
+class KeptPixels(NamedTuple):
+    """An image's pixels as read, zstd-compressed (a 128 px UltraMNIST image: 1.4 kB of 16 kB)."""
+
+    blob: bytes
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @classmethod
+    def of(cls, array: np.ndarray) -> "KeptPixels":
+        array = np.ascontiguousarray(array)
+        return cls(imagecodecs.zstd_encode(array), array.shape, array.dtype)
+
+    def tensor(self) -> torch.Tensor:
+        array = np.empty(self.shape, self.dtype)
+        imagecodecs.zstd_decode(self.blob, out=array.reshape(-1))
+        return torch.from_numpy(array)
 
 
 @dataclass(frozen=True)
@@ -40,6 +67,7 @@ class SlideEntry:
     box: tuple[int, int, int, int]      # top, left, height, width in pixels of ``level``
     channels: int
     mpp: float | None                   # of ``level``; None when the file does not say
+    pixels: KeptPixels | None = field(default=None, repr=False, compare=False)  # read when asked (keep_below)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -86,41 +114,56 @@ def _mask_box(reader: ImageReader, level: int, tissue: Tissue, mask: Path | None
 
 
 def _inspect(path: Path, level: int | None, mpp: float | None, tissue: Tissue,
-             mask: Path | None) -> tuple[SlideEntry, str | None]:
+             mask: Path | None, keep_below: int = 0) -> tuple[SlideEntry, str | None]:
     with open_image(path) as reader:
         k, warning = choose_level(reader, level, mpp)
         if k >= reader.level_count:
             raise ValueError(f"{path}: has levels 0..{reader.level_count - 1}, no level {k} (data.level)")
         c, h, w = reader.level_shapes[k]
         box = (0, 0, h, w) if tissue == "none" else _mask_box(reader, k, tissue, mask)
-        return SlideEntry(path, k, box, c, reader.mpp[k]), warning
+        pixels = KeptPixels.of(reader.read_region(*box, k)) if c * box[2] * box[3] <= keep_below else None
+        return SlideEntry(path, k, box, c, reader.mpp[k], pixels), warning
+
+
+def _inspect_or_reason(args: tuple, level: int | None, mpp: float | None, tissue: Tissue,
+                       keep_below: int) -> tuple[SlideEntry | None, str | None]:
+    """(entry, warning) of one file, or (None, why it is bad): for worker processes."""
+    path, mask = args
+    try:
+        return _inspect(path, level, mpp, tissue, mask, keep_below)
+    except (ValueError, FileNotFoundError, OSError) as error:
+        reason = str(error)
+        return None, reason if str(path) in reason else f"{path}: {reason}"
 
 
 def inspect_slides(paths: Sequence[Path], *, level: int | None = None, mpp: float | None = None,
                    tissue: Tissue = "none", masks: Sequence[Path | None] | None = None, mask_suffix: str = "_mask",
-                   on_error: Literal["raise", "skip"] = "raise") -> tuple[list[SlideEntry | None], list[tuple[Path, str]]]:
+                   on_error: Literal["raise", "skip"] = "raise", keep_below: int = 0, workers: int = 1,
+                   progress: bool = False) -> tuple[list[SlideEntry | None], list[tuple[Path, str]]]:
     """Check every file's header; (entry per path, None where skipped) and the (path, reason) skipped.
 
-    ``on_error="raise"`` raises :class:`BadFiles` naming every bad file instead.
+    ``on_error="raise"`` raises :class:`BadFiles` naming every bad file instead. Images of at
+    most ``keep_below`` samples (channels x pixels of the box) are read and kept in their
+    entry's ``pixels``. ``workers`` processes check the files (a bar unless not ``progress``).
     """
-    entries: list[SlideEntry | None] = []
-    problems: list[tuple[Path, str]] = []
-    fallbacks: list[str] = []
+    jobs = []
     for i, path in enumerate(paths):
         mask = masks[i] if masks is not None and masks[i] is not None else None
         if mask is None and tissue == "mask":
             found = sorted(path.parent.glob(f"{path.name.split('.')[0]}{mask_suffix}.*"))
             mask = found[0] if found else path.with_name(f"{path.name.split('.')[0]}{mask_suffix}.png")
-        try:
-            entry, warning = _inspect(path, level, mpp, tissue, mask)
-        except (ValueError, FileNotFoundError, OSError) as error:
-            reason = str(error)
-            problems.append((path, reason if str(path) in reason else f"{path}: {reason}"))
-            entries.append(None)
-            continue
+        jobs.append((path, mask))
+    check = functools.partial(_inspect_or_reason, level=level, mpp=mpp, tissue=tissue, keep_below=keep_below)
+    entries: list[SlideEntry | None] = []
+    problems: list[tuple[Path, str]] = []
+    fallbacks: list[str] = []
+    for (path, _), (entry, note) in zip(jobs, process_map(check, jobs, workers, desc="checking images",
+                                                          progress=progress)):
         entries.append(entry)
-        if warning:
-            fallbacks.append(warning)
+        if entry is None:
+            problems.append((path, note))
+        elif note:
+            fallbacks.append(note)
     counts: dict[int, int] = {}
     for entry in entries:
         if entry is not None:

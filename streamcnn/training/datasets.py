@@ -14,7 +14,6 @@ batch B see together, and a resumed run sees the same order as an uninterrupted 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -34,19 +33,9 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("STREAMCNN_CACHE") or Path.home() / ".cache" / "streamcnn")
 
 
-def _generator_workers(count: int) -> int:
-    """Processes for generating ``count`` images: every core this process may use (each worker
-    starts in about a second, so not for a handful of images). Spawned workers re-import the main
-    script, so a program read from stdin generates in this process."""
-    main = getattr(sys.modules["__main__"], "__file__", None)
-    if main is not None and not Path(main).is_file():
-        return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cores, count // 500))
-
-
 def _ultramnist(config: TrainConfig, context: DistributedContext) -> tuple[Dataset, Dataset | None]:
     from ..data import ManifestDataset, generate_ultramnist
+    from ..data.parallel import worker_count
     from ..data.ultramnist import NUM_CLASSES
     from ..data.variants import VARIANTS, write_variant_manifest
 
@@ -63,7 +52,7 @@ def _ultramnist(config: TrainConfig, context: DistributedContext) -> tuple[Datas
     if context.is_main:  # others wait: one writer per cache folder
         for split, count in splits:
             generate_ultramnist(root / split, count, size=data.generate_size, seed=data.generate_seed, split=split,
-                                workers=_generator_workers(count), progress=config.train.progress)
+                                workers=worker_count(count), progress=config.train.progress)
         if variant is not None:     # a relabelling of the same images, class-balanced
             for split, count in splits:
                 _, per_class = write_variant_manifest(root / split, variant)
@@ -73,8 +62,8 @@ def _ultramnist(config: TrainConfig, context: DistributedContext) -> tuple[Datas
                                      "data.generate_val_count)")
     context.barrier()
     manifest = f"manifest-{variant}.csv" if variant else "manifest.csv"
-    sets = [ManifestDataset(root / split, manifest, lazy=bool(data.lazy), num_classes=classes, in_memory=data.in_memory)
-            for split, _ in splits]
+    sets = [ManifestDataset(root / split, manifest, lazy=bool(data.lazy), num_classes=classes, in_memory=data.in_memory,
+                            progress=config.train.progress) for split, _ in splits]
     return sets[0], (sets[1] if len(sets) > 1 else None)
 
 
@@ -102,7 +91,7 @@ def slide_options(config: TrainConfig) -> dict[str, Any]:
     data = config.data
     return {"lazy": data.lazy is not False, "num_classes": config.model.num_classes, "classes": data.classes,
             "level": data.level, "mpp": data.mpp, "tissue": data.tissue, "mask_suffix": data.mask_suffix,
-            "on_error": data.on_error, "in_memory": data.in_memory}
+            "on_error": data.on_error, "in_memory": data.in_memory, "progress": config.train.progress}
 
 
 def _hold_out(train: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:

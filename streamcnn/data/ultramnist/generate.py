@@ -8,17 +8,16 @@ never mixed in.
 from __future__ import annotations
 
 import csv
+import functools
 import io
-import itertools
 import json
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Iterable
 
 from ...files import TEMPORARY_GLOB, atomic_write_text
 from ..digits import SPLITS, DigitBank, load_digit_bank
+from ..parallel import process_map
 from . import write
 from .layout import REFERENCE_SIZE, sample_layout
 from .preview import write_preview
@@ -135,20 +134,5 @@ def _complete_rows(manifest: Path, out_dir: Path, split: str, count: int) -> lis
 
 
 def _run_jobs(job: _Job, indices: Iterable[int], workers: int, progress: bool) -> list[dict]:
-    from tqdm.auto import tqdm
-
-    indices = list(indices)
-    bar = tqdm(total=len(indices), desc=f"UltraMNIST {job.split} {job.size}px", unit="img", disable=not progress)
-    rows: list[dict] = []
-    with bar:
-        if workers == 1:
-            for i in indices:
-                rows.append(_make_image(job, i))
-                bar.update()
-        else:
-            # spawn: libvips' thread pool does not survive fork.
-            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-                for row in pool.map(_make_image, itertools.repeat(job), indices, chunksize=4):
-                    rows.append(row)
-                    bar.update()
-    return rows
+    return process_map(functools.partial(_make_image, job), list(indices), workers,
+                       desc=f"UltraMNIST {job.split} {job.size}px", progress=progress, chunksize=4, unit="img")

@@ -1,0 +1,52 @@
+"""One function over many files in worker processes, in order, with a progress bar.
+
+Generating a data set, checking its headers and reading small images into memory each
+touch thousands of files with Python-heavy work (a 128 px TIFF takes about 1 ms to open and
+decode), so they run on every core. Workers are spawned, not forked: libvips' thread pool
+does not survive a fork. A spawned worker imports streamcnn (a second or more), so a handful
+of files stays in this process (:func:`worker_count`).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Callable, Sequence, TypeVar
+
+__all__ = ["worker_count", "process_map"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def worker_count(items: int, per_worker: int = 500) -> int:
+    """Processes for ``items`` files: every core this process may use, but no more than one per
+    ``per_worker`` files. Spawned workers re-import the main script, so a program read from
+    stdin works in this process."""
+    main = getattr(sys.modules["__main__"], "__file__", None)
+    if main is not None and not Path(main).is_file():
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, items // per_worker))
+
+
+def process_map(fn: Callable[[T], R], items: Sequence[T], workers: int, *, desc: str, progress: bool = True,
+                chunksize: int = 16, unit: str = "file") -> list[R]:
+    """``[fn(item) for item in items]``, on ``workers`` spawned processes when more than one
+    (``fn`` and the items must pickle), with a tqdm bar unless ``progress`` is false."""
+    from tqdm.auto import tqdm
+
+    results: list[R] = []
+    with tqdm(total=len(items), desc=desc, unit=unit, disable=not progress) as bar:
+        if workers <= 1:
+            for item in items:
+                results.append(fn(item))
+                bar.update()
+            return results
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            for result in pool.map(fn, items, chunksize=chunksize):
+                results.append(result)
+                bar.update()
+    return results
