@@ -18,7 +18,9 @@ every plan computes the same function:
 - ``sws``: ``ws`` with each scale and bias folded into the convolution before it
   (:class:`ScaledStdConv2d`, as NF-ResNets do): the same function of the same parameters, so the
   same training, but one pass over each activation fewer forward and backward and one saved
-  activation fewer per convolution (``docs/learning.md``, the default run, has the figures).
+  activation fewer per convolution; and the stem's max pooling before its ReLU (they commute:
+  the same values and gradients), so the ReLU runs on a map 4x smaller (``docs/learning.md``,
+  the default run, has the figures).
 
 Registered as ``resnet18-<kind>`` (width 64, four stages), ``resnet18-<kind>-w<width>`` for
 widths 8, 16 and 32, and with ``-s2`` for the first two stages only (stride 8, receptive field
@@ -143,8 +145,9 @@ def scratch_resnet18(kind: str, in_channels: int = 3, width: int = 64, stages: i
     trunk = nn.Sequential()
     trunk.add_module("conv1", nn.Conv2d(in_channels, width, 7, 2, 3, bias=False))
     trunk.add_module("bn1", norm(width))
-    trunk.add_module("relu", nn.ReLU(inplace=True))
-    trunk.add_module("maxpool", nn.MaxPool2d(3, 2, 1))
+    stem = [("relu", nn.ReLU(inplace=True)), ("maxpool", nn.MaxPool2d(3, 2, 1))]
+    for name, layer in (stem[::-1] if kind == "sws" else stem):  # sws: the ReLU on the pooled, 4x smaller map
+        trunk.add_module(name, layer)
     planes = width
     for i, (out, stride) in enumerate([(width, 1), (2 * width, 2), (4 * width, 2), (8 * width, 2)][:stages], 1):
         trunk.add_module(f"layer{i}", _stage(planes, out, stride, norm))

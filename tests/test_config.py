@@ -41,7 +41,7 @@ def test_override_values_are_parsed_as_yaml():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("optim.lrr=1", "unknown config key 'optim.lrr' (known: gamma, lr, min_lr_ratio, name, schedule, "
+    ("optim.lrr=1", "unknown config key 'optim.lrr' (known: decay_fraction, gamma, lr, min_lr_ratio, name, schedule, "
                     "warmup_steps, weight_decay)"),
     ("bogus=1", "unknown config key 'bogus' (known: data, model, optim, out, plan, train)"),
     ("model.trunk.depth=3", "unknown config key 'model.trunk.depth': 'trunk' is not a section"),

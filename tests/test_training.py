@@ -250,6 +250,8 @@ def test_schedules_per_optimizer_step():
 
     cosine = lrs(OptimConfig(lr=1.0, warmup_steps=2, schedule="cosine"), total=6, per_epoch=3)
     assert cosine == pytest.approx([0.5, 1.0, 1.0, 0.5 * (1 + 0.5 ** 0.5), 0.5, 0.5 * (1 - 0.5 ** 0.5)])
+    late = lrs(OptimConfig(lr=1.0, warmup_steps=2, schedule="cosine", decay_fraction=0.5), total=6, per_epoch=3)
+    assert late == pytest.approx([0.5, 1.0, 1.0, 1.0, 1.0, 0.5])    # constant, then the last half decays
     paper = lrs(OptimConfig(name="adam", lr=1.0, schedule="exponential", gamma=0.5, warmup_steps=0), total=6, per_epoch=2)
     assert paper == pytest.approx([1, 1, 0.5, 0.5, 0.25, 0.25])
     groups = build_optimizer(torch.nn.Linear(2, 2), OptimConfig(weight_decay=0.1)).param_groups

@@ -112,7 +112,7 @@ class OptimConfig(_Section):
     """Optimizer and learning-rate schedule (per optimizer step).
 
     ``adamw`` + ``cosine`` (linear warmup for ``warmup_steps``, then cosine to
-    ``min_lr_ratio * lr``), or the UltraMNIST paper's ``adam`` + ``exponential``
+    ``min_lr_ratio * lr`` over the last ``decay_fraction`` of the remaining steps), or the UltraMNIST paper's ``adam`` + ``exponential``
     (lr multiplied by ``gamma`` every epoch).
     """
 
@@ -122,6 +122,8 @@ class OptimConfig(_Section):
     schedule: Literal["cosine", "exponential", "constant"] = "constant"
     warmup_steps: int = Field(50, ge=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    # cosine: the share of the steps after warmup that decay (the lr is constant before them)
+    decay_fraction: float = Field(1.0, gt=0, le=1)
     gamma: float = Field(0.95, gt=0, le=1)
 
 

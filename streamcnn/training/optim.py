@@ -1,6 +1,7 @@
 """Optimizer and learning-rate schedule from an :class:`~streamcnn.training.config.OptimConfig`.
 
-Two recipes: AdamW with linear warmup then cosine decay (stepped every optimizer step),
+Two recipes: AdamW with linear warmup then cosine decay (stepped every optimizer step; over
+the last ``decay_fraction`` of the steps only, constant before),
 and the UltraMNIST paper's Adam with exponential decay (multiplied by ``gamma`` once per
 epoch, expressed per step so one scheduler covers both). Both are torch's own
 ``LambdaLR``, so their state is saved and restored with the checkpoint.
@@ -34,7 +35,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, total
         if step < warmup:
             return (step + 1) / warmup
         if config.schedule == "cosine":
-            progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+            start = total_steps - config.decay_fraction * (total_steps - warmup)
+            progress = min(1.0, max(0.0, step - start) / max(1.0, total_steps - start))
             return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
         if config.schedule == "exponential":
             return config.gamma ** ((step - warmup) // steps_per_epoch)
