@@ -36,6 +36,8 @@ __all__ = ["IN_MEMORY_LIMIT", "ManifestDataset", "collate_images"]
 #: ``in_memory=None`` keeps decoded images in memory when they total at most this many samples
 #: (pixels x channels; bytes for 8-bit images).
 IN_MEMORY_LIMIT = 2 * 2**30
+#: About how long checking (and reading) one small file takes: 1 ms for a 128 px TIFF.
+CHECK_SECONDS = 1e-3
 
 
 class ManifestDataset(Dataset):
@@ -57,7 +59,7 @@ class ManifestDataset(Dataset):
             their label is -1).
         level, mpp, tissue, mask_suffix, on_error: see :func:`streamcnn.data.slides.inspect_slides`.
         workers: processes that check the files (and read the images to keep); ``None``: one per
-            core this process may use, one per 500 files at most (:func:`streamcnn.data.parallel.worker_count`).
+            core this process may use, as many as the files repay (:func:`streamcnn.data.parallel.worker_count`).
         progress: a bar while the files are checked.
     """
 
@@ -80,7 +82,7 @@ class ManifestDataset(Dataset):
         entries, self.skipped = inspect_slides([r.path for r in table.rows], level=level, mpp=mpp, tissue=tissue,
                                                masks=[r.mask for r in table.rows], mask_suffix=mask_suffix,
                                                on_error=on_error, keep_below=keep_below, progress=progress,
-                                               workers=worker_count(len(table.rows)) if workers is None else workers)
+                                               workers=worker_count(len(table.rows), CHECK_SECONDS) if workers is None else workers)
         kept = [(row, entry) for row, entry in zip(table.rows, entries) if entry is not None]
         if not kept:
             raise ValueError(f"{self.manifest}: no readable images left after skipping {len(self.skipped)} bad file(s)")

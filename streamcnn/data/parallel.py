@@ -2,9 +2,10 @@
 
 Generating a data set, checking its headers and reading small images into memory each
 touch thousands of files with Python-heavy work (a 128 px TIFF takes about 1 ms to open and
-decode), so they run on every core. Workers are spawned, not forked: libvips' thread pool
-does not survive a fork. A spawned worker imports streamcnn (a second or more), so a handful
-of files stays in this process (:func:`worker_count`).
+decode), so they run on every core. Workers are forked where that is safe (Linux, and libvips
+not loaded here: its thread pool does not survive a fork), and spawned elsewhere; a spawned
+worker imports torch and streamcnn (seconds), so work shorter than that stays in this process
+(:func:`worker_count`).
 """
 from __future__ import annotations
 
@@ -15,27 +16,35 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
-__all__ = ["worker_count", "process_map"]
+__all__ = ["worker_count", "process_map", "START_SECONDS"]
 
 T = TypeVar("T")
 R = TypeVar("R")
 
+#: Seconds a worker takes to start: forked, or spawned (importing torch and streamcnn; 2-core AMD EPYC).
+START_SECONDS = {"fork": 0.2, "spawn": 3.0}
 
-def worker_count(items: int, per_worker: int = 500) -> int:
-    """Processes for ``items`` files: every core this process may use, but no more than one per
-    ``per_worker`` files. Spawned workers re-import the main script, so a program read from
-    stdin works in this process."""
+
+def _start_method() -> str:
+    return "fork" if sys.platform == "linux" and "pyvips" not in sys.modules else "spawn"
+
+
+def worker_count(items: int, seconds_each: float) -> int:
+    """Processes for ``items`` of about ``seconds_each`` of work each: every core this process
+    may use, but only as many as the work repays (each worker's share longer than its start).
+    Spawned workers re-import the main script, so a program read from stdin then works here."""
+    method = _start_method()
     main = getattr(sys.modules["__main__"], "__file__", None)
-    if main is not None and not Path(main).is_file():
+    if method == "spawn" and main is not None and not Path(main).is_file():
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cores, items // per_worker))
+    return max(1, min(cores, int(items * seconds_each / START_SECONDS[method])))
 
 
 def process_map(fn: Callable[[T], R], items: Sequence[T], workers: int, *, desc: str, progress: bool = True,
                 chunksize: int = 16, unit: str = "file") -> list[R]:
-    """``[fn(item) for item in items]``, on ``workers`` spawned processes when more than one
-    (``fn`` and the items must pickle), with a tqdm bar unless ``progress`` is false."""
+    """``[fn(item) for item in items]``, on ``workers`` processes when more than one (``fn``
+    and the items must pickle), with a tqdm bar unless ``progress`` is false."""
     from tqdm.auto import tqdm
 
     results: list[R] = []
@@ -45,7 +54,7 @@ def process_map(fn: Callable[[T], R], items: Sequence[T], workers: int, *, desc:
                 results.append(fn(item))
                 bar.update()
             return results
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        with ProcessPoolExecutor(workers, mp_context=get_context(_start_method())) as pool:
             for result in pool.map(fn, items, chunksize=chunksize):
                 results.append(result)
                 bar.update()

@@ -36,7 +36,7 @@ def default_cache_dir() -> Path:
 def _ultramnist(config: TrainConfig, context: DistributedContext) -> tuple[Dataset, Dataset | None]:
     from ..data import ManifestDataset, generate_ultramnist
     from ..data.parallel import worker_count
-    from ..data.ultramnist import NUM_CLASSES
+    from ..data.ultramnist import NUM_CLASSES, generation_seconds
     from ..data.variants import VARIANTS, write_variant_manifest
 
     data = config.data
@@ -52,7 +52,7 @@ def _ultramnist(config: TrainConfig, context: DistributedContext) -> tuple[Datas
     if context.is_main:  # others wait: one writer per cache folder
         for split, count in splits:
             generate_ultramnist(root / split, count, size=data.generate_size, seed=data.generate_seed, split=split,
-                                workers=worker_count(count), progress=config.train.progress)
+                                workers=worker_count(count, generation_seconds(data.generate_size)), progress=config.train.progress)
         if variant is not None:     # a relabelling of the same images, class-balanced
             for split, count in splits:
                 _, per_class = write_variant_manifest(root / split, variant)
@@ -198,7 +198,7 @@ def make_loader(dataset: Dataset, config: TrainConfig, context: DistributedConte
     """This process's batches of ``dataset``: shuffled global batches for training, a shard for evaluation."""
     from ..data import collate_images
 
-    sampler = ShardedBatchSampler(len(dataset), config.train.batch_size, context.rank,  # type: ignore[arg-type]
+    sampler = ShardedBatchSampler(len(dataset), config.train.batch_size // context.shares, context.rank,  # type: ignore[arg-type]
                                   context.world_size, shuffle=train, seed=config.train.seed)
     # Its own generator: making an iterator must not draw from the global RNG, or a run resumed
     # mid-epoch (which makes one more iterator) would see different dropout than an uninterrupted one.

@@ -23,7 +23,7 @@ from .layout import REFERENCE_SIZE, sample_layout
 from .preview import write_preview
 from .render import render_layout
 
-__all__ = ["generate_ultramnist", "MANIFEST_COLUMNS"]
+__all__ = ["generate_ultramnist", "generation_seconds", "MANIFEST_COLUMNS"]
 
 MANIFEST_COLUMNS = ("id", "path", "label", "digits", "boxes")
 _PARAMS_FILE = "generation.json"
@@ -63,6 +63,12 @@ def _make_image(job: _Job, index: int) -> dict:
         write.write_pyramid_tiff(render_layout(layout, bank), path)
     return {"id": name, "path": f"{job.image_dir.name}/{path.name}", "label": layout.label,
             "digits": json.dumps(layout.digits), "boxes": json.dumps(layout.boxes)}
+
+
+def generation_seconds(size: int) -> float:
+    """Roughly how long one image of ``size`` px takes to make (drawing the layout, rendering,
+    writing; 3.8 ms at 128 px on a 2-core AMD EPYC), to decide how many workers pay."""
+    return 2.2e-3 + 1e-7 * size * size
 
 
 def _check_params(out_dir: Path, params: dict) -> None:
