@@ -84,3 +84,56 @@ def test_evaluate_under_two_gloo_processes_writes_every_prediction_in_manifest_o
     ddp_report = json.loads((tmp_path / "ddp" / "evaluation.json").read_text())
     assert ddp_report["images"] == single["images"] == 5
     assert ddp_report["confusion_matrix"] == single["confusion_matrix"]
+
+
+def test_local_processes_split_each_batch_and_train_like_one_process(tmp_path):
+    single = fit(load_config(overrides=[*TINY, "train.batch_size=2", "train.processes=1", f"out={tmp_path / 'one'}"]))
+    split = fit(load_config(overrides=[*TINY, "train.batch_size=2", "train.processes=2", f"out={tmp_path / 'two'}"]))
+    assert [(r["epoch"], r["step"], r["images"]) for r in split] == [(r["epoch"], r["step"], r["images"]) for r in single]
+    for a, b in zip(split, single):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5, abs=1e-6)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5, abs=1e-6)
+    # the run's files record the config as given (a whole batch), so --resume splits it the same way
+    assert load_config(tmp_path / "two" / "config.yaml").train.batch_size == 2
+
+
+def test_a_failure_in_a_local_process_is_raised_here(tmp_path):
+    config = load_config(overrides=[*TINY, "train.batch_size=2", "train.processes=2", "train.amp=fp16",
+                                    f"out={tmp_path / 'bad'}"])
+    with pytest.raises(ValueError, match="train.amp=fp16 needs a CUDA device"):
+        fit(config)
+
+
+def test_auto_takes_one_process_per_core_for_long_runs_within_each_share_of_the_budget(monkeypatch):
+    from streamcnn.training.datasets import build_datasets
+    from streamcnn.training.distributed import init_distributed
+    from streamcnn.training.runner import LOCAL_PROCESS_MIN_STEPS, local_processes
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    epochs = f"train.epochs={LOCAL_PROCESS_MIN_STEPS // 8 + 1}"       # 8 steps an epoch
+    base = [*TINY, "train.batch_size=4", "train.accumulate=1"]
+    data, _ = build_datasets(load_config(overrides=base), init_distributed("cpu"))
+    assert local_processes(load_config(overrides=[*base, "plan.budget=8GB"]), data) == 1   # 16 steps: not worth it
+    assert local_processes(load_config(overrides=[*base, epochs, "plan.budget=8GB"]), data) == 4   # 4 cores
+    # each process is planned for its share, the waiting parent counting as one more: 3 GB holds three
+    # processes' runtime (two training), not five (3 does not divide the batch of 4); 2 GB not three
+    assert local_processes(load_config(overrides=[*base, epochs, "plan.budget=3GB"]), data) == 2
+    assert local_processes(load_config(overrides=[*base, epochs, "plan.budget=2GB"]), data) == 1
+    assert local_processes(load_config(overrides=[*base, "train.processes=2"]), data) == 2     # as told
+    with pytest.raises(ValueError, match=r"train.batch_size=4 does not split evenly between train.processes=3: "
+                                         "choose a batch size they divide, or fewer processes"):
+        local_processes(load_config(overrides=[*base, "train.processes=3"]), data)
+
+
+def test_auto_plans_each_share_then_forks_and_trains_like_one_process(tmp_path, monkeypatch):
+    import streamcnn.training.runner as runner
+
+    monkeypatch.setattr(runner, "LOCAL_PROCESS_MIN_STEPS", 1)       # the tiny run counts as long
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    base = [*TINY, "train.batch_size=2", "plan.budget=8GB"]
+    single = fit(load_config(overrides=[*base, "train.processes=1", f"out={tmp_path / 'one'}"]))
+    auto = fit(load_config(overrides=[*base, f"out={tmp_path / 'auto'}"]))     # the planner ran before the fork
+    assert "2 local processes (train.processes), one thread each, each with 1 images of every batch of 2" in \
+        (tmp_path / "auto" / "plan.txt").read_text()
+    for a, b in zip(auto, single):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5, abs=1e-6)

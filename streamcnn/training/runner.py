@@ -20,6 +20,7 @@ the same machine, reproduces the uninterrupted run's metrics and weights.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,15 +38,18 @@ from ..models import StreamingClassifier, build_model
 from ..patchgd import PatchGDClassifier, build_patchgd, check_budget
 from ..planning import enforce_budget, plan
 from ..files import atomic_write_text
+from ..units import parse_size
 from .checkpointing import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
 from .config import TrainConfig, apply_overrides
 from .datasets import build_datasets, fit_model_to_data, make_loader, unwrap_dataset
-from .distributed import DistributedContext, all_reduce_sum, broadcast_object, gather_objects, init_distributed
+from .distributed import (DistributedContext, all_reduce_sum, broadcast_object, gather_objects, init_distributed,
+                          resolve_device, run_local_processes)
 from .loop import evaluate, resolve_amp, train_one_epoch
 from .metrics import plot_confusion_matrix, plot_loss_curve, write_metrics
 from .optim import build_optimizer, build_scheduler
 
-__all__ = ["build_training_model", "apply_memory_plan", "planned_model", "fit", "RunFiles"]
+__all__ = ["build_training_model", "apply_memory_plan", "planned_model", "fit", "RunFiles", "local_processes",
+           "share_of", "LOCAL_PROCESS_MIN_STEPS"]
 
 
 @dataclass(frozen=True)
@@ -126,12 +130,14 @@ def apply_memory_plan(model: StreamingClassifier, config: TrainConfig, image_siz
 
 
 def planned_model(config: TrainConfig, image_size: tuple[int, int], device: torch.device,
-                  state: dict[str, Any] | None = None) -> tuple[StreamingClassifier, str, dict[str, Any] | None]:
+                  state: dict[str, Any] | None = None, shares: int = 1) -> tuple[StreamingClassifier, str, dict[str, Any] | None]:
     """The config's model (with ``state`` loaded), planned for ``image_size`` under the config's
-    budget, moved to ``device``, with the budget enforced on CUDA; and the plan's text and JSON."""
+    budget, moved to ``device``, with the budget enforced on CUDA; and the plan's text and JSON.
+    ``shares`` local processes split the batch and the budget (:func:`share_of`)."""
     model = build_training_model(config)
     if state is not None:
         model.load_state_dict(state)
+    config = share_of(config, shares)
     plan_text, plan_json = apply_memory_plan(model, config, image_size, device, batch=config.train.batch_size)
     model.to(device)
     fmt = preferred_memory_format(device)
@@ -142,6 +148,53 @@ def planned_model(config: TrainConfig, image_size: tuple[int, int], device: torc
     if config.plan.budget is not None and device.type == "cuda":
         enforce_budget(config.plan.budget, device, counts=config.plan.budget_counts)
     return model, plan_text, plan_json
+
+
+def share_of(config: TrainConfig, shares: int) -> TrainConfig:
+    """What one of ``shares`` local processes runs: its part of the batch, and of the budget
+    a part as large as each process's and the waiting parent's (which holds the data)."""
+    if shares == 1:
+        return config
+    overrides: list[tuple[str, Any]] = [("train.batch_size", config.train.batch_size // shares)]
+    if config.plan.budget is not None:
+        overrides.append(("plan.budget", str(parse_size(config.plan.budget) // (shares + 1))))
+    return apply_overrides(config, overrides)
+
+
+#: train.processes=auto trains on one process per core only for runs of at least this many steps.
+LOCAL_PROCESS_MIN_STEPS = 500
+
+
+def local_processes(config: TrainConfig, train_set: Dataset) -> int:
+    """How many local processes train (``train.processes``). ``auto``: one per core on a CPU
+    when the run has at least :data:`LOCAL_PROCESS_MIN_STEPS` optimizer steps, the batch
+    divides evenly, and each process's step is planned within its share of the budget; else 1."""
+    wanted = config.train.processes
+    if wanted != "auto":
+        if config.train.batch_size % int(wanted):
+            raise ValueError(f"train.batch_size={config.train.batch_size} does not split evenly between "
+                             f"train.processes={wanted}: choose a batch size they divide, or fewer processes")
+        return int(wanted)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if resolve_device(config.train.device).type != "cpu" or cores < 2:
+        return 1
+    steps = len(train_set) // (config.train.batch_size * config.train.accumulate) * config.train.epochs  # type: ignore[arg-type]
+    if min(steps, config.train.max_steps or steps) < LOCAL_PROCESS_MIN_STEPS:
+        return 1
+    fitted, image_size, _ = fit_model_to_data(apply_overrides(config, [("train.progress", False)]), train_set)
+    for processes in range(cores, 1, -1):
+        if config.train.batch_size % processes == 0 and _plans_within_share(fitted, image_size, processes):
+            return processes
+    return 1
+
+
+def _plans_within_share(config: TrainConfig, image_size: tuple[int, int], processes: int) -> bool:
+    try:
+        apply_memory_plan(build_training_model(config), share_of(config, processes), image_size,
+                          torch.device("cpu"), batch=config.train.batch_size // processes)
+    except ValueError:      # its share of the budget is too small
+        return False
+    return True
 
 
 def _is_better(row: dict[str, Any], best: dict[str, Any] | None) -> bool:
@@ -225,7 +278,20 @@ def fit(config: TrainConfig, *, resume: bool = False, train_set: Dataset | None 
     ``train_set``/``val_set`` replace the config's data (programmatic use). Every process
     of a ``torchrun`` launch calls this; only rank 0 writes files.
     """
-    context = init_distributed(config.train.device)
+    if "WORLD_SIZE" not in os.environ and config.train.processes != 1:
+        if config.out is None and not resume:
+            config = apply_overrides(config, [("out", time.strftime("runs/%Y%m%d-%H%M%S"))])
+        if train_set is None:      # once, here: the processes are handed it
+            train_set, val_set = build_datasets(config, init_distributed(config.train.device))
+        processes = local_processes(config, train_set)
+        if processes > 1:
+            return run_local_processes(processes, _fit_in_group, config, resume, train_set, val_set, processes)
+    return _fit_in_group(config, resume, train_set, val_set)
+
+
+def _fit_in_group(config: TrainConfig, resume: bool, train_set: Dataset | None, val_set: Dataset | None,
+                  shares: int = 1) -> list[dict[str, Any]]:
+    context = init_distributed(config.train.device, shares)
     try:
         return _fit(config, context, resume, train_set, val_set)
     finally:
@@ -247,8 +313,11 @@ def _fit(config: TrainConfig, context: DistributedContext, resume: bool, train_s
         train_set, val_set = build_datasets(config, context)
     config, image_size, planned_for = fit_model_to_data(config, train_set)
     seed_everything(config.train.seed)
-    model, plan_text, plan_json = planned_model(config, image_size, device)
+    model, plan_text, plan_json = planned_model(config, image_size, device, shares=context.shares)
     plan_text = f"planned for {planned_for}\n{plan_text}"
+    if context.shares > 1:
+        plan_text += (f"\n{context.shares} local processes (train.processes), one thread each, each with "
+                      f"{config.train.batch_size // context.shares} images of every batch of {config.train.batch_size}")
     if plan_json is not None:
         plan_json["planned_for"] = planned_for
 
@@ -258,7 +327,7 @@ def _fit(config: TrainConfig, context: DistributedContext, resume: bool, train_s
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_set)} training images are fewer than one optimizer step "  # type: ignore[arg-type]
                          f"(batch_size {config.train.batch_size} x accumulate {config.train.accumulate} x "
-                         f"{context.world_size} processes); lower train.accumulate or add data")
+                         f"{context.world_size // context.shares} processes); lower train.accumulate or add data")
     total_steps = steps_per_epoch * config.train.epochs
     if config.train.max_steps is not None:
         total_steps = min(total_steps, config.train.max_steps)
