@@ -14,7 +14,7 @@ def test_defaults_are_the_quick_cpu_run():
     config = load_config()
     assert config == TrainConfig()
     assert (config.data.kind, config.data.generate_variant, config.model.trunk, config.model.head) == (
-        "ultramnist", "smallest", "resnet18-ws-w16-s2", "pool")
+        "ultramnist", "smallest", "resnet18-sws-w16-s2", "pool")
     assert config.model.in_channels is None and config.model.num_classes is None   # read from the data
     assert config.plan.tile_size == "auto" and config.out is None
 

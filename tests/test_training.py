@@ -248,7 +248,7 @@ def test_schedules_per_optimizer_step():
             scheduler.step()
         return values
 
-    cosine = lrs(OptimConfig(lr=1.0, warmup_steps=2, schedule="cosine"), total=6, per_epoch=3)
+    cosine = lrs(OptimConfig(lr=1.0, warmup_steps=2, schedule="cosine", decay_fraction=1.0), total=6, per_epoch=3)
     assert cosine == pytest.approx([0.5, 1.0, 1.0, 0.5 * (1 + 0.5 ** 0.5), 0.5, 0.5 * (1 - 0.5 ** 0.5)])
     late = lrs(OptimConfig(lr=1.0, warmup_steps=2, schedule="cosine", decay_fraction=0.5), total=6, per_epoch=3)
     assert late == pytest.approx([0.5, 1.0, 1.0, 1.0, 1.0, 0.5])    # constant, then the last half decays

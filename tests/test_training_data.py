@@ -51,18 +51,18 @@ def test_default_data_is_generated_once_into_the_cache(tmp_path, monkeypatch):
 def test_the_default_run_finishes_on_its_balanced_variant(tmp_path, monkeypatch):
     """`python tools/train.py --budget 11GB` with fewer images and one epoch: the same task and model."""
     monkeypatch.setenv("STREAMCNN_CACHE", str(tmp_path / "cache"))
-    config = load_config(overrides=["plan.budget=11GB", "data.generate_count=200", "data.generate_val_count=80",
+    config = load_config(overrides=["plan.budget=11GB", "data.generate_count=400", "data.generate_val_count=80",
                                     "train.epochs=1", "train.progress=false", f"out={tmp_path / 'run'}"])
     history = fit(config)
     cached = tmp_path / "cache" / "ultramnist-128px-seed0"
     train, test = (ManifestDataset(cached / split, "manifest-smallest.csv") for split in ("train", "test"))
-    for dataset, generated in ((train, 200), (test, 80)):
+    for dataset, generated in ((train, 400), (test, 80)):
         counts = [dataset.labels.count(c) for c in range(10)]
         assert len(set(counts)) == 1 and 0 < len(dataset) < generated     # balanced subset of the images
     [row] = history
-    assert row["images"] == len(train) // 64 * 64 > 0 and row["val_accuracy"] is not None
+    assert row["images"] == len(train) // 128 * 128 > 0 and row["val_accuracy"] is not None
     saved = load_checkpoint(tmp_path / "run" / "last.pt")["config"]
-    assert saved["model"]["num_classes"] == 10 and saved["model"]["trunk"] == "resnet18-ws-w16-s2"
+    assert saved["model"]["num_classes"] == 10 and saved["model"]["trunk"] == "resnet18-sws-w16-s2"
 
 
 def test_manifest_training_then_evaluate_tool(ultramnist, tmp_path, capsys):

@@ -79,7 +79,7 @@ class ModelConfig(_Section):
     patches, ``patch_sampling`` of them updated per inner iteration, ``inner_iterations``)."""
 
     mode: Literal["stream", "downsample", "patchgd"] = "stream"
-    trunk: str = "resnet18-ws-w16-s2"
+    trunk: str = "resnet18-sws-w16-s2"
     head: str = "pool"
     trunk_kwargs: dict[str, Any] = Field(default_factory=dict)   # the trunk constructor's (torchvision, timm)
     head_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -117,13 +117,13 @@ class OptimConfig(_Section):
     """
 
     name: Literal["adamw", "adam"] = "adamw"
-    lr: float = Field(4.2e-3, gt=0)
+    lr: float = Field(6e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    schedule: Literal["cosine", "exponential", "constant"] = "constant"
-    warmup_steps: int = Field(50, ge=0)
+    schedule: Literal["cosine", "exponential", "constant"] = "cosine"
+    warmup_steps: int = Field(25, ge=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     # cosine: the share of the steps after warmup that decay (the lr is constant before them)
-    decay_fraction: float = Field(1.0, gt=0, le=1)
+    decay_fraction: float = Field(0.3, gt=0, le=1)
     gamma: float = Field(0.95, gt=0, le=1)
 
 
@@ -133,20 +133,33 @@ class LoopConfig(_Section):
     ``epochs``, ``max_steps`` (optimizer steps in total) and ``max_minutes`` (wall clock of
     this invocation, checked after each optimizer step) all end training; the epoch in
     progress is then evaluated and saved. One optimizer step averages
-    ``batch_size * accumulate * processes`` images.
+    ``batch_size * accumulate`` images times the number of torchrun processes (each takes a
+    batch); the local ``processes`` of one run split each batch between them instead, so the
+    optimisation does not depend on how many cores the machine has.
     """
 
-    epochs: int = Field(9, ge=1)
+    epochs: int = Field(8, ge=1)
     max_steps: Optional[int] = Field(None, ge=1)
     max_minutes: Optional[float] = Field(None, gt=0)
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(128, ge=1)
     accumulate: int = Field(1, ge=1)
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     seed: int = 0
     workers: int = Field(0, ge=0)
+    # local processes that split each batch (CPU data parallel, forked; ignored under torchrun). auto:
+    # one per core on a CPU when the run has at least 500 optimizer steps, the batch divides evenly and
+    # each process fits its share of the budget; else 1
+    processes: Union[Literal["auto"], int] = "auto"
     device: str = "auto"
     progress: bool = True
     checkpoint_minutes: float = Field(5.0, gt=0)  # last.pt is also written mid-epoch this often
+
+    @field_validator("processes")
+    @classmethod
+    def _positive(cls, value: Any) -> Any:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be auto or at least 1")
+        return value
 
     @field_validator("amp", mode="before")
     @classmethod
