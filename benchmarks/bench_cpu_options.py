@@ -2,13 +2,15 @@
 
     python benchmarks/bench_cpu_options.py                 # window 512 px, 3 rounds
     python benchmarks/bench_cpu_options.py --window 736 --rounds 3
-    python benchmarks/bench_cpu_options.py --workload default-run --options fp32 channels_last --steps 15 --tag default-run-avx2
+    python benchmarks/bench_cpu_options.py --workload default-run --options fp32 channels_last \
+        channels_last+keep_heap channels_last+keep_heap+sws --steps 15 --tag default-run-avx2
 
 What a streamed step repeats is one window's forward and backward through the trunk
 (``--workload resnet18-window``: ResNet-18, batch 1, 3 channels). ``--workload default-run`` is
-the step of ``python tools/train.py``'s embedded default instead: the from-scratch
-``resnet18-ws-w16-s2`` trunk and pool head, a batch of 64 one-channel 128 px images, the loss
-and an AdamW step (``--window`` is ignored). Each option runs in a fresh subprocess, the options
+the step of ``python tools/train.py``'s embedded default as it was until 2026-12-06 instead (the
+headline's full-resolution step): the from-scratch ``resnet18-ws-w16-s2`` trunk and pool head, a
+batch of 64 one-channel 128 px images, the loss and an AdamW step (``--window`` is ignored); its
+``+sws`` option is the trunk the default now trains. Each option runs in a fresh subprocess, the options
 interleaved, ``--rounds`` times; a row is the median over rounds of the median of
 ``--steps`` timed steps after one warm-up step (compilation happens in the warm-up and is
 reported apart):
@@ -20,6 +22,12 @@ reported apart):
 * ``compile``: ``torch.compile(trunk, dynamic=False)``: interior windows share one shape, so
   one compilation serves all of them (border windows add a few more).
 * ``bf16+channels_last+compile``: all three.
+* ``channels_last+keep_heap`` (and ``fp32+keep_heap``): with :func:`streamcnn.allocator.keep_freed_memory`,
+  as the trainer runs on CPU: freed blocks stay in glibc's heap for the next step. The row also
+  records the step's minor page faults.
+* ``channels_last+keep_heap+sws`` (``--workload default-run`` only): the same with the
+  ``resnet18-sws-w16-s2`` trunk, the same function with each scale and bias folded into its
+  convolution (:class:`streamcnn.scratch.ScaledStdConv2d`).
 
 Writes ``benchmarks/results/cpu_options.json`` and ``cpu_options.png`` (``cpu_options-<tag>.*`` with
 ``--tag``). An option is worth turning on by default
@@ -38,19 +46,28 @@ from common import RESULTS, environment, markdown_table, write_json  # noqa: E40
 
 from streamcnn.files import save_figure  # noqa: E402
 
-OPTIONS = ["fp32", "channels_last", "bf16", "bf16+channels_last", "compile", "bf16+channels_last+compile"]
+OPTIONS = ["fp32", "channels_last", "bf16", "bf16+channels_last", "compile", "bf16+channels_last+compile",
+           "fp32+keep_heap", "channels_last+keep_heap", "channels_last+keep_heap+sws"]
 
 
 def measure(option: str, window: int, steps: int, workload: str = "resnet18-window") -> dict:
+    import resource
+
     import torch
 
+    from streamcnn.allocator import keep_freed_memory
     from streamcnn.models import build_model, build_trunk
 
+    if "keep_heap" in option and not keep_freed_memory():
+        raise RuntimeError("keep_freed_memory() did not apply (not glibc, or STREAMCNN_TAME_MALLOC set)")
     torch.manual_seed(0)
     if workload == "default-run":
-        trunk = build_model("resnet18-ws-w16-s2", "pool", num_classes=10, in_channels=1)
+        kind = "sws" if "sws" in option else "ws"
+        trunk = build_model(f"resnet18-{kind}-w16-s2", "pool", num_classes=10, in_channels=1)
         x, labels = torch.randn(64, 1, 128, 128), torch.randint(0, 10, (64,))
     else:
+        if "sws" in option:
+            raise ValueError("the sws option is the default run's trunk: use --workload default-run")
         trunk, _ = build_trunk("resnet18")
         x, labels = torch.randn(1, 3, window, window), None
     if "channels_last" in option:
@@ -73,8 +90,11 @@ def measure(option: str, window: int, steps: int, workload: str = "resnet18-wind
         return time.perf_counter() - t0
 
     first = step()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     times = sorted(step() for _ in range(steps))
-    return {"option": option, "seconds": times[len(times) // 2], "first_step_seconds": first}
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
+    return {"option": option, "seconds": times[len(times) // 2], "first_step_seconds": first,
+            "page_faults_per_step": faults}
 
 
 def main() -> None:
@@ -111,7 +131,8 @@ def main() -> None:
         if not group:
             table.append({"option": option, "error": next(r for r in rows if r["option"] == option).get("error")})
             continue
-        med = {k: sorted(r[k] for r in group)[len(group) // 2] for k in ("seconds", "first_step_seconds", "vs_fp32")}
+        med = {k: sorted(r[k] for r in group)[len(group) // 2]
+               for k in ("seconds", "first_step_seconds", "vs_fp32", "page_faults_per_step")}
         table.append({"option": option, **med, "faster_every_round": all(r["vs_fp32"] < 1 for r in group),
                       "rounds": len(group)})
     what = (f"ResNet-18 trunk, window {args.window}^2, forward + backward" if args.workload == "resnet18-window"
@@ -119,7 +140,8 @@ def main() -> None:
     name = "cpu_options" + (f"-{args.tag}" if args.tag else "")
     print(f"\n{env['device']}, {what}\n")
     print(markdown_table(table, [("option", "option"), ("seconds", "s/step"), ("vs_fp32", "vs fp32"),
-                                 ("first_step_seconds", "first step s"), ("faster_every_round", "faster every round"),
+                                 ("first_step_seconds", "first step s"), ("page_faults_per_step", "page faults/step"),
+                                 ("faster_every_round", "faster every round"),
                                  ("error", "error")]))
     env["load_average_after"] = os.getloadavg()
     path = write_json(f"{name}.json", {"environment": env, "workload": args.workload, "window": args.window,

@@ -8,7 +8,7 @@ is a single process and every helper here is a no-op, so the loop has one code p
 :func:`run_local_processes` is the trainer's own launch on a CPU (``train.processes``): it
 spawns processes that set the same variables, one thread each, and hands them the data set
 loaded once here; they split one batch (``DistributedContext.shares``). On a 2-core CPU two
-one-thread processes step 1.2x faster than one two-thread process (docs/training.md). Spawned,
+one-thread processes train 1.05-1.07x faster than one two-thread process (docs/training.md). Spawned,
 not forked: a process that has run autograd off the CPU (the memory planner does) cannot fork
 one that runs it again.
 """
