@@ -276,7 +276,8 @@ def fit(config: TrainConfig, *, resume: bool = False, train_set: Dataset | None 
     """Train as ``config`` says; return the metrics history (one dict per epoch).
 
     ``train_set``/``val_set`` replace the config's data (programmatic use). Every process
-    of a ``torchrun`` launch calls this; only rank 0 writes files.
+    of a ``torchrun`` launch calls this; only rank 0 writes files. Outside torchrun, the data is
+    loaded here and ``train.processes`` local processes may train on it (:func:`local_processes`).
     """
     if "WORLD_SIZE" not in os.environ and config.train.processes != 1:
         if config.out is None and not resume:
