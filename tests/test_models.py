@@ -78,7 +78,7 @@ def test_trunk_kwargs_reach_the_constructor_from_a_config_and_unknown_ones_are_n
     wide = build_training_model(load_config(overrides=[*base, "model.trunk_kwargs={width_per_group: 96}"]))
     count = lambda m: sum(p.numel() for p in m.trunk.parameters())   # noqa: E731
     assert count(wide) > 1.5 * count(plain)      # torchvision ResNet(width_per_group=96): wider bottlenecks
-    with pytest.raises(ValueError, match=r"trunk 'resnet18-ws-w16-s2' does not take the arguments \['depth'\].*"
+    with pytest.raises(ValueError, match=r"trunk 'resnet18-sws-w16-s2' does not take the arguments \['depth'\].*"
                                          r"remove them from model.trunk_kwargs"):
         build_training_model(load_config(overrides=["model.in_channels=1", "model.num_classes=3",
                                                     "model.trunk_kwargs={depth: 2}"]))
