@@ -29,8 +29,9 @@ trimming itself, so each step reuses the pages the last one freed instead of fau
 zeroed ones. On the default run's step (``benchmarks/bench_cpu_options.py --workload
 default-run``) the page faults fall from about 16,000 a step to about 100, and the step takes
 0.75x the time (median of 5 interleaved rounds, 2-core AMD EPYC). The peak stays what the step
-needs; the process keeps it resident between steps (streamed tiles still trim after each tile). On CUDA nothing here applies: the caching allocator's
-settings are documented in docs/planner.md.
+needs; the process keeps it resident between steps (streamed tiles still trim after each tile).
+
+On CUDA nothing here applies: the caching allocator's settings are documented in docs/planner.md.
 """
 from __future__ import annotations
 

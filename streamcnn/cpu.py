@@ -9,7 +9,8 @@ images through a 16-channel trunk, on an AVX2 CPU without bf16): never more than
 
 - :func:`native_bf16`: whether this CPU has the instructions (without them bf16 is emulated and
   slower than fp32, so ``train.amp: auto`` stays fp32);
-- :func:`preferred_memory_format`: channels-last on the CPU, whatever the dtype; contiguous elsewhere.
+- :func:`preferred_memory_format`: channels-last on the CPU, whatever the dtype; contiguous elsewhere;
+- :func:`usable_cores`: the cores this process may run on (worker and training process counts).
 
 A model converted with ``model.to(memory_format=torch.channels_last)`` is fed channels-last
 windows by :class:`streamcnn.streaming.StreamingModule` when its ``memory_format`` says so
@@ -19,12 +20,13 @@ no result beyond float rounding.
 from __future__ import annotations
 
 import functools
+import os
 import platform
 from pathlib import Path
 
 import torch
 
-__all__ = ["native_bf16", "preferred_memory_format"]
+__all__ = ["native_bf16", "preferred_memory_format", "usable_cores"]
 
 _BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
 
@@ -51,3 +53,8 @@ def preferred_memory_format(device: torch.device) -> torch.memory_format:
     if device.type == "cpu":
         return torch.channels_last
     return torch.contiguous_format
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one, else all)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

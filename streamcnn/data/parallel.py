@@ -9,12 +9,13 @@ worker imports torch and streamcnn (seconds), so work shorter than that stays in
 """
 from __future__ import annotations
 
-import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
+
+from ..cpu import usable_cores
 
 __all__ = ["worker_count", "process_map", "START_SECONDS"]
 
@@ -37,7 +38,7 @@ def worker_count(items: int, seconds_each: float) -> int:
     main = getattr(sys.modules["__main__"], "__file__", None)
     if method == "spawn" and main is not None and not Path(main).is_file():
         return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     return max(1, min(cores, int(items * seconds_each / START_SECONDS[method])))
 
 

@@ -146,7 +146,7 @@ class LoopConfig(_Section):
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     seed: int = 0
     workers: int = Field(0, ge=0)
-    # local processes that split each batch (CPU data parallel, forked; ignored under torchrun). auto:
+    # local processes that split each batch (CPU data parallel, spawned; ignored under torchrun). auto:
     # one per core on a CPU when the run has at least 500 optimizer steps, the batch divides evenly and
     # each process fits its share of the budget; else 1
     processes: Union[Literal["auto"], int] = "auto"

@@ -25,6 +25,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from ..cpu import usable_cores
+
 __all__ = ["DistributedContext", "init_distributed", "resolve_device", "all_reduce_sum", "broadcast_object",
            "gather_objects", "run_local_processes"]
 
@@ -121,7 +123,7 @@ def run_local_processes(processes: int, fn: Callable[..., Any], *args: Any) -> A
     with socket.socket() as probe:               # a free port for the group's rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     threads = max(1, cores // processes)
     results = context.Queue()
     children = [context.Process(target=_local_process, args=(rank, processes, port, threads, results, fn, args))

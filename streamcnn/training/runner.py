@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 from ..allocator import keep_freed_memory
-from ..cpu import preferred_memory_format
+from ..cpu import preferred_memory_format, usable_cores
 from ..models import StreamingClassifier, build_model
 from ..patchgd import PatchGDClassifier, build_patchgd, check_budget
 from ..planning import enforce_budget, plan
@@ -175,7 +175,7 @@ def local_processes(config: TrainConfig, train_set: Dataset) -> int:
             raise ValueError(f"train.batch_size={config.train.batch_size} does not split evenly between "
                              f"train.processes={wanted}: choose a batch size they divide, or fewer processes")
         return int(wanted)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     if resolve_device(config.train.device).type != "cpu" or cores < 2:
         return 1
     steps = len(train_set) // (config.train.batch_size * config.train.accumulate) * config.train.epochs  # type: ignore[arg-type]
