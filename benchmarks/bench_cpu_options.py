@@ -22,12 +22,12 @@ reported apart):
 * ``compile``: ``torch.compile(trunk, dynamic=False)``: interior windows share one shape, so
   one compilation serves all of them (border windows add a few more).
 * ``bf16+channels_last+compile``: all three.
-* ``channels_last+keep_heap`` (and ``fp32+keep_heap``): with :func:`streamcnn.allocator.keep_freed_memory`,
+* ``channels_last+keep_heap`` (and ``fp32+keep_heap``): with :func:`streamcnn.utils.allocator.keep_freed_memory`,
   as the trainer runs on CPU: freed blocks stay in glibc's heap for the next step. The row also
   records the step's minor page faults.
 * ``channels_last+keep_heap+sws`` (``--workload default-run`` only): the same with the
   ``resnet18-sws-w16-s2`` trunk, the same function with each scale and bias folded into its
-  convolution (:class:`streamcnn.scratch.ScaledStdConv2d`).
+  convolution (:class:`streamcnn.models.scratch.ScaledStdConv2d`).
 
 Writes ``benchmarks/results/cpu_options.json`` and ``cpu_options.png`` (``cpu_options-<tag>.*`` with
 ``--tag``). An option is worth turning on by default
@@ -44,7 +44,7 @@ import time
 
 from common import RESULTS, environment, markdown_table, write_json  # noqa: E402
 
-from streamcnn.files import save_figure  # noqa: E402
+from streamcnn.utils.files import save_figure  # noqa: E402
 
 OPTIONS = ["fp32", "channels_last", "bf16", "bf16+channels_last", "compile", "bf16+channels_last+compile",
            "fp32+keep_heap", "channels_last+keep_heap", "channels_last+keep_heap+sws"]
@@ -55,8 +55,8 @@ def measure(option: str, window: int, steps: int, workload: str = "resnet18-wind
 
     import torch
 
-    from streamcnn.allocator import keep_freed_memory
-    from streamcnn.models import build_model, build_trunk
+    from streamcnn.utils.allocator import keep_freed_memory
+    from streamcnn.models.classifier import build_model, build_trunk
 
     if "keep_heap" in option and not keep_freed_memory():
         raise RuntimeError("keep_freed_memory() did not apply (not glibc, or STREAMCNN_TAME_MALLOC set)")

@@ -6,7 +6,7 @@ The miniature budget-aware UltraMNIST benchmark (docs/learning.md). Every arm is
 ``--max-minutes``, one subprocess per arm and seed (``--jobs`` at a time); the test split is
 evaluated after every epoch, which gives test accuracy against minutes. Each arm's training
 step is then measured in its own fresh subprocess: the CPU allocator's peak
-(:mod:`streamcnn.measurement`) and the process's peak RSS, the figure a CPU budget limits;
+(:mod:`streamcnn.planning.measurement`) and the process's peak RSS, the figure a CPU budget limits;
 each run's own peak RSS (which adds the images held in memory) is in its metrics.
 
     python benchmarks/bench_learning.py --jobs 2 --threads 1      # the headline: 3 seeds, 8 min
@@ -14,7 +14,7 @@ each run's own peak RSS (which adds the images held in memory) is in its metrics
     python benchmarks/bench_learning.py --suite trunks --seeds 0 --minutes 4 --pilot
 
 Suites: ``arms`` (full resolution streamed, downsampled 256/512/1024 of 4000 scaled, PatchGD)
-and ``trunks`` (the from-scratch trunk candidates of :mod:`streamcnn.scratch`). ``--threads 1``
+and ``trunks`` (the from-scratch trunk candidates of :mod:`streamcnn.models.scratch`). ``--threads 1``
 when other work shares the cores: two OpenMP threads on a busy 2-core machine wait at every
 op's barrier (a 131 px step: 10.8 s with 2 threads vs 0.1 s with 1, measured under load). Writes
 ``benchmarks/results/learning-<suite>-<variant>[-pilot].json`` and ``.png`` and prints the table.
@@ -84,8 +84,8 @@ def _train(config: str, overrides: list[str], data: Path, variant: str, budget: 
 
 _MEASURE = """
 import json, resource, sys, torch
-from streamcnn.measurement import measure_step_memory
-from streamcnn.step import allocate_optimizer_state, make_optimizer, training_step
+from streamcnn.planning.measurement import measure_step_memory
+from streamcnn.engine.step import allocate_optimizer_state, make_optimizer, training_step
 from streamcnn.training.config import load_config
 from streamcnn.training.loop import resolve_amp
 from streamcnn.training.runner import planned_model
@@ -148,7 +148,7 @@ def summarise(arm: str, runs: list[dict], peak: dict, budget_bytes: int, counts:
 
 
 def plot(results: dict, path: Path, title: str) -> None:
-    from streamcnn.files import save_figure
+    from streamcnn.utils.files import save_figure
     from streamcnn.training.metrics import _pyplot
 
     plt = _pyplot()
@@ -189,8 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from streamcnn.data.variants import VARIANTS
-    from streamcnn.memory import budget_counts_suffix
-    from streamcnn.units import parse_size
+    from streamcnn.planning.memory import budget_counts_suffix
+    from streamcnn.utils.units import parse_size
 
     suite = SUITES[args.suite]
     arms = args.arms or list(suite)

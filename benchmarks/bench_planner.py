@@ -7,8 +7,8 @@
 
 Each row builds a model (conv head, 1 input channel, 28 classes, AdamW), sets a plan
 (conventional, checkpoint, stream at a tile, stream+checkpoint, offload), predicts one
-training step's peak with :func:`streamcnn.memory.predict_step_memory` and measures it with
-:func:`streamcnn.measurement.measure_step_memory` (one warm-up step first). CPU: allocator peak
+training step's peak with :func:`streamcnn.planning.memory.predict_step_memory` and measures it with
+:func:`streamcnn.planning.measurement.measure_step_memory` (one warm-up step first). CPU: allocator peak
 from torch.profiler. CUDA: ``max_memory_allocated`` and ``max_memory_reserved`` of the step,
 the CUDA context from ``mem_get_info``, and the raw (un-allocated) prediction, so the CUDA
 allowances in ``streamcnn/memory.py`` can be calibrated from the JSON. On CUDA it also plans
@@ -29,12 +29,12 @@ import common
 import torch
 from common import RESULTS
 
-from streamcnn.files import save_figure
-from streamcnn.measurement import measure_step_memory
-from streamcnn.memory import CUDA_CONTEXT_BYTES, CUDA_RESERVED_OVERHEAD, CUDA_WORKSPACE_BYTES, predict_step_memory
-from streamcnn.models import build_model
-from streamcnn.planning import BudgetError, Candidate, enforce_budget, plan
-from streamcnn.units import format_size
+from streamcnn.utils.files import save_figure
+from streamcnn.planning.measurement import measure_step_memory
+from streamcnn.planning.memory import CUDA_CONTEXT_BYTES, CUDA_RESERVED_OVERHEAD, CUDA_WORKSPACE_BYTES, predict_step_memory
+from streamcnn.models.classifier import build_model
+from streamcnn.planning.search import BudgetError, Candidate, enforce_budget, plan
+from streamcnn.utils.units import format_size
 
 PLANS = {
     "conventional": dict(tile=None, checkpoint=False, offload=False),
@@ -108,7 +108,7 @@ def rss_specs(quick: bool) -> list[dict]:
     """CPU RSS rows: the batch-1 fp32 ImageNet layouts at 512/1024 px, and the trainer's own regime
     (the from-scratch trunk of configs/learning-*.yaml with its pool head, 128 px, batch 64 and 256,
     uint8 images, bf16 autocast where the CPU has native bf16)."""
-    from streamcnn.cpu import native_bf16
+    from streamcnn.utils.cpu import native_bf16
 
     base = {"head": "conv", "classes": 28, "batch": 1, "dtype": "fp32", "uint8": False}
     specs = [{**base, "model": m, "image": s, "plan": p, "tile": t} for m, s, p, t, _ in rows_for("cpu", quick)]
@@ -129,10 +129,10 @@ def rss_worker(spec: dict) -> dict:
     """In a fresh process: three training steps of the row's plan; the process's peak RSS."""
     import resource
 
-    from streamcnn.step import allocate_optimizer_state, make_optimizer, training_step
-    from streamcnn.units import resolve_dtype
+    from streamcnn.engine.step import allocate_optimizer_state, make_optimizer, training_step
+    from streamcnn.utils.units import resolve_dtype
 
-    from streamcnn.cpu import preferred_memory_format
+    from streamcnn.utils.cpu import preferred_memory_format
 
     model = _rss_model(spec)
     model.use_memory_format(preferred_memory_format(torch.device("cpu")))

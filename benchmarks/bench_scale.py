@@ -7,12 +7,12 @@
 Each image is a single-channel uint8 tiled pyramidal BigTIFF written with the project's
 writer (:func:`streamcnn.data.ultramnist.write_pyramid_tiff`) into ``--data-dir`` and read
 lazily (:func:`streamcnn.io.open_image`: only the windows a tile needs are decoded). The
-planner (:func:`streamcnn.planning.plan`, CPU, ``lazy_input=True``) chooses the plan under
+planner (:func:`streamcnn.planning.search.plan`, CPU, ``lazy_input=True``) chooses the plan under
 ``--budget`` in this process; each step then runs in a fresh subprocess: a warm-up step on
 a small in-memory image, then ONE training step (trunk + pool head, cross-entropy, AdamW:
-:func:`streamcnn.step.training_step`, the trainer's step) on the TIFF, under ``--amp``
+:func:`streamcnn.engine.step.training_step`, the trainer's step) on the TIFF, under ``--amp``
 (``auto``: what ``tools/train.py`` would use here: bf16 autocast on a CPU with native bf16,
-fp32 elsewhere; ``off``: fp32; the channels-last layout on every CPU, :mod:`streamcnn.cpu`). Recorded: peak RSS (``ru_maxrss``), its growth over the RSS before the
+fp32 elsewhere; ``off``: fp32; the channels-last layout on every CPU, :mod:`streamcnn.utils.cpu`). Recorded: peak RSS (``ru_maxrss``), its growth over the RSS before the
 step, the allocator peak of the step's tensors (a second, profiled step; only up to
 ``--profile-max`` px, as it doubles the time), seconds, megapixels per second, and the cost
 model's predicted time: the plan's relative cost x the step's conventional FLOPs x seconds
@@ -36,7 +36,7 @@ from pathlib import Path
 
 from common import RESULTS, environment, markdown_table, write_json  # noqa: E402
 
-from streamcnn.files import save_figure  # noqa: E402
+from streamcnn.utils.files import save_figure  # noqa: E402
 
 MODEL, HEAD, CLASSES = "resnet18", "pool", 2
 
@@ -74,12 +74,12 @@ def measure(path: str, size: int, tile, forward_tile, checkpoint: bool, head_che
     """One step in this (fresh) process."""
     import torch
 
-    from streamcnn.allocator import allocator_state
-    from streamcnn.cpu import preferred_memory_format
+    from streamcnn.utils.allocator import allocator_state
+    from streamcnn.utils.cpu import preferred_memory_format
     from streamcnn.io import open_image
-    from streamcnn.measurement import cpu_allocator_peak
-    from streamcnn.models import build_model
-    from streamcnn.step import make_optimizer, training_step
+    from streamcnn.planning.measurement import cpu_allocator_peak
+    from streamcnn.models.classifier import build_model
+    from streamcnn.engine.step import make_optimizer, training_step
 
     torch.manual_seed(0)
     model = build_model(MODEL, head=HEAD, num_classes=CLASSES, in_channels=1, tile_size=tile,
@@ -121,7 +121,7 @@ def run_isolated(spec: dict) -> dict:
 
 def choose(size: int, budget: str, amp: str) -> dict:
     """The planner's fastest streamed plan under the budget, for this size."""
-    from streamcnn.planning import plan
+    from streamcnn.planning.search import plan
 
     report = plan(MODEL, size, budget, in_channels=1, num_classes=CLASSES, head=HEAD, device="cpu",
                   lazy_input=True, modes=["stream", "stream+checkpoint"], dtype=amp_dtype(amp))
@@ -187,7 +187,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(measure(**json.loads(args.worker))))
         return
-    from streamcnn.units import format_size
+    from streamcnn.utils.units import format_size
 
     sizes = [256, 512] if args.quick else args.sizes
     env = environment("cpu")
@@ -220,7 +220,7 @@ def main() -> None:
 
 def report(args: argparse.Namespace, env: dict, rows: list[dict]) -> None:
     """Median over rounds, the cost model's prediction, table, JSON and PNG."""
-    from streamcnn.units import parse_size
+    from streamcnn.utils.units import parse_size
 
     # median over rounds
     merged = []

@@ -11,7 +11,7 @@ image, float32 (``--dtype bf16`` uses autocast). A row names its backward tile, 
 no-grad forward's tile (``fwd``; "whole" = one window), and whether glibc's allocator was
 left untamed (``STREAMCNN_TAME_MALLOC=0``, see streamcnn/allocator.py). ``predicted s`` is
 the cost model's time: conventional's measured time in the same round times the plan's
-relative cost (:func:`streamcnn.planning.relative_cost` on the trunk's FLOPs). Memory: on CPU the process's peak RSS (``ru_maxrss``) and its growth over
+relative cost (:func:`streamcnn.planning.search.relative_cost` on the trunk's FLOPs). Memory: on CPU the process's peak RSS (``ru_maxrss``) and its growth over
 the RSS just before the step; on CUDA ``torch.cuda.max_memory_allocated`` and
 ``max_memory_reserved`` for the step. Time: wall clock (CPU) or CUDA events, median of
 ``--repeats`` after one warm-up step. Prints a markdown table, writes
@@ -31,7 +31,7 @@ from pathlib import Path
 
 from common import RESULTS, environment, markdown_table, write_json  # noqa: E402
 
-from streamcnn.files import save_figure  # noqa: E402
+from streamcnn.utils.files import save_figure  # noqa: E402
 
 # (model, image size, tile (None = conventional), forward tile (None = the tile's), checkpoint, tame malloc)
 CPU_MATRIX = [
@@ -64,8 +64,8 @@ def trunk_relative_cost(streamed, size: int) -> float | None:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from streamcnn.flops import StepFlops
-    from streamcnn.planning import relative_cost
+    from streamcnn.planning.flops import StepFlops
+    from streamcnn.planning.search import relative_cost
 
     if streamed.tile_size is None:
         return 1.0
@@ -89,9 +89,9 @@ def measure(model: str, size: int, tile: int | None, forward_tile: int | None, c
     import torch
 
     import streamcnn
-    from streamcnn.allocator import allocator_state
-    from streamcnn.measurement import cpu_allocator_peak
-    from streamcnn.models import build_trunk
+    from streamcnn.utils.allocator import allocator_state
+    from streamcnn.planning.measurement import cpu_allocator_peak
+    from streamcnn.models.classifier import build_trunk
 
     torch.manual_seed(0)
     trunk, _ = build_trunk(model)

@@ -12,7 +12,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from streamcnn.files import atomic_write_text
+from streamcnn.utils.files import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PACKAGES = ("torch", "torchvision", "numpy", "tifffile", "imagecodecs", "zarr", "pyvips", "openslide-python",

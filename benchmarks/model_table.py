@@ -21,8 +21,8 @@ import common
 import torch
 
 import streamcnn
-from streamcnn.files import save_figure
-from streamcnn.models import build_model
+from streamcnn.utils.files import save_figure
+from streamcnn.models.classifier import build_model
 
 MODELS = (
     "resnet18", "resnet50", "torchvision:resnext50_32x4d", "torchvision:wide_resnet50_2", "torchvision:vgg16_bn",

@@ -7,7 +7,7 @@ Public API (details in README.md):
   :func:`register_rule`, :class:`Window`, :class:`UnsupportedLayerError`.
 - Models: :func:`build_model` (trunks by name, ``torchvision:<arch>``, ``timm:<arch>``),
   :class:`StreamingClassifier`, :func:`split_model` (a whole network -> trunk + head).
-  From-scratch trunks in ``streamcnn.scratch``; the PatchGD baseline in ``streamcnn.patchgd``.
+  From-scratch trunks in ``streamcnn.models.scratch``; the PatchGD baseline in ``streamcnn.models.patchgd``.
 - Memory: :func:`plan`, :class:`PlanReport`, :class:`Candidate`, :class:`BudgetError`,
   :func:`enforce_budget`, :func:`parse_size`, :func:`format_size`; :class:`Plannable` (what
   the planner needs of a model).
@@ -15,15 +15,15 @@ Public API (details in README.md):
 - Subpackages: ``streamcnn.io``, ``streamcnn.data`` (UltraMNIST, datasets),
   ``streamcnn.training`` (the trainer behind ``tools/train.py``).
 """
-from .batchnorm import FrozenBatchNorm2d, freeze_batchnorm
-from .geometry import TilePlan, TrunkGeometry, UnsupportedLayerError, Window, register_rule, tile_plan
-from .models import StreamingClassifier, build_model
-from . import scratch as _scratch  # noqa: F401,E402 - registers the from-scratch trunks (resnet18-ln, ...)
-from .plannable import Plannable
-from .split import Split, split_model
-from .planning import BudgetError, Candidate, PlanReport, enforce_budget, plan
-from .streaming import RegionSource, StreamingModule
-from .units import format_size, parse_size
+from streamcnn.engine.batchnorm import FrozenBatchNorm2d, freeze_batchnorm
+from streamcnn.engine.geometry import TilePlan, TrunkGeometry, UnsupportedLayerError, Window, register_rule, tile_plan
+from streamcnn.models.classifier import StreamingClassifier, build_model
+from streamcnn.models import scratch as _scratch  # noqa: F401,E402 - registers the from-scratch trunks (resnet18-ln, ...)
+from streamcnn.planning.plannable import Plannable
+from streamcnn.models.split import Split, split_model
+from streamcnn.planning.search import BudgetError, Candidate, PlanReport, enforce_budget, plan
+from streamcnn.engine.streaming import RegionSource, StreamingModule
+from streamcnn.utils.units import format_size, parse_size
 
 __version__ = "0.1.0"
 
@@ -56,7 +56,7 @@ __all__ = [
 
 def __getattr__(name: str):
     if name == "open_image":
-        from .io import open_image
+        from streamcnn.io import open_image
 
         return open_image
     raise AttributeError(f"module 'streamcnn' has no attribute {name!r}")

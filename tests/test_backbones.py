@@ -15,8 +15,8 @@ import torchvision
 from torchvision.models import convnext, densenet, mobilenetv2, regnet, shufflenetv2
 
 import streamcnn
-from streamcnn.backbones import torchvision_features
-from streamcnn.models import build_trunk
+from streamcnn.models.backbones import torchvision_features
+from streamcnn.models.classifier import build_trunk
 from helpers import assert_same_gradients, randomise_batchnorm
 
 EXACT = 1e-10

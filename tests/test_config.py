@@ -79,7 +79,7 @@ def test_bad_files(tmp_path):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_shipped_configs_load_and_name_real_models(path):
-    from streamcnn.models import HEADS, trunk_factory
+    from streamcnn.models.classifier import HEADS, trunk_factory
 
     config = load_config(path)
     assert callable(trunk_factory(config.model.trunk)) and config.model.head in HEADS

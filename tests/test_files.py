@@ -1,9 +1,9 @@
-"""streamcnn.files: atomic writes, and the glob that finds their temporary files."""
+"""streamcnn.utils.files: atomic writes, and the glob that finds their temporary files."""
 from __future__ import annotations
 
 import pytest
 
-from streamcnn.files import TEMPORARY_GLOB, atomic_write
+from streamcnn.utils.files import TEMPORARY_GLOB, atomic_write
 
 
 def test_temporary_names_match_the_glob_and_vanish(tmp_path):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import torchvision
 
 import streamcnn
-from streamcnn.geometry import Window
+from streamcnn.engine.geometry import Window
 from helpers import resnet_trunk
 
 

@@ -5,14 +5,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from streamcnn.flops import step_flops
-from streamcnn.measurement import measure_step_memory
-from streamcnn.memory import CUDA_BLOCK_BYTES, predict_step_memory
-from streamcnn.step import allocate_optimizer_state, make_optimizer, training_step
-from streamcnn.tracking import LiveStorageTracker
-from streamcnn.units import format_size, parse_size, resolve_dtype
-from streamcnn.models import StreamingClassifier, build_model
-from streamcnn.streaming import StreamingModule
+from streamcnn.planning.flops import step_flops
+from streamcnn.planning.measurement import measure_step_memory
+from streamcnn.planning.memory import CUDA_BLOCK_BYTES, predict_step_memory
+from streamcnn.engine.step import allocate_optimizer_state, make_optimizer, training_step
+from streamcnn.planning.tracking import LiveStorageTracker
+from streamcnn.utils.units import format_size, parse_size, resolve_dtype
+from streamcnn.models.classifier import StreamingClassifier, build_model
+from streamcnn.engine.streaming import StreamingModule
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny real CPU steps: see conftest.py

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from streamcnn.memory import predict_step_memory
-from streamcnn.models import HEADS, TRUNKS, build_model, build_trunk
+from streamcnn.planning.memory import predict_step_memory
+from streamcnn.models.classifier import HEADS, TRUNKS, build_model, build_trunk
 from helpers import relative_error
 
 

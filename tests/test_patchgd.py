@@ -1,4 +1,4 @@
-"""streamcnn.patchgd: PatchGD with the global patch trains, and its memory is predicted."""
+"""streamcnn.models.patchgd: PatchGD with the global patch trains, and its memory is predicted."""
 from __future__ import annotations
 
 import random
@@ -6,11 +6,11 @@ import random
 import pytest
 import torch
 
-from streamcnn.measurement import measure_step_memory
-from streamcnn.memory import predict_step_memory
-from streamcnn.models import build_trunk
-from streamcnn.patchgd import PatchGDClassifier
-from streamcnn.step import make_optimizer, training_step
+from streamcnn.planning.measurement import measure_step_memory
+from streamcnn.planning.memory import predict_step_memory
+from streamcnn.models.classifier import build_trunk
+from streamcnn.models.patchgd import PatchGDClassifier
+from streamcnn.engine.step import make_optimizer, training_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -144,8 +144,8 @@ def test_patchgd_over_budget_is_one_line_naming_the_knobs(tmp_path, capsys):
 
 
 def test_patchgd_budget_of_tensors_checks_the_tensor_peak():
-    from streamcnn.patchgd import check_budget
-    from streamcnn.planning import BudgetError
+    from streamcnn.models.patchgd import check_budget
+    from streamcnn.planning.search import BudgetError
 
     model = patchgd()
     estimate = predict_step_memory(model, (256, 256), batch=2, device="cpu")

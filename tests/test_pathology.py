@@ -15,9 +15,9 @@ import yaml
 from helpers import relative_error
 from slide_data import CLASSES, make_slide_folder
 from streamcnn.data import ManifestDataset
-from streamcnn.heatmaps import explain
+from streamcnn.training.heatmaps import explain
 from streamcnn.io import open_image
-from streamcnn.models import build_model
+from streamcnn.models.classifier import build_model
 from streamcnn.training import load_checkpoint
 
 SIZES = [(96, 128), (160, 112), (128, 192), (80, 80), (144, 160), (112, 144)]

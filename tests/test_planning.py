@@ -1,4 +1,4 @@
-"""streamcnn.planning and tools/plan.py: choosing, reporting, refusing, enforcing."""
+"""streamcnn.planning.search and tools/plan.py: choosing, reporting, refusing, enforcing."""
 from __future__ import annotations
 
 import json
@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from streamcnn.files import TEMPORARY_GLOB
-from streamcnn.measurement import measure_step_memory
-from streamcnn.memory import predict_step_memory
-from streamcnn.units import parse_size
-from streamcnn.models import build_model
-from streamcnn.planning import BudgetError, Candidate, candidate_tile_sizes, enforce_budget, plan
+from streamcnn.utils.files import TEMPORARY_GLOB
+from streamcnn.planning.measurement import measure_step_memory
+from streamcnn.planning.memory import predict_step_memory
+from streamcnn.utils.units import parse_size
+from streamcnn.models.classifier import build_model
+from streamcnn.planning.search import BudgetError, Candidate, candidate_tile_sizes, enforce_budget, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -135,7 +135,7 @@ def test_apply_configures_the_model_in_place():
     assert report.apply(model) is model
     assert (model.trunk.tile_size, model.trunk.checkpoint, model.trunk.output_device, model.head_checkpoint) == \
         (None, False, None, False)
-    with pytest.raises(TypeError, match="a plan configures a StreamingClassifier or another streamcnn.plannable.Plannable"):
+    with pytest.raises(TypeError, match="a plan configures a StreamingClassifier or another streamcnn.planning.plannable.Plannable"):
         report.apply(torch.nn.Linear(2, 2))
 
 
@@ -219,7 +219,7 @@ def test_plans_with_a_tensor_over_2_31_elements_are_refused_on_cuda_only():
 
 
 def test_fast_refusal_needs_no_search(monkeypatch):
-    import streamcnn.planning as planning
+    import streamcnn.planning.search as planning
 
     def no_search(*args, **kwargs):
         raise AssertionError("a budget below the lower bound must be refused before the search")
@@ -245,7 +245,7 @@ def test_forward_tiles_are_chosen_apart_and_priced():
 
 
 def test_lazy_input_counts_windows_not_the_image_and_cpu_budgets_are_rss():
-    from streamcnn.memory import CPU_HEAP_OVERHEAD, CPU_RUNTIME_BYTES
+    from streamcnn.planning.memory import CPU_HEAP_OVERHEAD, CPU_RUNTIME_BYTES
 
     model = resnet18(tile_size=128)
     held = predict_step_memory(model, 512, device="cpu")

@@ -1,8 +1,8 @@
 """The global mean + max pool: autograd's gradient, in one feature-map-sized tensor."""
 import torch
 
-from streamcnn import pooling
-from streamcnn.tracking import LiveStorageTracker
+from streamcnn.models import pooling
+from streamcnn.planning.tracking import LiveStorageTracker
 
 
 def _reference(x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""streamcnn.scratch: from-scratch trunks stream exactly, in train mode, and start as expected."""
+"""streamcnn.models.scratch: from-scratch trunks stream exactly, in train mode, and start as expected."""
 from __future__ import annotations
 
 import pytest
@@ -7,8 +7,8 @@ import torch.nn as nn
 
 from helpers import assert_same_gradients
 from streamcnn import StreamingModule, TrunkGeometry
-from streamcnn.models import TRUNKS, build_trunk
-from streamcnn.scratch import SCRATCH_KINDS, ChannelLayerNorm2d, scratch_resnet18
+from streamcnn.models.classifier import TRUNKS, build_trunk
+from streamcnn.models.scratch import SCRATCH_KINDS, ChannelLayerNorm2d, scratch_resnet18
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -83,8 +83,8 @@ def test_sws_is_ws_with_the_affine_folded_into_the_convolution():
 
 
 def test_sws_saves_less_for_backward_than_ws():
-    from streamcnn.memory import predict_step_memory
-    from streamcnn.models import build_model
+    from streamcnn.planning.memory import predict_step_memory
+    from streamcnn.models.classifier import build_model
 
     peaks = {}
     for kind in ("ws", "sws"):

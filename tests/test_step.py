@@ -1,4 +1,4 @@
-"""streamcnn.step: the one training step the trainer runs and the planner simulates; plan constraints."""
+"""streamcnn.engine.step: the one training step the trainer runs and the planner simulates; plan constraints."""
 from __future__ import annotations
 
 import json
@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from streamcnn.measurement import measure_step_memory
-from streamcnn.memory import predict_step_memory
-from streamcnn.models import TRUNKS, build_model
-from streamcnn.planning import BudgetError, plan
-from streamcnn.step import OPTIMIZERS, micro_step
+from streamcnn.planning.measurement import measure_step_memory
+from streamcnn.planning.memory import predict_step_memory
+from streamcnn.models.classifier import TRUNKS, build_model
+from streamcnn.planning.search import BudgetError, plan
+from streamcnn.engine.step import OPTIMIZERS, micro_step
 from streamcnn.training import loop
 from streamcnn.training.config import OptimConfig, TrainConfig
 from streamcnn.training.runner import apply_memory_plan
-from streamcnn.units import pixels_to_unit
+from streamcnn.utils.units import pixels_to_unit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,7 +150,7 @@ def test_tiny_cnn_plans_and_measures_quietly_from_the_cli():
 
 
 def test_amp_auto_is_bf16_only_on_cpus_with_native_bf16_and_the_cpu_runs_channels_last(monkeypatch):
-    from streamcnn import cpu
+    from streamcnn.utils import cpu
 
     cpu_device = torch.device("cpu")
     monkeypatch.setattr(loop, "native_bf16", lambda: True)

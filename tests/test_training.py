@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from streamcnn.models import build_model
+from streamcnn.models.classifier import build_model
 from streamcnn.training import (
     DownsampledDataset,
     NonFiniteLossError,
@@ -26,7 +26,7 @@ from streamcnn.training import (
     load_config,
 )
 from streamcnn.training.metrics import read_metrics
-from streamcnn.files import TEMPORARY_GLOB
+from streamcnn.utils.files import TEMPORARY_GLOB
 from streamcnn.training.synthetic import TEXTURES
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # deterministic, fast tiny CPU runs: see conftest.py
@@ -199,7 +199,7 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
 
 def test_budget_makes_the_planner_stream(tmp_path):
     """A budget below the conventional step's predicted peak: the run streams, as the planner chose."""
-    from streamcnn.planning import plan
+    from streamcnn.planning.search import plan
     from streamcnn.training import build_training_model
     from streamcnn.training.loop import resolve_amp
 

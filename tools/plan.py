@@ -20,12 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from streamcnn.measurement import measure_step_memory  # noqa: E402
-from streamcnn.memory import budgeted_bytes  # noqa: E402
-from streamcnn.models import HEADS, TRUNKS, build_model, trunk_factory  # noqa: E402
-from streamcnn.step import OPTIMIZERS  # noqa: E402
-from streamcnn.planning import BudgetError, enforce_budget, plan  # noqa: E402
-from streamcnn.units import format_size, parse_size  # noqa: E402
+from streamcnn.planning.measurement import measure_step_memory  # noqa: E402
+from streamcnn.planning.memory import budgeted_bytes  # noqa: E402
+from streamcnn.models.classifier import HEADS, TRUNKS, build_model, trunk_factory  # noqa: E402
+from streamcnn.engine.step import OPTIMIZERS  # noqa: E402
+from streamcnn.planning.search import BudgetError, enforce_budget, plan  # noqa: E402
+from streamcnn.utils.units import format_size, parse_size  # noqa: E402
 
 
 def _image_size(text: str) -> tuple[int, int]:

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as error:  # ConfigError is a ValueError
         print(f"train.py: error: {error}", file=sys.stderr)
         return 1
-    from streamcnn.planning import BudgetError
+    from streamcnn.planning.search import BudgetError
     from streamcnn.training import NonFiniteLossError, TrainConfig, fit
 
     try:

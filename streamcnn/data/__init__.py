@@ -7,13 +7,13 @@
 - Slides (docs/pathology.md): :func:`read_slide_table`, :func:`inspect_slides`, :class:`SlideView`,
   :func:`otsu_threshold`, :func:`generate_demo_slides`.
 """
-from .dataset import ManifestDataset, collate_images
-from .demo_slides import generate_demo_slides
-from .slides import SlideView, inspect_slides
-from .table import read_slide_table
-from .tissue import otsu_threshold
-from .digits import DigitBank, load_digit_bank
-from .ultramnist import generate_ultramnist, layout_statistics, render_layout, sample_layout
+from streamcnn.data.dataset import ManifestDataset, collate_images
+from streamcnn.data.demo_slides import generate_demo_slides
+from streamcnn.data.slides import SlideView, inspect_slides
+from streamcnn.data.table import read_slide_table
+from streamcnn.data.tissue import otsu_threshold
+from streamcnn.data.digits import DigitBank, load_digit_bank
+from streamcnn.data.ultramnist import generate_ultramnist, layout_statistics, render_layout, sample_layout
 
 __all__ = [
     "ManifestDataset",

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..io import ImageReader, open_image
-from .parallel import worker_count
-from .slides import KeptPixels, SlideView, inspect_slides
-from .table import read_slide_table
+from streamcnn.io import ImageReader, open_image
+from streamcnn.data.parallel import worker_count
+from streamcnn.data.slides import KeptPixels, SlideView, inspect_slides
+from streamcnn.data.table import read_slide_table
 
 __all__ = ["IN_MEMORY_LIMIT", "ManifestDataset", "collate_images"]
 

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..files import atomic_write, atomic_write_text
+from streamcnn.utils.files import atomic_write, atomic_write_text
 
 __all__ = ["CLASSES", "slide_pixels", "write_slide", "generate_demo_slides"]
 

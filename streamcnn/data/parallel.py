@@ -15,7 +15,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
-from ..cpu import usable_cores
+from streamcnn.utils.cpu import usable_cores
 
 __all__ = ["worker_count", "process_map", "START_SECONDS"]
 

@@ -29,10 +29,10 @@ import imagecodecs
 import numpy as np
 import torch
 
-from ..io import ImageReader, open_image
-from ..io.reader import shrink_to
-from .parallel import process_map
-from .tissue import tissue_box, tissue_mask
+from streamcnn.io import ImageReader, open_image
+from streamcnn.io.reader import shrink_to
+from streamcnn.data.parallel import process_map
+from streamcnn.data.tissue import tissue_box, tissue_mask
 
 __all__ = ["SlideEntry", "SlideView", "KeptPixels", "choose_level", "inspect_slides", "BadFiles", "THUMBNAIL_SIZE"]
 

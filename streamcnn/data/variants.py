@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from ..files import atomic_write_text
+from streamcnn.utils.files import atomic_write_text
 
 __all__ = ["VARIANTS", "write_variant_manifest"]
 

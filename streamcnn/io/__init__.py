@@ -8,10 +8,10 @@
 - ``slide`` (:class:`SlideReader`): OpenSlide / tiffslide, for vendor slide formats.
 - ``vips`` (:class:`VipsReader`): libvips, for everything else (PNG, JPEG, ...).
 """
-from .open import BACKENDS, open_image
-from .reader import ImageReader
-from .slide import SlideReader
-from .tiff import TiffReader
-from .vips import VipsReader
+from streamcnn.io.open import BACKENDS, open_image
+from streamcnn.io.reader import ImageReader
+from streamcnn.io.slide import SlideReader
+from streamcnn.io.tiff import TiffReader
+from streamcnn.io.vips import VipsReader
 
 __all__ = ["open_image", "ImageReader", "TiffReader", "VipsReader", "SlideReader", "BACKENDS"]

@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .reader import ImageReader
-from .slide import SlideReader, slide_vendor
-from .tiff import TiffReader
-from .vips import VipsReader
+from streamcnn.io.reader import ImageReader
+from streamcnn.io.slide import SlideReader, slide_vendor
+from streamcnn.io.tiff import TiffReader
+from streamcnn.io.vips import VipsReader
 
 __all__ = ["open_image", "BACKENDS"]
 

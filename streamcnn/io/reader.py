@@ -89,7 +89,7 @@ class ImageReader(ABC):
     @property
     def mpp(self) -> list[float | None]:
         """Microns per pixel of each level (None for every level when the file does not say)."""
-        from .resolution import level_mpps
+        from streamcnn.io.resolution import level_mpps
 
         return level_mpps(self._mpp(self._file()), self.level_shapes)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .reader import ImageReader
+from streamcnn.io.reader import ImageReader
 
 __all__ = ["SlideReader", "slide_vendor"]
 
@@ -73,7 +73,7 @@ class SlideReader(ImageReader):
         return np.ascontiguousarray(np.moveaxis(array, -1, 0))
 
     def _mpp(self, handle) -> float | None:
-        from .resolution import properties_mpp
+        from streamcnn.io.resolution import properties_mpp
 
         return properties_mpp(handle.properties)
 

@@ -14,7 +14,7 @@ import numpy as np
 import tifffile
 import zarr
 
-from .reader import ImageReader
+from streamcnn.io.reader import ImageReader
 
 __all__ = ["TiffReader"]
 
@@ -159,7 +159,7 @@ class TiffReader(ImageReader):
         return shapes, np.dtype(series.dtype)
 
     def _mpp(self, handle: _Handle) -> float | None:
-        from .resolution import tiff_mpp
+        from streamcnn.io.resolution import tiff_mpp
 
         return tiff_mpp(handle.tif)
 

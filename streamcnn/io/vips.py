@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .reader import ImageReader
+from streamcnn.io.reader import ImageReader
 
 __all__ = ["VipsReader"]
 

@@ -7,13 +7,13 @@
 - :class:`SyntheticTextures`: a tiny task where full resolution matters (tests, smoke runs).
 - :class:`DownsampledDataset`: the downsampling baseline's input.
 """
-from .baselines import DownsampledDataset, downsample_image
-from .checkpointing import load_checkpoint, save_checkpoint
-from .config import ConfigError, TrainConfig, apply_overrides, load_config
-from .evaluation import evaluate_checkpoint
-from .loop import NonFiniteLossError, evaluate, train_one_epoch
-from .runner import apply_memory_plan, build_training_model, fit
-from .synthetic import SyntheticTextures
+from streamcnn.training.baselines import DownsampledDataset, downsample_image
+from streamcnn.training.checkpointing import load_checkpoint, save_checkpoint
+from streamcnn.training.config import ConfigError, TrainConfig, apply_overrides, load_config
+from streamcnn.training.evaluation import evaluate_checkpoint
+from streamcnn.training.loop import NonFiniteLossError, evaluate, train_one_epoch
+from streamcnn.training.runner import apply_memory_plan, build_training_model, fit
+from streamcnn.training.synthetic import SyntheticTextures
 
 __all__ = [
     "TrainConfig",

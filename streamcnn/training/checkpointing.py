@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..files import atomic_write
+from streamcnn.utils.files import atomic_write
 
 __all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "seed_everything"]
 

@@ -75,7 +75,7 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     """The network: ``stream`` (full resolution, streamed trunk), the ``downsample``
     baseline (the image is read at ``input_size`` px and the same trunk runs conventionally),
-    or ``patchgd`` (PatchGD with a global patch, :mod:`streamcnn.patchgd`: ``patch_size`` px
+    or ``patchgd`` (PatchGD with a global patch, :mod:`streamcnn.models.patchgd`: ``patch_size`` px
     patches, ``patch_sampling`` of them updated per inner iteration, ``inner_iterations``)."""
 
     mode: Literal["stream", "downsample", "patchgd"] = "stream"
@@ -100,7 +100,7 @@ class PlanConfig(_Section):
 
     budget: Optional[str] = None
     #: what the budget limits: "process" (peak RSS on CPU; reserved memory + CUDA context on CUDA)
-    #: or "tensors" (the allocator's tensor peak; streamcnn.memory.BUDGET_COUNTS)
+    #: or "tensors" (the allocator's tensor peak; streamcnn.planning.memory.BUDGET_COUNTS)
     budget_counts: Literal["process", "tensors"] = "process"
     tile_size: Union[int, Literal["auto"], None] = "auto"
     checkpoint: Union[bool, Literal["auto"]] = "auto"

@@ -20,10 +20,10 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from .baselines import DownsampledDataset, downsampled_shape
-from .config import TrainConfig
-from .distributed import DistributedContext
-from .synthetic import SyntheticTextures
+from streamcnn.training.baselines import DownsampledDataset, downsampled_shape
+from streamcnn.training.config import TrainConfig
+from streamcnn.training.distributed import DistributedContext
+from streamcnn.training.synthetic import SyntheticTextures
 
 __all__ = ["default_cache_dir", "build_datasets", "model_input", "make_loader", "ShardedBatchSampler", "image_size_of",
            "slide_options", "fit_model_to_data", "plan_size", "unwrap_dataset"]
@@ -34,10 +34,10 @@ def default_cache_dir() -> Path:
 
 
 def _ultramnist(config: TrainConfig, context: DistributedContext) -> tuple[Dataset, Dataset | None]:
-    from ..data import ManifestDataset, generate_ultramnist
-    from ..data.parallel import worker_count
-    from ..data.ultramnist import NUM_CLASSES, generation_seconds
-    from ..data.variants import VARIANTS, write_variant_manifest
+    from streamcnn.data import ManifestDataset, generate_ultramnist
+    from streamcnn.data.parallel import worker_count
+    from streamcnn.data.ultramnist import NUM_CLASSES, generation_seconds
+    from streamcnn.data.variants import VARIANTS, write_variant_manifest
 
     data = config.data
     variant = data.generate_variant
@@ -68,7 +68,7 @@ def _ultramnist(config: TrainConfig, context: DistributedContext) -> tuple[Datas
 
 
 def _manifest(config: TrainConfig) -> tuple[Dataset, Dataset | None]:
-    from ..data import ManifestDataset
+    from streamcnn.data import ManifestDataset
 
     data = config.data
     if data.root is None:
@@ -196,7 +196,7 @@ class ShardedBatchSampler(Sampler[list[int]]):
 
 def make_loader(dataset: Dataset, config: TrainConfig, context: DistributedContext, *, train: bool) -> DataLoader:
     """This process's batches of ``dataset``: shuffled global batches for training, a shard for evaluation."""
-    from ..data import collate_images
+    from streamcnn.data import collate_images
 
     sampler = ShardedBatchSampler(len(dataset), config.train.batch_size // context.shares, context.rank,  # type: ignore[arg-type]
                                   context.world_size, shuffle=train, seed=config.train.seed)
@@ -250,7 +250,7 @@ def fit_model_to_data(config: TrainConfig, train: Dataset) -> tuple[TrainConfig,
                                         ("model.num_classes", m.num_classes or needed)]
     if classes and config.data.classes is None:
         overrides.append(("data.classes", list(classes)))
-    from .config import apply_overrides
+    from streamcnn.training.config import apply_overrides
 
     config = apply_overrides(config, overrides)
     return (config, *plan_size(train, config, first))

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from ..cpu import usable_cores
+from streamcnn.utils.cpu import usable_cores
 
 __all__ = ["DistributedContext", "init_distributed", "resolve_device", "all_reduce_sum", "broadcast_object",
            "gather_objects", "run_local_processes"]

@@ -15,15 +15,15 @@ from typing import Any
 
 import torch
 
-from ..files import atomic_write_text
-from .checkpointing import load_checkpoint
-from .config import TrainConfig, apply_overrides
-from .datasets import make_loader, model_input, plan_size
-from .distributed import gather_objects, init_distributed
-from .loop import evaluate, resolve_amp
-from .metrics import plot_confusion_matrix
-from .prediction import open_data, write_predictions
-from .runner import planned_model
+from streamcnn.utils.files import atomic_write_text
+from streamcnn.training.checkpointing import load_checkpoint
+from streamcnn.training.config import TrainConfig, apply_overrides
+from streamcnn.training.datasets import make_loader, model_input, plan_size
+from streamcnn.training.distributed import gather_objects, init_distributed
+from streamcnn.training.loop import evaluate, resolve_amp
+from streamcnn.training.metrics import plot_confusion_matrix
+from streamcnn.training.prediction import open_data, write_predictions
+from streamcnn.training.runner import planned_model
 
 __all__ = ["evaluate_checkpoint"]
 

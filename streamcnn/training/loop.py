@@ -1,9 +1,9 @@
 """One training epoch and one evaluation pass, for one process or many (DDP).
 
 The loop is deliberately ordinary (torchvision's ``references/classification`` style):
-each micro-batch is :func:`streamcnn.step.micro_step` (autocast, loss on float logits,
+each micro-batch is :func:`streamcnn.engine.step.micro_step` (autocast, loss on float logits,
 ``GradScaler``-scaled backward divided by the accumulation: the step the memory planner
-simulates), ``accumulate`` of them per :func:`streamcnn.step.optimizer_step` (DDP
+simulates), ``accumulate`` of them per :func:`streamcnn.engine.step.optimizer_step` (DDP
 synchronises only on the last), one scheduler step per optimizer step. Streaming is invisible here:
 the model's trunk decides how it runs.
 
@@ -25,11 +25,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from ..cpu import native_bf16
-from ..step import micro_step, model_input, optimizer_step
-from ..units import resolve_dtype
-from .distributed import DistributedContext, all_reduce_sum, gather_objects
-from .metrics import confusion_matrix, peak_memory_bytes, reset_peak_memory
+from streamcnn.utils.cpu import native_bf16
+from streamcnn.engine.step import micro_step, model_input, optimizer_step
+from streamcnn.utils.units import resolve_dtype
+from streamcnn.training.distributed import DistributedContext, all_reduce_sum, gather_objects
+from streamcnn.training.metrics import confusion_matrix, peak_memory_bytes, reset_peak_memory
 
 __all__ = ["NonFiniteLossError", "resolve_amp", "EpochResult", "EvalResult", "train_one_epoch",
            "evaluate"]
@@ -41,7 +41,7 @@ class NonFiniteLossError(FloatingPointError):
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``amp`` (auto|bf16|fp16|off): ``auto`` is bf16 on GPUs that have it
-    and on CPUs with native bf16 instructions (:func:`streamcnn.cpu.native_bf16`), else off."""
+    and on CPUs with native bf16 instructions (:func:`streamcnn.utils.cpu.native_bf16`), else off."""
     if amp == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else None

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..files import atomic_write_text, save_figure
+from streamcnn.utils.files import atomic_write_text, save_figure
 
 __all__ = ["write_metrics", "read_metrics", "confusion_matrix", "plot_loss_curve", "plot_confusion_matrix",
            "peak_memory_bytes", "reset_peak_memory"]

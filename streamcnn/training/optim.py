@@ -13,14 +13,14 @@ import math
 import torch
 import torch.nn as nn
 
-from ..step import make_optimizer
-from .config import OptimConfig
+from streamcnn.engine.step import make_optimizer
+from streamcnn.training.config import OptimConfig
 
 __all__ = ["build_optimizer", "build_scheduler"]
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
-    """The config's optimizer (:func:`streamcnn.step.make_optimizer`) over the trainable parameters."""
+    """The config's optimizer (:func:`streamcnn.engine.step.make_optimizer`) over the trainable parameters."""
     return make_optimizer(config.name, model, lr=config.lr, weight_decay=config.weight_decay)
 
 

@@ -7,7 +7,7 @@ without grad (the streamed forward keeps nothing for a backward). It writes
 ``predictions.csv`` (one row per image: path, predicted class name, a probability per
 class, and the label when the table has one) and, with ``heatmaps``, per slide a
 Grad-CAM and an exact input-gradient saliency map as pyramidal TIFFs aligned with the
-slide and PNG overlays on its thumbnail (:mod:`streamcnn.heatmaps`).
+slide and PNG overlays on its thumbnail (:mod:`streamcnn.training.heatmaps`).
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from typing import Any, Sequence
 
 import torch
 
-from ..files import atomic_write_text
-from .checkpointing import load_checkpoint
-from .config import TrainConfig, apply_overrides
+from streamcnn.utils.files import atomic_write_text
+from streamcnn.training.checkpointing import load_checkpoint
+from streamcnn.training.config import TrainConfig, apply_overrides
 
 __all__ = ["load_trained", "write_predictions", "predict_checkpoint", "open_data"]
 
@@ -35,8 +35,8 @@ def load_trained(checkpoint: str | Path, overrides: Sequence[tuple[str, Any]] = 
 def open_data(data: str | Path, config: TrainConfig, *, require_labels: bool, on_error: str | None = None):
     """The images of ``data`` (a folder with manifest.csv, a CSV, or a folder of images) read
     as the run was trained (level/mpp, tissue, class names), checked against the model."""
-    from ..data import ManifestDataset
-    from .datasets import slide_options
+    from streamcnn.data import ManifestDataset
+    from streamcnn.training.datasets import slide_options
 
     data = Path(data)
     root, table = (data.parent, data.name) if data.is_file() else (data, "manifest.csv")
@@ -71,8 +71,8 @@ def write_predictions(path: str | Path, paths: Sequence[Path], logits: torch.Ten
 
 
 def _slide_heatmaps(model, image, entry, out: Path, class_names: Sequence[str]) -> dict[str, str]:
-    from ..heatmaps import explain, saliency, to_uint8, write_heatmap_tiff, write_overlay_png
-    from ..io import open_image
+    from streamcnn.training.heatmaps import explain, saliency, to_uint8, write_heatmap_tiff, write_overlay_png
+    from streamcnn.io import open_image
 
     result = explain(model, image, scratch=out)
     stem = entry.path.name.split(".")[0]
@@ -94,7 +94,7 @@ def _slide_heatmaps(model, image, entry, out: Path, class_names: Sequence[str]) 
 
 
 def _thumb(heatmap, size: int):
-    from ..io.reader import shrink_to
+    from streamcnn.io.reader import shrink_to
 
     return shrink_to(heatmap[None], size)[0]
 
@@ -105,11 +105,11 @@ def predict_checkpoint(checkpoint: str | Path, data: str | Path, out: str | Path
     """Predict every image of ``data``; write ``out/predictions.csv`` (and heatmaps). Returns a summary."""
     from tqdm.auto import tqdm
 
-    from .datasets import model_input
-    from .distributed import init_distributed
-    from ..step import model_input as to_model_input
-    from .datasets import plan_size
-    from .runner import planned_model
+    from streamcnn.training.datasets import model_input
+    from streamcnn.training.distributed import init_distributed
+    from streamcnn.engine.step import model_input as to_model_input
+    from streamcnn.training.datasets import plan_size
+    from streamcnn.training.runner import planned_model
 
     overrides: list[tuple[str, Any]] = [("train.device", device), ("train.progress", progress)]
     if budget is not None:

@@ -32,21 +32,21 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
-from ..allocator import keep_freed_memory
-from ..cpu import preferred_memory_format, usable_cores
-from ..models import StreamingClassifier, build_model
-from ..patchgd import PatchGDClassifier, build_patchgd, check_budget
-from ..planning import enforce_budget, plan
-from ..files import atomic_write_text
-from ..units import parse_size
-from .checkpointing import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
-from .config import TrainConfig, apply_overrides
-from .datasets import build_datasets, fit_model_to_data, make_loader, unwrap_dataset
-from .distributed import (DistributedContext, all_reduce_sum, broadcast_object, gather_objects, init_distributed,
+from streamcnn.utils.allocator import keep_freed_memory
+from streamcnn.utils.cpu import preferred_memory_format, usable_cores
+from streamcnn.models.classifier import StreamingClassifier, build_model
+from streamcnn.models.patchgd import PatchGDClassifier, build_patchgd, check_budget
+from streamcnn.planning.search import enforce_budget, plan
+from streamcnn.utils.files import atomic_write_text
+from streamcnn.utils.units import parse_size
+from streamcnn.training.checkpointing import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
+from streamcnn.training.config import TrainConfig, apply_overrides
+from streamcnn.training.datasets import build_datasets, fit_model_to_data, make_loader, unwrap_dataset
+from streamcnn.training.distributed import (DistributedContext, all_reduce_sum, broadcast_object, gather_objects, init_distributed,
                           resolve_device, run_local_processes)
-from .loop import evaluate, resolve_amp, train_one_epoch
-from .metrics import plot_confusion_matrix, plot_loss_curve, write_metrics
-from .optim import build_optimizer, build_scheduler
+from streamcnn.training.loop import evaluate, resolve_amp, train_one_epoch
+from streamcnn.training.metrics import plot_confusion_matrix, plot_loss_curve, write_metrics
+from streamcnn.training.optim import build_optimizer, build_scheduler
 
 __all__ = ["build_training_model", "apply_memory_plan", "planned_model", "fit", "RunFiles", "local_processes",
            "share_of", "LOCAL_PROCESS_MIN_STEPS"]
@@ -93,9 +93,9 @@ def apply_memory_plan(model: StreamingClassifier, config: TrainConfig, image_siz
     """Set how the model runs (tile, checkpointing, feature-map device).
 
     Returns a description for people and the planner's JSON report (None without a budget).
-    With a ``plan.budget`` the planner (:func:`streamcnn.planning.plan`) chooses the fastest
+    With a ``plan.budget`` the planner (:func:`streamcnn.planning.search.plan`) chooses the fastest
     plan predicted to fit the config's step (micro-batch ``batch``, ``train.accumulate``,
-    amp, optimizer) and raises :class:`streamcnn.planning.BudgetError` (naming the smallest
+    amp, optimizer) and raises :class:`streamcnn.planning.search.BudgetError` (naming the smallest
     budget that would fit) when nothing does; the choices the config fixes (not ``auto``)
     are constraints of that search, so the prediction holds for what runs. Without a
     budget the model runs as the config says (conventional unless it fixes a tile).

@@ -9,7 +9,7 @@ factor: a downsampling baseline is at chance, and only a model that sees full re
 can learn the task. Training on it while streaming (tile smaller than the image) is the
 test that the streamed loop really learns.
 
-``tiny-cnn`` (in :data:`streamcnn.models.TRUNKS`) is a 4-layer stride-8 trunk
+``tiny-cnn`` (in :data:`streamcnn.models.classifier.TRUNKS`) is a 4-layer stride-8 trunk
 that learns the task in a few hundred CPU steps; its receptive field is small, so
 streaming it uses tiles much smaller than the image with little overlap.
 """

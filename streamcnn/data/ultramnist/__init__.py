@@ -11,12 +11,12 @@ canvas holding 3 to 5 real MNIST digits whose SUM (0..27) is the label. One modu
 - :mod:`.preview`: :func:`write_preview`, a contact sheet.
 - :mod:`.stats`: :func:`layout_statistics`, without pixels.
 """
-from .generate import MANIFEST_COLUMNS, generate_ultramnist, generation_seconds
-from .layout import MIN_DIGIT_PX, NUM_CLASSES, REFERENCE_SIZE, Layout, class_multisets, digit_side, sample_layout
-from .preview import write_preview
-from .render import render_layout
-from .stats import layout_statistics
-from .write import write_pyramid_tiff
+from streamcnn.data.ultramnist.generate import MANIFEST_COLUMNS, generate_ultramnist, generation_seconds
+from streamcnn.data.ultramnist.layout import MIN_DIGIT_PX, NUM_CLASSES, REFERENCE_SIZE, Layout, class_multisets, digit_side, sample_layout
+from streamcnn.data.ultramnist.preview import write_preview
+from streamcnn.data.ultramnist.render import render_layout
+from streamcnn.data.ultramnist.stats import layout_statistics
+from streamcnn.data.ultramnist.write import write_pyramid_tiff
 
 __all__ = [
     "generation_seconds",

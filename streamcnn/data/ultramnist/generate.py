@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from ...files import TEMPORARY_GLOB, atomic_write_text
-from ..digits import SPLITS, DigitBank, load_digit_bank
-from ..parallel import process_map
-from . import write
-from .layout import REFERENCE_SIZE, sample_layout
-from .preview import write_preview
-from .render import render_layout
+from streamcnn.utils.files import TEMPORARY_GLOB, atomic_write_text
+from streamcnn.data.digits import SPLITS, DigitBank, load_digit_bank
+from streamcnn.data.parallel import process_map
+from streamcnn.data.ultramnist import write
+from streamcnn.data.ultramnist.layout import REFERENCE_SIZE, sample_layout
+from streamcnn.data.ultramnist.preview import write_preview
+from streamcnn.data.ultramnist.render import render_layout
 
 __all__ = ["generate_ultramnist", "generation_seconds", "MANIFEST_COLUMNS"]
 

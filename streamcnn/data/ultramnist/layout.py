@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..digits import SPLITS
+from streamcnn.data.digits import SPLITS
 
 __all__ = ["Layout", "sample_layout", "class_multisets", "digit_side", "REFERENCE_SIZE", "NUM_CLASSES",
            "MIN_DIGIT_PX"]

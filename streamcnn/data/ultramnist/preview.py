@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from ...files import save_figure
+from streamcnn.utils.files import save_figure
 
 __all__ = ["write_preview"]
 
@@ -18,7 +18,7 @@ def write_preview(root: Path, rows: Sequence[dict], path: str | Path, thumb: int
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    from ...io import open_image
+    from streamcnn.io import open_image
 
     cols = min(4, len(rows))
     grid_rows = math.ceil(len(rows) / cols)

@@ -15,9 +15,9 @@ import math
 
 import numpy as np
 
-from ..digits import DigitBank
-from ..tissue import otsu_threshold as _otsu_threshold
-from .layout import Layout
+from streamcnn.data.digits import DigitBank
+from streamcnn.data.tissue import otsu_threshold as _otsu_threshold
+from streamcnn.data.ultramnist.layout import Layout
 
 __all__ = ["render_layout"]
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..digits import load_digit_bank
-from .layout import NUM_CLASSES, REFERENCE_SIZE, sample_layout
+from streamcnn.data.digits import load_digit_bank
+from streamcnn.data.ultramnist.layout import NUM_CLASSES, REFERENCE_SIZE, sample_layout
 
 __all__ = ["layout_statistics"]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...files import atomic_write
+from streamcnn.utils.files import atomic_write
 
 __all__ = ["write_pyramid_tiff", "TILE_SIZE"]
 

@@ -3,7 +3,7 @@
 :class:`Plannable` is the protocol: a ``trunk`` (:class:`StreamingModule`: its geometry
 gives the tile plans, its FLOPs the cost), a ``head`` that runs on the feature map, and
 :meth:`Plannable.configure_plan` to set a plan's knobs.
-:class:`~streamcnn.models.StreamingClassifier` is one. :func:`model_copy` makes a copy
+:class:`~streamcnn.models.classifier.StreamingClassifier` is one. :func:`model_copy` makes a copy
 with converted parameters (meta, fake or real tensors) without copying the real weights.
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Callable, Protocol, Sequence, runtime_checkable
 import torch
 import torch.nn as nn
 
-from .streaming import StreamingModule
-from .units import pair
+from streamcnn.engine.streaming import StreamingModule
+from streamcnn.utils.units import pair
 
 __all__ = ["Plannable", "meta_copy"]
 

@@ -2,17 +2,17 @@
 
 :func:`predict_step_memory` runs the model's real code on *fake* tensors
 (``torch._subclasses.FakeTensorMode``: shapes and dtypes only, no data) under a
-:class:`~streamcnn.tracking.LiveStorageTracker`, which counts every storage an op creates
+:class:`~streamcnn.planning.tracking.LiveStorageTracker`, which counts every storage an op creates
 once and forgets it when Python frees it. Fake "cpu" tensors stand for the compute device
 and fake "meta" tensors for host memory, so the input image, offloaded feature maps and
 every host-to-device copy are simulated by the same code paths a real run takes. On CUDA
 the live bytes are rounded like the caching allocator rounds them and the allowances below
 are added; on CPU the process's resident memory is predicted (:data:`CPU_RUNTIME_BYTES` +
 the live peak x (1 + :data:`CPU_HEAP_OVERHEAD`), with glibc tamed by
-:mod:`streamcnn.allocator`). Host bytes (the image unless it is read lazily, an offloaded
+:mod:`streamcnn.utils.allocator`). Host bytes (the image unless it is read lazily, an offloaded
 feature map and its gradient) are counted beside device bytes. The step itself is
-:mod:`streamcnn.step`'s; measuring it for real is
-:mod:`streamcnn.measurement`'s.
+:mod:`streamcnn.engine.step`'s; measuring it for real is
+:mod:`streamcnn.planning.measurement`'s.
 """
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ import torch
 import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .plannable import input_shape, model_copy, streaming_modules
-from .step import allocate_optimizer_state, make_optimizer, training_step
-from .tracking import LiveStorageTracker
-from .units import resolve_dtype
+from streamcnn.planning.plannable import input_shape, model_copy, streaming_modules
+from streamcnn.engine.step import allocate_optimizer_state, make_optimizer, training_step
+from streamcnn.planning.tracking import LiveStorageTracker
+from streamcnn.utils.units import resolve_dtype
 
 __all__ = [
     "MemoryEstimate",
@@ -114,7 +114,7 @@ class MemoryEstimate:
 #: What a budget may count: ``"process"``, all the memory the process takes (peak RSS on
 #: CPU; reserved memory and the CUDA context on CUDA), or ``"tensors"``, the allocator's
 #: tensor peak alone (``torch.cuda.max_memory_allocated`` on CUDA; the CPU allocator's peak,
-#: :mod:`streamcnn.measurement`, on CPU), which leaves out the runtime a budget cannot move.
+#: :mod:`streamcnn.planning.measurement`, on CPU), which leaves out the runtime a budget cannot move.
 BUDGET_COUNTS = ("process", "tensors")
 
 
@@ -153,7 +153,7 @@ def predict_step_memory(model: nn.Module, image_size: int | Sequence[int], *, ba
                         full_plan: bool = False, lazy_input: bool = False) -> MemoryEstimate:
     """Predict the peak device memory of one training step of ``model`` as configured.
 
-    The step is :func:`streamcnn.step.training_step` with ``batch`` images per micro-batch:
+    The step is :func:`streamcnn.engine.step.training_step` with ``batch`` images per micro-batch:
     with ``accumulate`` > 1 two micro-batches are simulated, the second with the first's
     gradients live (later ones are alike). ``model`` is not touched (it may live on any
     device, or on meta); it is copied onto fake tensors. The images come from host memory

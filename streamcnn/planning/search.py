@@ -3,10 +3,10 @@
 :func:`plan` lists the candidate ways to run one training step (conventional, whole-image
 activation checkpointing, streaming at each stride-aligned tile size, streaming with
 checkpointing inside the tile, and on CUDA each streamed plan with the feature map kept in
-host memory), prices each by FLOPs (:func:`streamcnn.flops.step_flops` times the
+host memory), prices each by FLOPs (:func:`streamcnn.planning.flops.step_flops` times the
 recomputation and the tile overlap), predicts the peak memory of the cheapest ones with
-:func:`streamcnn.memory.predict_step_memory` until one fits, and returns a
-:class:`~streamcnn.plan_report.PlanReport`: a table a person can read, JSON, a plot, and
+:func:`streamcnn.planning.memory.predict_step_memory` until one fits, and returns a
+:class:`~streamcnn.planning.report.PlanReport`: a table a person can read, JSON, a plot, and
 ``apply(model)``.
 Plans more expensive than the chosen one are not simulated unless ``exhaustive=True``.
 
@@ -37,15 +37,15 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .flops import StepFlops, step_flops
-from .geometry import tile_plan
-from .memory import (CPU_RUNTIME_BYTES, CUDA_CONTEXT_BYTES, CUDA_RESERVED_OVERHEAD, budget_counts_suffix,
+from streamcnn.planning.flops import StepFlops, step_flops
+from streamcnn.engine.geometry import tile_plan
+from streamcnn.planning.memory import (CPU_RUNTIME_BYTES, CUDA_CONTEXT_BYTES, CUDA_RESERVED_OVERHEAD, budget_counts_suffix,
                      budgeted_bytes, check_budget_counts, predict_step_memory)
-from .models import build_model
-from .plan_report import MODES, Candidate, PlanReport
-from .plannable import Plannable, input_shape, meta_copy
-from .streaming import StreamingModule
-from .units import format_size, pair, parse_size, resolve_dtype
+from streamcnn.models.classifier import build_model
+from streamcnn.planning.report import MODES, Candidate, PlanReport
+from streamcnn.planning.plannable import Plannable, input_shape, meta_copy
+from streamcnn.engine.streaming import StreamingModule
+from streamcnn.utils.units import format_size, pair, parse_size, resolve_dtype
 
 __all__ = ["Candidate", "PlanReport", "BudgetError", "plan", "enforce_budget", "candidate_tile_sizes",
            "relative_cost"]
@@ -106,9 +106,9 @@ def _template(model: nn.Module | str, in_channels: int, num_classes: int | None,
         with torch.device("meta"):
             return build_model(model, head=head, num_classes=num_classes, in_channels=in_channels), model
     if not isinstance(model, Plannable) or not isinstance(model.trunk, StreamingModule):
-        raise TypeError(f"plan() needs a model name or a streamcnn.plannable.Plannable (.trunk a StreamingModule, "
+        raise TypeError(f"plan() needs a model name or a streamcnn.planning.plannable.Plannable (.trunk a StreamingModule, "
                         f".head, .configure_plan), got {type(model).__name__}; build one with "
-                        "streamcnn.models.build_model")
+                        "streamcnn.models.classifier.build_model")
     return meta_copy(model), _describe(model)
 
 
@@ -237,15 +237,15 @@ def plan(model: nn.Module | str, image_size: int | Sequence[int], budget: int | 
          counts: str = "process") -> PlanReport:
     """Choose the fastest plan whose predicted training-step peak fits ``budget``.
 
-    ``model``: a :class:`~streamcnn.plannable.Plannable` such as a
-    :class:`~streamcnn.models.StreamingClassifier` (not modified; see
-    :meth:`PlanReport.apply`) or a trunk name for :func:`~streamcnn.models.build_model`
+    ``model``: a :class:`~streamcnn.planning.plannable.Plannable` such as a
+    :class:`~streamcnn.models.classifier.StreamingClassifier` (not modified; see
+    :meth:`PlanReport.apply`) or a trunk name for :func:`~streamcnn.models.classifier.build_model`
     (with ``in_channels``, ``num_classes``, ``head``). ``budget``: bytes or a size such as
     ``"11GB"`` (10^9) / ``"11GiB"`` (2^30); with ``counts="process"`` (the default) it covers
     everything the process takes from the card on CUDA (allocator reserved memory and the CUDA
     context) and the process's resident memory on CPU; with ``counts="tensors"`` only the
     allocator's tensor peak (``torch.cuda.max_memory_allocated`` on CUDA, the CPU allocator's
-    peak on CPU: memory the plan moves, without the runtime it cannot). The step is :func:`streamcnn.step.training_step`: ``accumulate``
+    peak on CPU: memory the plan moves, without the runtime it cannot). The step is :func:`streamcnn.engine.step.training_step`: ``accumulate``
     micro-batches of ``batch`` images, ``dtype`` fp32 (None), bf16 or fp16 autocast,
     ``optimizer`` with ``weight_decay``. ``tile_size`` (an int, or None for no streaming),
     ``checkpoint``, ``head_checkpoint`` and ``offload``: "auto" lets the planner choose; any
@@ -353,7 +353,7 @@ def plan(model: nn.Module | str, image_size: int | Sequence[int], budget: int | 
 
 def _estimate_forward(c: Candidate, device_type: str, counts: str) -> int:
     """What the budget is compared with, for the live peak of the forward pass alone."""
-    from .memory import _estimate
+    from streamcnn.planning.memory import _estimate
 
     return budgeted_bytes(_estimate(device_type, c.estimate.forward_bytes, c.estimate.base_bytes), counts)
 

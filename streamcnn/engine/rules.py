@@ -1,6 +1,6 @@
 """Layer rules: how each operation of a trunk depends on space, or why it cannot stream.
 
-This module owns the registry the geometry consults (:mod:`streamcnn.geometry` walks
+This module owns the registry the geometry consults (:mod:`streamcnn.engine.geometry` walks
 the graph; this says what each node does). Every rule answers for one ``torch.fx``
 node: the :class:`Window` along height and width, and the tensor layout it produces;
 or it refuses with a :class:`Refusal` that says why the op is not local *and the fix
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torchvision.models.shufflenetv2 import channel_shuffle as _tv_channel_shuffle
 from torchvision.ops import StochasticDepth
 
-from .units import pair as _pair
+from streamcnn.utils.units import pair as _pair
 
 __all__ = ["Window", "POINTWISE", "Refusal", "UnsupportedLayerError", "register_rule", "conv_windows", "node_rule",
            "is_leaf", "leaf_functions", "NCHW"]

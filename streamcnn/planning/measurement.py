@@ -15,11 +15,11 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from .memory import MemoryEstimate
-from .plannable import input_shape, model_copy
-from .step import allocate_optimizer_state, make_optimizer, training_step
-from .tracking import LiveStorageTracker
-from .units import resolve_dtype
+from streamcnn.planning.memory import MemoryEstimate
+from streamcnn.planning.plannable import input_shape, model_copy
+from streamcnn.engine.step import allocate_optimizer_state, make_optimizer, training_step
+from streamcnn.planning.tracking import LiveStorageTracker
+from streamcnn.utils.units import resolve_dtype
 
 __all__ = ["cpu_allocator_peak", "measure_step_memory"]
 
@@ -55,7 +55,7 @@ def measure_step_memory(model: nn.Module, image_size: int | Sequence[int], *, ba
                         dtype: str | torch.dtype | None = None, device: str | torch.device = "cuda",
                         optimizer: str = "adamw", weight_decay: float = 0.0, accumulate: int = 1,
                         images: torch.Tensor | None = None, warmup: bool = True) -> MemoryEstimate:
-    """Run a real :func:`streamcnn.step.training_step` of a copy of ``model`` on ``device``
+    """Run a real :func:`streamcnn.engine.step.training_step` of a copy of ``model`` on ``device``
     (``accumulate`` micro-batches of ``batch`` images, then the optimizer) and return its peak.
 
     The optimizer state is allocated first, and with ``warmup`` one unmeasured step runs

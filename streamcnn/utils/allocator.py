@@ -18,7 +18,7 @@ This module owns the remedy and nothing else. ``STREAMCNN_TAME_MALLOC`` chooses 
   block goes back to the system when freed; every allocation is then page-faulted afresh.
 * ``0``: glibc as it is.
 
-Both are applied the first time a :class:`~streamcnn.streaming.StreamingModule` streams a
+Both are applied the first time a :class:`~streamcnn.engine.streaming.StreamingModule` streams a
 tile on CPU, and only with glibc. Their time and memory are measured by
 ``benchmarks/bench_streaming.py``.
 

@@ -17,8 +17,8 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from .geometry import analyse, trace
-from .rules import UnsupportedLayerError
+from streamcnn.engine.geometry import analyse, trace
+from streamcnn.engine.rules import UnsupportedLayerError
 
 __all__ = ["Split", "split_model"]
 
@@ -52,7 +52,7 @@ def _copy(graph: torch.fx.Graph, node: torch.fx.Node, env: dict[torch.fx.Node, t
 def split_model(model: nn.Module) -> Split:
     """Cut ``model`` into ``(trunk, head)``: the longest local prefix, and the rest.
 
-    Raises :class:`~streamcnn.geometry.UnsupportedLayerError` when the first refusal is
+    Raises :class:`~streamcnn.engine.geometry.UnsupportedLayerError` when the first refusal is
     fixable (e.g. ``call streamcnn.freeze_batchnorm(model)``) or nothing before it is local.
     """
     root, graph = trace(model)

@@ -1,7 +1,7 @@
 """Where a trained model looks: class-activation maps and exact input-gradient saliency.
 
 :func:`explain` runs one image (a tensor, a reader or a slide view) through a
-:class:`~streamcnn.models.StreamingClassifier` and returns its logits and two maps for a
+:class:`~streamcnn.models.classifier.StreamingClassifier` and returns its logits and two maps for a
 class:
 
 - ``cam``: Grad-CAM on the trunk's feature map, ``relu(sum_k mean(dlogit/dF_k) * F_k)``,
@@ -30,10 +30,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .files import atomic_write, save_figure
-from .geometry import tile_plan
-from .models import StreamingClassifier
-from .streaming import _region, _windows_for
+from streamcnn.utils.files import atomic_write, save_figure
+from streamcnn.engine.geometry import tile_plan
+from streamcnn.models.classifier import StreamingClassifier
+from streamcnn.engine.streaming import _region, _windows_for
 
 __all__ = ["Explanation", "explain", "saliency", "to_uint8", "write_heatmap_tiff", "write_overlay_png"]
 

@@ -2,7 +2,7 @@
 
 Two timm-style registries (``TRUNKS``, ``HEADS``) and one factory, :func:`build_model`,
 which returns a :class:`StreamingClassifier`: a trunk wrapped in a
-:class:`~streamcnn.streaming.StreamingModule` (conventional, checkpointed or streamed,
+:class:`~streamcnn.engine.streaming.StreamingModule` (conventional, checkpointed or streamed,
 as a memory plan decides) followed by a head that runs conventionally on the feature
 map. Trunk BatchNorm is always frozen (eval mode, affine trainable) so that every plan
 computes the same function; without pretrained weights the last BatchNorm of each
@@ -10,8 +10,8 @@ residual block starts at zero (``zero_init_residual``), so each block starts as 
 identity and the un-normalised trunk still trains.
 
 Trunk names: the short names in ``TRUNKS`` (``resnet18`` ...) and ``torchvision:<arch>`` /
-``timm:<arch>`` (:mod:`streamcnn.backbones`). No weights are downloaded: pass ``weights=``
-a local file (:mod:`streamcnn.weights`).
+``timm:<arch>`` (:mod:`streamcnn.models.backbones`). No weights are downloaded: pass ``weights=``
+a local file (:mod:`streamcnn.models.weights`).
 """
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from .backbones import SOURCES, torchvision_trunk
-from .batchnorm import freeze_batchnorm
-from .pooling import global_mean_max
-from .streaming import StreamingModule
+from streamcnn.models.backbones import SOURCES, torchvision_trunk
+from streamcnn.engine.batchnorm import freeze_batchnorm
+from streamcnn.models.pooling import global_mean_max
+from streamcnn.engine.streaming import StreamingModule
 
 __all__ = ["TRUNKS", "HEADS", "register_trunk", "register_head", "trunk_factory", "build_trunk", "build_head",
            "StreamingClassifier", "build_model"]
@@ -99,7 +99,7 @@ def conv_head(channels: int, num_classes: int, width: int = 256, depth: int = 4,
 
 
 class _GlobalPool(nn.Module):
-    """Mean and max over positions (:func:`streamcnn.pooling.global_mean_max`: its backward
+    """Mean and max over positions (:func:`streamcnn.models.pooling.global_mean_max`: its backward
     makes one feature-map-sized gradient, not three)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,7 +108,7 @@ class _GlobalPool(nn.Module):
 
 def trunk_factory(name: str) -> TrunkFactory:
     """The factory behind a trunk name: a short name in ``TRUNKS`` or ``<source>:<arch>``
-    (``torchvision:convnext_tiny``, ``timm:resnet50d``; see :data:`streamcnn.backbones.SOURCES`)."""
+    (``torchvision:convnext_tiny``, ``timm:resnet50d``; see :data:`streamcnn.models.backbones.SOURCES`)."""
     source, sep, arch = name.partition(":")
     if sep and source in SOURCES and arch:
         return partial(SOURCES[source], arch)
@@ -176,7 +176,7 @@ class StreamingClassifier(nn.Module):
 
     def configure_plan(self, *, tile_size: int | None, checkpoint: bool, head_checkpoint: bool,
                        output_device: torch.device | str | None, forward_tile_size: int | None = None) -> None:
-        """Set the knobs a memory plan chooses (:class:`streamcnn.plannable.Plannable`)."""
+        """Set the knobs a memory plan chooses (:class:`streamcnn.planning.plannable.Plannable`)."""
         self.trunk.tile_size = tile_size
         self.trunk.forward_tile_size = forward_tile_size
         self.trunk.checkpoint = checkpoint
@@ -185,7 +185,7 @@ class StreamingClassifier(nn.Module):
 
     def use_memory_format(self, memory_format: torch.memory_format) -> "StreamingClassifier":
         """Convert every parameter to ``memory_format`` and have the trunk read its windows in it
-        (``torch.channels_last``: see :func:`streamcnn.cpu.preferred_memory_format`)."""
+        (``torch.channels_last``: see :func:`streamcnn.utils.cpu.preferred_memory_format`)."""
         self.to(memory_format=memory_format)
         self.trunk.memory_format = memory_format
         return self

@@ -1,11 +1,11 @@
 """Trunks from torchvision and timm by name, and the local weights files they load.
 
 ``torchvision:<arch>`` and ``timm:<arch>`` resolve through :data:`SOURCES` (one factory
-per ecosystem, no if/else chains); :func:`streamcnn.models.build_trunk` also keeps its
+per ecosystem, no if/else chains); :func:`streamcnn.models.classifier.build_trunk` also keeps its
 short names (``resnet18`` ...). Each factory builds the classification network without
 downloading anything, loads ``weights`` from a local file if given, adapts the first
 convolution to ``in_channels``, switches stochastic depth off (a random per-call mask
-cannot be shared by tiles and recomputation, see :mod:`streamcnn.rules`) and returns the
+cannot be shared by tiles and recomputation, see :mod:`streamcnn.engine.rules`) and returns the
 layers before global pooling with their output channels:
 
 * torchvision: ``model.features`` where the model has one (VGG, DenseNet, MobileNet,
@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from .weights import adapt_in_channels, load_weights
+from streamcnn.models.weights import adapt_in_channels, load_weights
 
 __all__ = ["SOURCES", "register_source", "torchvision_trunk", "timm_trunk", "torchvision_features",
            "TimmFeatures", "disable_stochastic_depth"]

@@ -19,8 +19,8 @@ for Vision Systems", section III-A):
 
 Evaluation (and a plain ``forward``) fills ``Z`` from every patch and classifies it.
 :meth:`PatchGDClassifier.micro_step` is the model's own micro-step: the trainer runs it and
-the memory prediction (:func:`streamcnn.memory.predict_step_memory`) simulates it, through
-:func:`streamcnn.step.training_step`, so the budget binds PatchGD like every other arm.
+the memory prediction (:func:`streamcnn.planning.memory.predict_step_memory`) simulates it, through
+:func:`streamcnn.engine.step.training_step`, so the budget binds PatchGD like every other arm.
 
 Decisions where the papers are silent: the same patch positions are sampled for every image
 of a micro-batch; the patch features are averaged over the backbone's feature map; ``f2`` is
@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .units import pixels_to_unit
+from streamcnn.utils.units import pixels_to_unit
 
 __all__ = ["PatchGDClassifier", "build_patchgd", "check_budget"]
 
@@ -105,7 +105,7 @@ class PatchGDClassifier(nn.Module):
         if isinstance(images, torch.Tensor):
             small = F.interpolate(pixels_to_unit(images, reference.dtype), size=(p, p), mode="area")
         else:  # the reader's pyramid level nearest above p, averaged down (as the downsampling baseline reads)
-            from .training.baselines import downsample_image
+            from streamcnn.training.baselines import downsample_image
 
             small = torch.stack([downsample_image(image, p) for image in images])
         return small.to(reference.device, reference.dtype)
@@ -142,7 +142,7 @@ class PatchGDClassifier(nn.Module):
     def forward(self, images: Any) -> torch.Tensor:
         """Logits of every image, from all its patches (evaluation, or training under ``no_grad``)."""
         if self.training and torch.is_grad_enabled():
-            raise RuntimeError("PatchGD trains through its own micro_step (streamcnn.step.micro_step takes it); a "
+            raise RuntimeError("PatchGD trains through its own micro_step (streamcnn.engine.step.micro_step takes it); a "
                                "plain forward with gradients would train the global patch only. Wrappers that call "
                                "forward, such as DistributedDataParallel, are not supported: train on one process")
         _, size = self._size(images)
@@ -157,7 +157,7 @@ class PatchGDClassifier(nn.Module):
 
         Each backward adds ``loss / (accumulate * inner_iterations)`` to the gradients, so one
         micro-step weighs as much as a conventional one. Returns the mean loss over the inner
-        iterations and the last iteration's logits, detached (as :func:`streamcnn.step.micro_step`).
+        iterations and the last iteration's logits, detached (as :func:`streamcnn.engine.step.micro_step`).
         """
         n, size = self._size(images)
         grid = self.grid(size)
@@ -187,8 +187,8 @@ class PatchGDClassifier(nn.Module):
 def build_patchgd(trunk: str, num_classes: int, in_channels: int, *, patch_size: int, sampling: float = 0.25,
                   inner_iterations: int = 3, head_depth: int = 2, dropout: float = 0.0, global_patch: bool = True,
                   weights: str | None = None, trunk_kwargs: dict | None = None) -> PatchGDClassifier:
-    """PatchGD over a named trunk of the registry (:func:`streamcnn.models.build_trunk`, with ``trunk_kwargs``)."""
-    from .models import build_trunk
+    """PatchGD over a named trunk of the registry (:func:`streamcnn.models.classifier.build_trunk`, with ``trunk_kwargs``)."""
+    from streamcnn.models.classifier import build_trunk
 
     backbone, channels = build_trunk(trunk, in_channels, weights, **(trunk_kwargs or {}))
     return PatchGDClassifier(backbone, channels, num_classes, patch_size=patch_size, sampling=sampling,
@@ -200,13 +200,13 @@ def check_budget(model: PatchGDClassifier, image_size: Sequence[int], budget: st
                  accumulate: int = 1, dtype: torch.dtype | None = None, device: str = "cpu",
                  optimizer: str = "adamw", weight_decay: float = 0.0,
                  counts: str = "process") -> tuple[str, dict[str, Any]]:
-    """Predict a PatchGD step's peak (:func:`streamcnn.memory.predict_step_memory`) and check the
-    part of it that ``counts`` (:data:`streamcnn.memory.BUDGET_COUNTS`) against ``budget``; returns a description and a JSON report, or raises
-    :class:`streamcnn.planning.BudgetError`. PatchGD has no plan to choose: its memory is set by
+    """Predict a PatchGD step's peak (:func:`streamcnn.planning.memory.predict_step_memory`) and check the
+    part of it that ``counts`` (:data:`streamcnn.planning.memory.BUDGET_COUNTS`) against ``budget``; returns a description and a JSON report, or raises
+    :class:`streamcnn.planning.search.BudgetError`. PatchGD has no plan to choose: its memory is set by
     the patch size, the sampling rate and the batch, which the config fixes."""
-    from .memory import budget_counts_suffix, budgeted_bytes, predict_step_memory
-    from .planning import BudgetError
-    from .units import format_size, parse_size
+    from streamcnn.planning.memory import budget_counts_suffix, budgeted_bytes, predict_step_memory
+    from streamcnn.planning.search import BudgetError
+    from streamcnn.utils.units import format_size, parse_size
 
     limit = parse_size(budget)
     estimate = predict_step_memory(model, image_size, batch=batch, dtype=dtype, device=device, optimizer=optimizer,

@@ -4,7 +4,7 @@
 :class:`PlanReport` holds them all and renders them for people (``str``: a table;
 :meth:`PlanReport.plot`: a PNG of peak and cost against tile size) and programs
 (:meth:`PlanReport.to_json`), and sets the chosen plan on a model (:meth:`PlanReport.apply`).
-The search that fills them in is :mod:`streamcnn.planning`'s.
+The search that fills them in is :mod:`streamcnn.planning.search`'s.
 """
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from .files import save_figure
-from .flops import StepFlops
-from .memory import CUDA_CONTEXT_BYTES, MemoryEstimate, budget_counts_suffix
-from .plannable import Plannable
-from .units import format_size
+from streamcnn.utils.files import save_figure
+from streamcnn.planning.flops import StepFlops
+from streamcnn.planning.memory import CUDA_CONTEXT_BYTES, MemoryEstimate, budget_counts_suffix
+from streamcnn.planning.plannable import Plannable
+from streamcnn.utils.units import format_size
 
 __all__ = ["Candidate", "PlanReport"]
 
@@ -77,11 +77,11 @@ class Candidate:
         return " (forward: whole image)" if self.forward_whole else f" (forward {self.forward_tile_size} px)"
 
     def configure(self, model: nn.Module) -> None:
-        """Set ``model``'s plan knobs (a :class:`~streamcnn.plannable.Plannable`)."""
+        """Set ``model``'s plan knobs (a :class:`~streamcnn.planning.plannable.Plannable`)."""
         if not isinstance(model, Plannable):
-            raise TypeError(f"a plan configures a StreamingClassifier or another streamcnn.plannable.Plannable "
+            raise TypeError(f"a plan configures a StreamingClassifier or another streamcnn.planning.plannable.Plannable "
                             f"(.trunk, .head, .configure_plan), got {type(model).__name__}; build one with "
-                            "streamcnn.models.build_model")
+                            "streamcnn.models.classifier.build_model")
         model.configure_plan(tile_size=self.tile_size, checkpoint=self.checkpoint,
                              head_checkpoint=self.head_checkpoint, output_device="cpu" if self.offload else None,
                              forward_tile_size=self.forward_tile_size)
@@ -111,7 +111,7 @@ class PlanReport:
     measured: MemoryEstimate | None = None
     accumulate: int = 1
     fixed: dict = field(default_factory=dict)   # knobs the caller fixed (constraints), by name
-    counts: str = "process"                     # what the budget limits: streamcnn.memory.BUDGET_COUNTS
+    counts: str = "process"                     # what the budget limits: streamcnn.planning.memory.BUDGET_COUNTS
 
     @property
     def headroom_bytes(self) -> int:

@@ -13,8 +13,8 @@ images through a 16-channel trunk, on an AVX2 CPU without bf16): never more than
 - :func:`usable_cores`: the cores this process may run on (worker and training process counts).
 
 A model converted with ``model.to(memory_format=torch.channels_last)`` is fed channels-last
-windows by :class:`streamcnn.streaming.StreamingModule` when its ``memory_format`` says so
-(:meth:`streamcnn.models.StreamingClassifier.use_memory_format` sets both); the layout changes
+windows by :class:`streamcnn.engine.streaming.StreamingModule` when its ``memory_format`` says so
+(:meth:`streamcnn.models.classifier.StreamingClassifier.use_memory_format` sets both); the layout changes
 no result beyond float rounding.
 """
 from __future__ import annotations

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .units import pixels_to_unit
+from streamcnn.utils.units import pixels_to_unit
 
 __all__ = ["OPTIMIZERS", "make_optimizer", "micro_step", "optimizer_step", "training_step"]
 
@@ -74,7 +74,7 @@ def micro_step(model: nn.Module, images: Any, labels: torch.Tensor, *, device_ty
 
     The backward adds ``loss / accumulate`` (times the scaler's scale) to each ``.grad``.
     A model with its own ``micro_step`` method (PatchGD's inner iterations,
-    :mod:`streamcnn.patchgd`) takes that instead, with the same arguments and result.
+    :mod:`streamcnn.models.patchgd`) takes that instead, with the same arguments and result.
     """
     own = getattr(model, "micro_step", None)
     if own is not None:

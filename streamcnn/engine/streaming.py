@@ -1,7 +1,7 @@
 """Exact tiled streaming of a CNN trunk, integrated with autograd.
 
 :class:`StreamingModule` wraps a trunk of local layers. Its forward pass partitions
-the feature map into disjoint tiles (see :func:`streamcnn.geometry.tile_plan`), runs
+the feature map into disjoint tiles (see :func:`streamcnn.engine.geometry.tile_plan`), runs
 the trunk without grad on each tile's input window and writes the tile's region into
 the feature map. Nothing else is kept.
 
@@ -23,7 +23,7 @@ Under autocast the feature map (and therefore its gradient) is stored in the aut
 dtype: half the bytes of a float32 one, which matters for gigapixel images whose
 feature map lives in host memory.
 
-On CPU, glibc's heap would keep freed tile-sized blocks (see :mod:`streamcnn.allocator`);
+On CPU, glibc's heap would keep freed tile-sized blocks (see :mod:`streamcnn.utils.allocator`);
 the engine returns them to the system after each tile, so the process's memory follows
 its tensors.
 
@@ -47,9 +47,9 @@ import torch.nn as nn
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from . import allocator
-from .geometry import Tile, TilePlan, TrunkGeometry, UnsupportedLayerError, tile_plan
-from .units import pixels_to_unit
+from streamcnn.utils import allocator
+from streamcnn.engine.geometry import Tile, TilePlan, TrunkGeometry, UnsupportedLayerError, tile_plan
+from streamcnn.utils.units import pixels_to_unit
 
 __all__ = ["RegionSource", "StreamingModule"]
 
@@ -231,7 +231,7 @@ class StreamingModule(nn.Module):
     """Run ``module`` over an image tile by tile, with exactly the full-image gradients.
 
     Args:
-        module: a trunk of local layers (see :class:`streamcnn.geometry.TrunkGeometry`).
+        module: a trunk of local layers (see :class:`streamcnn.engine.geometry.TrunkGeometry`).
         tile_size: side (int or (h, w)) of the disjoint image area each tile computes, in
             image pixels; rounded down to the trunk's stride. Each tile also reads a halo of
             receptive field around it. Larger tiles: fewer, less overlapping tiles (faster),
@@ -247,7 +247,7 @@ class StreamingModule(nn.Module):
             the same memory.
         memory_format: the layout windows are given to ``module`` in; ``torch.channels_last``
             for a module converted with ``.to(memory_format=torch.channels_last)`` (faster under
-            bf16 autocast on CPUs with native bf16, see :mod:`streamcnn.cpu`).
+            bf16 autocast on CPUs with native bf16, see :mod:`streamcnn.utils.cpu`).
         output_device: where the feature map lives (e.g. ``"cpu"`` for gigapixel images:
             pinned host memory); default: the compute device.
         progress: show a tqdm bar over tiles.

@@ -35,9 +35,9 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 from torchvision.models.resnet import BasicBlock, conv1x1
 
-from .geometry import register_rule
-from .rules import conv_windows
-from .models import register_trunk
+from streamcnn.engine.geometry import register_rule
+from streamcnn.engine.rules import conv_windows
+from streamcnn.models.classifier import register_trunk
 
 __all__ = ["ChannelLayerNorm2d", "ChannelAffine", "ScaledStdConv2d", "scratch_resnet18", "SCRATCH_KINDS"]
 

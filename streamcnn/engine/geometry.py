@@ -14,7 +14,7 @@ arithmetic, never by experiment:
 Anything that is not local (global pooling, Linear over space, attention, normalisation
 over space or batch, train-mode dropout, ops the analysis does not know) is refused
 with an :class:`UnsupportedLayerError` naming the module path, the reason and the fix.
-The rules themselves live in :mod:`streamcnn.rules`; new local layers can be taught
+The rules themselves live in :mod:`streamcnn.engine.rules`; new local layers can be taught
 with :func:`register_rule` (a registry, no if/else chains).
 
 :func:`tile_plan` partitions the feature map into disjoint rectangles and returns
@@ -32,11 +32,11 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from .rules import (NCHW, POINTWISE, Refusal, UnsupportedLayerError, Window, is_leaf, leaf_functions, node_rule,
+from streamcnn.engine.rules import (NCHW, POINTWISE, Refusal, UnsupportedLayerError, Window, is_leaf, leaf_functions, node_rule,
                     register_rule, within_squeeze_excitation)
-from .rules import HEAD, SE_FIX
+from streamcnn.engine.rules import HEAD, SE_FIX
 
-from .units import pair as _pair
+from streamcnn.utils.units import pair as _pair
 
 __all__ = [
     "UnsupportedLayerError",

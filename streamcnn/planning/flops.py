@@ -13,7 +13,7 @@ import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from .plannable import input_shape, model_copy
+from streamcnn.planning.plannable import input_shape, model_copy
 
 __all__ = ["StepFlops", "step_flops"]
 

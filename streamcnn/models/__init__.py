@@ -1,0 +1,15 @@
+"""Models: trunk and head registries, the streamed classifier, and the baselines' strategies.
+
+- :mod:`streamcnn.models.classifier`: :data:`TRUNKS`, :data:`HEADS`, :func:`build_model`,
+  :class:`StreamingClassifier`.
+- :mod:`streamcnn.models.backbones`, :mod:`streamcnn.models.weights`: torchvision/timm trunks and
+  local weight files.
+- :mod:`streamcnn.models.scratch`: from-scratch trunks (ws, sws, ln, ...).
+- :mod:`streamcnn.models.split`: a whole network cut into trunk + head.
+- :mod:`streamcnn.models.pooling`: global mean + max pooling with a lean backward.
+- :mod:`streamcnn.models.patchgd`: the PatchGD baseline.
+"""
+from streamcnn.models.classifier import HEADS, TRUNKS, StreamingClassifier, build_model, register_head, register_trunk
+from streamcnn.models import scratch as _scratch  # noqa: F401 - registers the from-scratch trunks
+
+__all__ = ["TRUNKS", "HEADS", "register_trunk", "register_head", "StreamingClassifier", "build_model"]
