@@ -5,10 +5,10 @@ import itertools
 import pickle
 
 import pytest
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
 import streamcnn
 from streamcnn.engine.geometry import Window
@@ -108,8 +108,8 @@ class Wrapper(nn.Module):
                        r"positions\. Fix: normalise per pixel over channels"),
     (nn.Dropout(0.5), r"features\.1 \(Dropout\): dropout in training mode.*Fix: put dropout in the head"),
     (nn.Dropout2d(0.2), r"features\.1 \(Dropout2d\): dropout in training mode.*Fix: put dropout in the head"),
-    (torchvision.ops.StochasticDepth(0.2, "row"), r"features\.1 \(StochasticDepth\): stochastic depth.*"
-                                                  r"Fix: build the model with drop_path_rate=0"),
+    (timm.layers.DropBlock2d(0.2), r"features\.1 \(DropBlock2d\): DropBlock \(p=0\.2\) in training mode .*"
+                                   r"Fix: build the model with drop_block_rate=0"),
     (nn.AdaptiveAvgPool2d(1), r"features\.1 \(AdaptiveAvgPool2d\): adaptive/global pooling.*Fix: move it into the head"),
     (nn.Linear(32, 4), r"features\.1 \(Linear\): Linear layers mix all positions along the last dimension, which "
                        r"here is width\. Fix: move it into the head"),

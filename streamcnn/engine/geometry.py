@@ -32,10 +32,9 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from streamcnn.engine.rules import (NCHW, POINTWISE, Refusal, UnsupportedLayerError, Window, is_leaf, leaf_functions, node_rule,
-                    register_rule, within_squeeze_excitation)
-from streamcnn.engine.rules import HEAD, SE_FIX
-
+from streamcnn.engine.node_rules import node_rule, within_squeeze_excitation
+from streamcnn.engine.rules import (HEAD, NCHW, POINTWISE, SE_FIX, Refusal, UnsupportedLayerError, Window, is_leaf,
+                                    leaf_functions, register_rule)
 from streamcnn.utils.units import pair as _pair
 
 __all__ = [
