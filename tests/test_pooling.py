@@ -1,7 +1,7 @@
 """The global mean + max pool: autograd's gradient, in one feature-map-sized tensor."""
 import torch
 
-from streamcnn.models import pooling
+from streamcnn.engine import pooling
 from streamcnn.planning.tracking import LiveStorageTracker
 
 

@@ -33,131 +33,35 @@ accumulates each ``.grad`` exactly once per step; DistributedDataParallel's hook
 therefore fire once per parameter, as they do for an ordinary module.
 
 Autocast state is captured in forward and restored in backward (as
-``torch.utils.checkpoint`` does), so the recomputation matches the forward.
+``torch.utils.checkpoint`` does), so the recomputation matches the forward; so are the
+masks of train-mode stochastic depth (:mod:`streamcnn.engine.droppath`), drawn once per
+step and replayed for every tile.
+
+The backward is one public primitive, :func:`stream_backward`: the autograd Function uses
+it, and so does anything else that needs a streamed gradient (an input-gradient saliency
+map). With ``pool="meanmax"`` the forward pools tile by tile
+(:class:`streamcnn.engine.pooling.MeanMaxPool`) and the feature map never exists whole.
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Protocol, Sequence, Union, runtime_checkable
+import math
+from typing import Callable, Iterator, Sequence, Union
 
-import numpy as np
 import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
-from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from streamcnn.utils import allocator
+from streamcnn.engine.droppath import DropMasks, replaying
 from streamcnn.engine.geometry import Tile, TilePlan, TrunkGeometry, UnsupportedLayerError, tile_plan
-from streamcnn.utils.units import pixels_to_unit
+from streamcnn.engine.pooling import POOLS, MeanMaxPool, global_mean_max
+from streamcnn.engine.segments import run
+from streamcnn.engine.windows import RegionSource, StreamInput, Windows, read_windows
+from streamcnn.utils import allocator
 
-__all__ = ["RegionSource", "StreamingModule"]
+__all__ = ["RegionSource", "StreamingModule", "stream_backward", "TileGradient"]
 
-
-@runtime_checkable
-class RegionSource(Protocol):
-    """An image read a window at a time (e.g. :func:`streamcnn.io.open_image`).
-
-    ``shape`` is (C, H, W) at full resolution; ``read_region(top, left, height, width)``
-    returns that window as a (C, h, w) numpy array or tensor.
-    """
-
-    shape: tuple[int, int, int]
-
-    def read_region(self, top: int, left: int, height: int, width: int) -> Any: ...
-
-
-StreamInput = Union[torch.Tensor, RegionSource, Sequence[RegionSource]]
-
-
-@dataclass
-class _Windows:
-    """Reads input windows, from a tensor or from region sources, onto the compute device."""
-
-    shape: tuple[int, int, int, int]            # N, C, H, W
-    read: Callable[[tuple[tuple[int, int], tuple[int, int]]], torch.Tensor]
-    prefetch: bool = False                      # decode the next window while this one computes
-
-    def each(self, tiles: Sequence[Tile]) -> Iterator[tuple[Tile, torch.Tensor]]:
-        """``(tile, window)`` in order; with ``prefetch``, the next read runs in a thread."""
-        if not self.prefetch or len(tiles) < 2:
-            for tile in tiles:
-                yield tile, self.read(tile.window)
-            return
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamcnn-read") as pool:
-            pending = pool.submit(self.read, tiles[0].window)
-            for i, tile in enumerate(tiles):
-                window = pending.result()
-                if i + 1 < len(tiles):
-                    pending = pool.submit(self.read, tiles[i + 1].window)
-                yield tile, window
-
-
-def _windows_for(x: StreamInput, device: torch.device, dtype: torch.dtype,
-                 memory_format: torch.memory_format = torch.contiguous_format) -> _Windows:
-    if isinstance(x, torch.Tensor):
-        if x.dim() != 4:
-            raise ValueError(f"StreamingModule expects an (N, C, H, W) tensor, got shape {tuple(x.shape)}")
-
-        def read(win):
-            (t, b), (l, r) = win
-            return x[:, :, t:b, l:r].to(device, non_blocking=True).contiguous(memory_format=memory_format)
-
-        return _Windows(tuple(x.shape), read)  # type: ignore[arg-type]
-
-    sources = [x] if isinstance(x, RegionSource) else list(x)
-    if not sources or not all(isinstance(s, RegionSource) for s in sources):
-        raise TypeError(
-            "StreamingModule input must be an (N, C, H, W) tensor, an object with `shape` and "
-            f"`read_region(top, left, height, width)`, or a list of such objects; got {type(x).__name__}"
-        )
-    shapes = {tuple(s.shape) for s in sources}
-    if len(shapes) != 1:
-        raise ValueError(f"a batch of region sources must share one shape, got {sorted(shapes)}")
-    c, h, w = shapes.pop()
-
-    def read(win):
-        (t, b), (l, r) = win
-        crops = [torch.as_tensor(np.ascontiguousarray(s.read_region(t, l, b - t, r - l))) for s in sources]
-        batch = torch.stack(crops)
-        if device.type == "cuda":
-            batch = batch.pin_memory()
-        return pixels_to_unit(batch.to(device, non_blocking=True), dtype).contiguous(memory_format=memory_format)
-
-    return _Windows((len(sources), c, h, w), read, prefetch=True)
-
-
-def _segments(module: nn.Module) -> list[nn.Module]:
-    """Checkpoint segments of ``module``.
-
-    The leaves of nested ``nn.Sequential`` containers, grouped so that each segment
-    starts at a convolution or a composite block (e.g. a residual block) and carries
-    the light layers after it (norm, activation, pooling). A segment therefore never
-    starts at an in-place activation, whose input the previous segment would have saved.
-    """
-    def leaves(m: nn.Module):
-        if isinstance(m, nn.Sequential):
-            for child in m:
-                yield from leaves(child)
-        else:
-            yield m
-
-    groups: list[list[nn.Module]] = []
-    for leaf in leaves(module):
-        heavy = isinstance(leaf, nn.modules.conv._ConvNd) or any(True for _ in leaf.children())
-        if heavy or not groups:
-            groups.append([leaf])
-        else:
-            groups[-1].append(leaf)
-    return [g[0] if len(g) == 1 else nn.Sequential(*g) for g in groups]
-
-
-def _run(module: nn.Module, x: torch.Tensor, checkpoint: bool) -> torch.Tensor:
-    if not checkpoint or not torch.is_grad_enabled():
-        return module(x)
-    for seg in _segments(module):
-        x = _checkpoint(seg, x, use_reentrant=False)
-    return x
+#: dL/d(region of one tile) given ``(tile index, tile, the recomputed region)``.
+TileGradient = Callable[[int, Tile, torch.Tensor], torch.Tensor]
 
 
 def _region(t: torch.Tensor, rect) -> torch.Tensor:
@@ -165,66 +69,129 @@ def _region(t: torch.Tensor, rect) -> torch.Tensor:
     return t[:, :, r0:r1, c0:c1]
 
 
+def _wait_for_copies(features: torch.Tensor, device: torch.device) -> None:
+    """A host feature map filled by non-blocking copies from a CUDA device is complete only
+    once the copies are: wait for them before any host reader sees it."""
+    if features.device.type == "cpu" and device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
+def stream_backward(engine: "StreamingModule", x: StreamInput | Windows,
+                    grad_features: torch.Tensor | TileGradient, *, params: Sequence[torch.Tensor] = (),
+                    on_input_grad: Callable[[Tile, torch.Tensor], None] | None = None,
+                    plan: TilePlan | None = None, masks: DropMasks | None = None,
+                    autocast: tuple[bool, torch.dtype] | None = None) -> list[torch.Tensor | None]:
+    """The streamed backward: for each tile, recompute its window with grad and send back its share.
+
+    ``grad_features`` is dL/dF (the whole feature map) or a :data:`TileGradient` giving each
+    tile's share (e.g. from pooled statistics, when F never existed whole). Returns the
+    gradients of ``params`` summed over tiles (None where unused); ``on_input_grad(tile,
+    grad_window)`` receives each window's input gradient (windows overlap: sum them to get
+    dL/dx). ``plan``: the tiles (default: the engine's backward plan, one whole-image tile
+    when ``tile_size`` is None). ``masks``: the drop-path masks of the forward (default: drawn
+    once here, for all tiles). ``autocast``: (enabled, dtype) of the forward (default: now).
+    """
+    device = engine.compute_device
+    windows = x if isinstance(x, Windows) else read_windows(x, device, engine.compute_dtype, engine.memory_format)
+    image_size = windows.shape[2:]
+    if plan is None:
+        plan = engine.plan(image_size) if engine.tile_size is not None else tile_plan(
+            engine.geometry, image_size, max(image_size))
+    engine.check_elements(windows.shape[:2], plan)
+    if masks is None:
+        masks = DropMasks.draw(engine.module, windows.shape[0], device, engine.compute_dtype)
+    enabled, dtype = autocast or (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
+    params = list(params)
+    if not params and on_input_grad is None:
+        raise ValueError("stream_backward needs parameters or an input-gradient receiver")
+    grad_params: list[torch.Tensor | None] = [None] * len(params)
+    with replaying(masks):
+        for i, (tile, window) in enumerate(engine._progress(windows.each(plan.tiles), len(plan.tiles), "backward")):
+            if on_input_grad is not None:
+                window = window.detach().requires_grad_(True)
+            with torch.enable_grad(), torch.autocast(device.type, dtype=dtype, enabled=enabled):
+                out = _region(run(engine.module, window, engine.checkpoint), tile.crop)
+            if isinstance(grad_features, torch.Tensor):
+                g = _region(grad_features, tile.region).to(device, non_blocking=True)
+            else:
+                g = grad_features(i, tile, out.detach())
+            wrt = params + ([window] if on_input_grad is not None else [])
+            grads = torch.autograd.grad(out, wrt, g.to(out.dtype), allow_unused=True)
+            for j, gp in enumerate(grads[: len(params)]):
+                if gp is not None:
+                    grad_params[j] = gp if grad_params[j] is None else grad_params[j].add_(gp)
+            if on_input_grad is not None and grads[-1] is not None:
+                on_input_grad(tile, grads[-1])
+            del out, grads, wrt, window, g
+            allocator.release_cached(device)
+    return grad_params
+
+
 class _StreamFunction(torch.autograd.Function):
-    """Forward: tiles without grad. Backward: tiles recomputed with grad, summed."""
+    """Forward: tiles without grad (into a feature map, or pooled). Backward: :func:`stream_backward`."""
 
     @staticmethod
-    def forward(ctx, engine: "StreamingModule", plan: TilePlan, forward_plan: TilePlan, windows: _Windows,
-                x: torch.Tensor | None, *params: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, engine: "StreamingModule", plan: TilePlan, forward_plan: TilePlan, windows: Windows,
+                x: torch.Tensor | None, pool: str | None, *params: torch.Tensor) -> torch.Tensor:
         device = engine.compute_device
         ctx.engine, ctx.plan, ctx.windows, ctx.params = engine, plan, windows, params
         ctx.autocast = torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
         ctx.x_meta = None if x is None else (x.shape, x.dtype, x.device)
+        ctx.masks = DropMasks.draw(engine.module, windows.shape[0], device, engine.compute_dtype)
+        ctx.pool = MeanMaxPool(forward_plan.output_size) if pool is not None else None
         ctx.set_materialize_grads(False)
         features = None
+        target = engine.output_device or device
         allocator.release_cached(device)
         tiles = forward_plan.tiles
-        for tile, window in engine._progress(windows.each(tiles), len(tiles), "forward"):
-            out = _region(engine.module(window), tile.crop)
-            del window
-            if features is None:
-                n, c = out.shape[:2]
-                target = engine.output_device or out.device
-                pin = target.type == "cpu" and out.device.type == "cuda"
+        with replaying(ctx.masks):
+            for tile, window in engine._progress(windows.each(tiles), len(tiles), "forward"):
+                out = _region(engine.module(window), tile.crop)
+                del window
                 dtype = ctx.autocast[1] if ctx.autocast[0] and out.is_floating_point() else out.dtype
-                features = torch.empty((n, c, *forward_plan.output_size), dtype=dtype, device=target,
-                                       pin_memory=pin)
-            _region(features, tile.region).copy_(out, non_blocking=True)
-            del out
-            allocator.release_cached(device)
+                if ctx.pool is not None:
+                    ctx.pool.add(out)
+                elif features is None:
+                    n, c = out.shape[:2]
+                    engine.check_elements((n, c), map_size=forward_plan.output_size)
+                    pin = target.type == "cpu" and out.device.type == "cuda"
+                    features = torch.empty((n, c, *forward_plan.output_size), dtype=dtype, device=target,
+                                           pin_memory=pin)
+                if features is not None:
+                    _region(features, tile.region).copy_(out, non_blocking=True)
+                del out
+                allocator.release_cached(device)
+        if ctx.pool is not None:
+            return ctx.pool.pooled(dtype).to(target)
+        _wait_for_copies(features, device)
         return features
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_features: torch.Tensor | None):
-        engine, plan, windows, params = ctx.engine, ctx.plan, ctx.windows, list(ctx.params)
-        n_inputs = 5 + len(params)
-        if grad_features is None:
+    def backward(ctx, grad: torch.Tensor | None):
+        params = list(ctx.params)
+        n_inputs = 6 + len(params)
+        if grad is None:
             return (None,) * n_inputs
-        device = engine.compute_device
-        grad_params: list[torch.Tensor | None] = [None] * len(params)
-        grad_x = None
+        grad_x = on_input_grad = None
         if ctx.x_meta is not None and ctx.needs_input_grad[4]:
             shape, dtype, x_device = ctx.x_meta
             grad_x = torch.zeros(shape, dtype=dtype, device=x_device)
-        enabled, dtype = ctx.autocast
-        for tile, window in engine._progress(windows.each(plan.tiles), len(plan.tiles), "backward"):
-            if grad_x is not None:
-                window = window.detach().requires_grad_(True)
-            g = _region(grad_features, tile.region).to(device, non_blocking=True)
-            with torch.enable_grad(), torch.autocast(device.type, dtype=dtype, enabled=enabled):
-                out = _region(_run(engine.module, window, engine.checkpoint), tile.crop)
-            wrt = params + ([window] if grad_x is not None else [])
-            grads = torch.autograd.grad(out, wrt, g.to(out.dtype), allow_unused=True)
-            for i, gp in enumerate(grads[: len(params)]):
-                if gp is not None:
-                    grad_params[i] = gp if grad_params[i] is None else grad_params[i].add_(gp)
-            if grad_x is not None and grads[-1] is not None:
+
+            def on_input_grad(tile: Tile, g: torch.Tensor) -> None:
                 (t, b), (l, r) = tile.window
-                grad_x[:, :, t:b, l:r] += grads[-1].to(grad_x.device)
-            del out, grads, wrt, window, g
-            allocator.release_cached(device)
-        return (None, None, None, None, grad_x, *grad_params)
+                grad_x[:, :, t:b, l:r] += g.to(grad_x.device)
+
+        grad_of: torch.Tensor | TileGradient = grad
+        if ctx.pool is not None:
+            pool, pooled_grad = ctx.pool, grad
+            if pool.tiles != len(ctx.plan.tiles):
+                raise RuntimeError("a pooled forward ran without grad and cannot be differentiated")
+            grad_of = lambda i, _tile, region: pool.gradient(i, region, pooled_grad.to(region.device))  # noqa: E731
+        grad_params = (stream_backward(ctx.engine, ctx.windows, grad_of, params=params, on_input_grad=on_input_grad,
+                                       plan=ctx.plan, masks=ctx.masks, autocast=ctx.autocast)
+                       if params or on_input_grad is not None else [])
+        return (None, None, None, None, grad_x, None, *grad_params)
 
 
 class StreamingModule(nn.Module):
@@ -242,7 +209,7 @@ class StreamingModule(nn.Module):
             least the image's runs the forward on the whole image in one window. Gradients
             do not depend on it (the feature map is the same for any partition).
         checkpoint: recompute activations during the backward, in segments that start at
-            each convolution or composite block (see ``_segments``): inside each tile when
+            each convolution or composite block (see :func:`streamcnn.engine.segments.segments`): inside each tile when
             streaming, over the whole image when ``tile_size`` is None. Larger tiles fit in
             the same memory.
         memory_format: the layout windows are given to ``module`` in; ``torch.channels_last``
@@ -251,6 +218,14 @@ class StreamingModule(nn.Module):
         output_device: where the feature map lives (e.g. ``"cpu"`` for gigapixel images:
             pinned host memory); default: the compute device.
         progress: show a tqdm bar over tiles.
+        pool: ``None`` returns the feature map (N, C, h, w). ``"meanmax"`` returns the (N, 2C)
+            global mean and max per channel, ``cat([F.mean((2, 3)), F.amax((2, 3))])``, pooled
+            tile by tile: the feature map never exists whole, and the gradient is autograd's,
+            ties included (:class:`streamcnn.engine.pooling.MeanMaxPool`). A pooled step's
+            forward uses the backward's tiles (``forward_tile_size`` then serves inference).
+        max_elements: the most elements a tensor the engine makes may have (the feature map,
+            an input window); CUDA kernels and cuDNN index with 32 bits. A one-line
+            ``ValueError`` names the tensor and the fix; ``None``: no limit.
 
     The compute device is the device of the module's parameters. The input may be an
     (N, C, H, W) tensor on any device, or region source(s) read one window at a time.
@@ -259,7 +234,8 @@ class StreamingModule(nn.Module):
     def __init__(self, module: nn.Module, tile_size: int | Sequence[int] | None, *,
                  forward_tile_size: int | Sequence[int] | None = None, checkpoint: bool = False,
                  output_device: torch.device | str | None = None, progress: bool = False,
-                 memory_format: torch.memory_format = torch.contiguous_format):
+                 memory_format: torch.memory_format = torch.contiguous_format, pool: str | None = None,
+                 max_elements: int | None = 2**31):
         super().__init__()
         self.module = module
         self.tile_size = tile_size
@@ -268,9 +244,12 @@ class StreamingModule(nn.Module):
         self.output_device = torch.device(output_device) if output_device is not None else None
         self.progress = progress
         self.memory_format = memory_format
+        self.pool = pool
+        self.max_elements = max_elements
         self._plans: dict[tuple, TilePlan] = {}
         self._geometry_key: tuple | None = None
         self._geometry: TrunkGeometry | None = None
+        self._unstreamable: tuple | None = None
 
     # -- geometry ----------------------------------------------------------------------
     def _training_state(self) -> tuple:
@@ -318,11 +297,31 @@ class StreamingModule(nn.Module):
             return b.device
         return torch.device("cpu")
 
-    def _compute_dtype(self) -> torch.dtype:
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype windows are read in: the trunk's floating-point parameters'."""
         for p in self.module.parameters():
             if p.is_floating_point():
                 return p.dtype
         return torch.get_default_dtype()
+
+    def check_elements(self, batch_channels: Sequence[int], plan: TilePlan | None = None,
+                       map_size: Sequence[int] | None = None) -> None:
+        """One-line ``ValueError`` when a window of ``plan`` or a feature map of ``map_size``
+        (with ``batch_channels`` = (N, C) of that tensor) would reach ``max_elements``."""
+        if self.max_elements is None:
+            return
+        n, c = batch_channels
+        limit = f"the limit of {self.max_elements:,} elements (StreamingModule.max_elements; CUDA kernels index with 32 bits)"
+        if plan is not None and n * c * math.prod(plan.max_window) >= self.max_elements:
+            h, w = plan.max_window
+            raise ValueError(f"an input window of {n}x{c}x{h}x{w} = {n * c * h * w:,} elements reaches {limit}. "
+                             "Fix: a smaller tile_size / forward_tile_size")
+        if map_size is not None and n * c * math.prod(map_size) >= self.max_elements:
+            h, w = map_size
+            raise ValueError(f"the feature map of {n}x{c}x{h}x{w} = {n * c * h * w:,} elements reaches {limit}. "
+                             "Fix: pool it tile by tile (pool='meanmax', for a pool head), read a lower-resolution "
+                             "level or a smaller image, or on CPU set max_elements=None")
 
     def _progress(self, items: Iterator, total: int, what: str) -> Iterator:
         if not self.progress or total < 2:
@@ -332,22 +331,42 @@ class StreamingModule(nn.Module):
 
     # -- forward -----------------------------------------------------------------------
     def forward(self, x: StreamInput) -> torch.Tensor:
-        windows = _windows_for(x, self.compute_device, self._compute_dtype(), self.memory_format)
+        """The feature map of ``x``, or with ``pool`` its (N, 2C) global mean and max."""
+        return self._stream(x, self.pool)
+
+    def feature_map(self, x: StreamInput) -> torch.Tensor:
+        """The whole feature map of ``x`` whatever ``pool`` says (e.g. for a class-activation map)."""
+        return self._stream(x, None)
+
+    def _stream(self, x: StreamInput, pool: str | None) -> torch.Tensor:
+        if pool is not None and pool not in POOLS:
+            raise ValueError(f"unknown pool {pool!r}; choose one of {', '.join(POOLS)} or None")
+        windows = read_windows(x, self.compute_device, self.compute_dtype, self.memory_format)
         self._check_channels(windows.shape[1])
         if self.tile_size is None:
             h, w = windows.shape[2:]
-            out = _run(self.module, windows.read(((0, h), (0, w))), self.checkpoint)
+            if self.max_elements is not None and math.prod(windows.shape) >= self.max_elements:
+                raise ValueError(f"the image of {'x'.join(map(str, windows.shape))} elements reaches the limit of "
+                                 f"{self.max_elements:,} elements (StreamingModule.max_elements). Fix: stream it "
+                                 "(a tile_size)")
+            out = run(self.module, windows.read(((0, h), (0, w))), self.checkpoint)
+            if pool is not None:
+                out = global_mean_max(out)
             return out if self.output_device is None else out.to(self.output_device)
-        plan = self.plan(windows.shape[2:])
-        forward_plan = self.forward_plan(windows.shape[2:])
         params = [p for p in self.module.parameters() if p.requires_grad]
         tensor_in = x if isinstance(x, torch.Tensor) else None
-        return _StreamFunction.apply(self, plan, forward_plan, windows, tensor_in, *params)
+        plan = self.plan(windows.shape[2:])
+        needs_grad = torch.is_grad_enabled() and (bool(params) or (tensor_in is not None and tensor_in.requires_grad))
+        # A pooled step pools on the backward's tiles, so each tile's maxima are the ones it recomputes.
+        forward_plan = plan if pool is not None and needs_grad else self.forward_plan(windows.shape[2:])
+        self.check_elements(windows.shape[:2], forward_plan)
+        self.check_elements(windows.shape[:2], plan)
+        return _StreamFunction.apply(self, plan, forward_plan, windows, tensor_in, pool, *params)
 
     def _check_channels(self, channels: int) -> None:
         """One line, before anything runs, when the image's channels do not fit the trunk."""
         key = self._training_state()
-        if getattr(self, "_unstreamable", None) == key:
+        if self._unstreamable == key:
             return
         try:
             geometry = self.geometry
@@ -358,4 +377,4 @@ class StreamingModule(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"tile_size={self.tile_size}, forward_tile_size={self.forward_tile_size}, "
-                f"checkpoint={self.checkpoint}, output_device={self.output_device}")
+                f"checkpoint={self.checkpoint}, output_device={self.output_device}, pool={self.pool}")

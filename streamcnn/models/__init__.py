@@ -6,7 +6,6 @@
   local weight files.
 - :mod:`streamcnn.models.scratch`: from-scratch trunks (ws, sws, ln, ...).
 - :mod:`streamcnn.models.split`: a whole network cut into trunk + head.
-- :mod:`streamcnn.models.pooling`: global mean + max pooling with a lean backward.
 - :mod:`streamcnn.models.patchgd`: the PatchGD baseline.
 """
 from streamcnn.models.classifier import HEADS, TRUNKS, StreamingClassifier, build_model, register_head, register_trunk

@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from streamcnn.models.backbones import SOURCES, torchvision_trunk
 from streamcnn.engine.batchnorm import freeze_batchnorm
-from streamcnn.models.pooling import global_mean_max
+from streamcnn.engine.pooling import global_mean_max
 from streamcnn.engine.streaming import StreamingModule
 
 __all__ = ["TRUNKS", "HEADS", "register_trunk", "register_head", "trunk_factory", "build_trunk", "build_head",
@@ -99,11 +99,20 @@ def conv_head(channels: int, num_classes: int, width: int = 256, depth: int = 4,
 
 
 class _GlobalPool(nn.Module):
-    """Mean and max over positions (:func:`streamcnn.models.pooling.global_mean_max`: its backward
+    """Mean and max over positions (:func:`streamcnn.engine.pooling.global_mean_max`: its backward
     makes one feature-map-sized gradient, not three)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return global_mean_max(x)
+
+
+def head_after_pool(head: nn.Module) -> nn.Module:
+    """The layers of a pool head after its global pooling: what runs when the trunk pools tile by tile
+    (``StreamingModule(pool="meanmax")`` returns what :class:`_GlobalPool` would)."""
+    if isinstance(head, nn.Sequential) and len(head) and isinstance(head[0], _GlobalPool):
+        return head[1:]
+    raise ValueError("the trunk pools tile by tile (trunk.pool='meanmax') but the head does not start with global "
+                     "mean + max pooling; use the 'pool' head, or set trunk.pool = None")
 
 
 def trunk_factory(name: str) -> TrunkFactory:
@@ -192,13 +201,14 @@ class StreamingClassifier(nn.Module):
 
     def forward(self, x) -> torch.Tensor:
         features = self.trunk(x)
+        head = self.head if self.trunk.pool is None else head_after_pool(self.head)
         device = next(self.head.parameters()).device
         host = features.device
         features = features.to(device, non_blocking=True)
         if self.head_checkpoint and torch.is_grad_enabled():
-            run = lambda f: _checkpoint(self.head, f, use_reentrant=False)  # noqa: E731
+            run = lambda f: _checkpoint(head, f, use_reentrant=False)  # noqa: E731
         else:
-            run = self.head
+            run = head
         if host == device or not torch.is_grad_enabled():
             return run(features)
         with _saved_on(host):

@@ -8,10 +8,10 @@ class:
   one value per feature position (stride px of the image). It needs only the head's
   gradient, which works for every head (for the ``pool`` head it is the classic CAM up to
   the max-pool term).
-- ``input_gradient``: dlogit/dx of the whole image, computed by a streamed backward: each
-  tile's input window is run through the trunk with grad and its share of dlogit/dF is
-  sent back to the window, summed over overlapping windows. This is the same sum the
-  engine computes for a tensor input, so it equals full-image autograd; it never holds
+- ``input_gradient``: dlogit/dx of the whole image, computed by the engine's streamed
+  backward (:func:`streamcnn.engine.streaming.stream_backward`): each tile's input window
+  is run through the trunk with grad and its share of dlogit/dF is sent back to the
+  window, summed here over overlapping windows, so it equals full-image autograd; it never holds
   more than a tile's activations, and the (C, H, W) float32 sum goes to a memory-mapped
   file in ``scratch`` when it would exceed ``in_memory_bytes``. Saliency is its absolute
   value, maximum over channels (Simonyan et al. 2014).
@@ -30,10 +30,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from streamcnn.utils.files import atomic_write, save_figure
-from streamcnn.engine.geometry import tile_plan
+from streamcnn.engine.streaming import StreamingModule, stream_backward
+from streamcnn.engine.windows import read_windows
 from streamcnn.models.classifier import StreamingClassifier
-from streamcnn.engine.streaming import _region, _windows_for
+from streamcnn.utils.files import atomic_write, save_figure
 
 __all__ = ["Explanation", "explain", "saliency", "to_uint8", "write_heatmap_tiff", "write_overlay_png"]
 
@@ -52,7 +52,7 @@ def explain(model: StreamingClassifier, image: Any, target: int | None = None, *
     engine = model.trunk
     head_device = next(model.head.parameters()).device
     with torch.no_grad():
-        features = engine(image[None] if isinstance(image, torch.Tensor) and image.dim() == 3 else image)
+        features = engine.feature_map(image[None] if isinstance(image, torch.Tensor) and image.dim() == 3 else image)
     features = features.to(head_device).requires_grad_(True)
     with torch.enable_grad():
         logits = model.head(features)[0]
@@ -64,16 +64,13 @@ def explain(model: StreamingClassifier, image: Any, target: int | None = None, *
     return Explanation(logits.detach().float().cpu(), target, cam, grad_x)
 
 
-def _input_gradient(engine, image: Any, grad_features: torch.Tensor, scratch, in_memory_bytes: int) -> np.ndarray:
-    device = engine.compute_device
-    dtype = engine._compute_dtype()
+def _input_gradient(engine: StreamingModule, image: Any, grad_features: torch.Tensor, scratch,
+                    in_memory_bytes: int) -> np.ndarray:
     source = image[None] if isinstance(image, torch.Tensor) and image.dim() == 3 else image
-    windows = _windows_for(source, device, dtype)
+    windows = read_windows(source, engine.compute_device, engine.compute_dtype, engine.memory_format)
     _, c, h, w = windows.shape
-    plan = engine.plan((h, w)) if engine.tile_size is not None else tile_plan(engine.geometry, (h, w), max(h, w))
-    nbytes = c * h * w * np.dtype(np.float32).itemsize
-    numpy_dtype = np.float64 if dtype == torch.float64 else np.float32
-    if nbytes > in_memory_bytes:
+    numpy_dtype = np.float64 if engine.compute_dtype == torch.float64 else np.float32
+    if c * h * w * np.dtype(np.float32).itemsize > in_memory_bytes:
         folder = Path(scratch) if scratch is not None else Path(tempfile.gettempdir())
         folder.mkdir(parents=True, exist_ok=True)
         handle = tempfile.NamedTemporaryFile(dir=folder, prefix=".input-gradient-", suffix=".npy", delete=False)
@@ -82,14 +79,13 @@ def _input_gradient(engine, image: Any, grad_features: torch.Tensor, scratch, in
         Path(handle.name).unlink()      # the mapping stays valid; nothing is left on disk
     else:
         total = np.zeros((c, h, w), dtype=numpy_dtype)
-    for tile, window in windows.each(plan.tiles):
-        window = window.detach().requires_grad_(True)
-        g = _region(grad_features, tile.region).to(device)
-        with torch.enable_grad():
-            out = _region(engine.module(window), tile.crop)
-            (grad,) = torch.autograd.grad(out, window, g.to(out.dtype))
+    torch_dtype = torch.float64 if numpy_dtype == np.float64 else torch.float32
+
+    def add(tile, grad: torch.Tensor) -> None:
         (t, b), (l_, r) = tile.window
-        total[:, t:b, l_:r] += grad[0].to(torch.float64 if numpy_dtype == np.float64 else torch.float32).cpu().numpy()
+        total[:, t:b, l_:r] += grad[0].to(torch_dtype).cpu().numpy()
+
+    stream_backward(engine, windows, grad_features, on_input_grad=add)
     return total
 
 

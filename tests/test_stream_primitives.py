@@ -1,0 +1,144 @@
+"""The engine's public primitives: the streamed backward, tile-by-tile pooling, the element limit.
+
+Every gradient is compared, in float64, with full-image autograd on the same model.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import streamcnn
+from streamcnn.engine import streaming
+from streamcnn.engine.streaming import stream_backward
+from streamcnn.models.classifier import build_model
+from streamcnn.training.heatmaps import explain
+from helpers import forward_backward, relative_error, resnet_trunk
+
+EXACT = 1e-10
+
+
+def test_stream_backward_gives_full_image_parameter_and_input_gradients():
+    trunk = resnet_trunk("resnet18", stages=2)
+    engine = streamcnn.StreamingModule(trunk, 40)
+    x = torch.randn(2, 3, 90, 110, dtype=torch.float64)
+    params = list(trunk.parameters())
+    weight = torch.randn(trunk(x).shape, dtype=torch.float64)
+    _, g_ref, x_ref = forward_backward(trunk, params, x, weight)
+    grad_x = torch.zeros_like(x)
+
+    def add(tile, g):
+        (t, b), (l, r) = tile.window
+        grad_x[:, :, t:b, l:r] += g
+
+    grads = stream_backward(engine, x, weight, params=params, on_input_grad=add)
+    assert len(engine.plan((90, 110)).tiles) > 1
+    assert max(relative_error(a, b) for a, b in zip(g_ref, grads)) <= EXACT
+    assert relative_error(x_ref, grad_x) <= EXACT
+    with pytest.raises(ValueError, match="needs parameters or an input-gradient receiver"):
+        stream_backward(engine, x, weight)
+
+
+@pytest.mark.parametrize("pool", [None, "meanmax"])
+def test_heatmap_input_gradient_equals_full_image_autograd(pool):
+    torch.manual_seed(0)
+    model = build_model("tiny-cnn", "pool", num_classes=3, in_channels=3, tile_size=24).double().eval()
+    model.trunk.pool = pool                 # the map for the CAM is streamed whatever the trunk returns
+    image = torch.rand(3, 70, 90, dtype=torch.float64)
+    explained = explain(model, image, target=2)
+    pixels = image[None].clone().requires_grad_(True)
+    model.trunk.tile_size, model.trunk.pool = None, None
+    logits = model(pixels)[0]
+    logits[2].backward()
+    assert len(streamcnn.tile_plan(model.trunk.geometry, (70, 90), 24).tiles) > 1
+    assert relative_error(torch.from_numpy(explained.input_gradient), pixels.grad[0]) <= EXACT
+    assert relative_error(explained.logits.double(), logits.detach()) <= 1e-6     # reported in float32
+
+
+def _relu_trunk() -> nn.Module:
+    """Convolutions whose ReLU leaves whole channels at zero: their maxima tie at every position."""
+    torch.manual_seed(3)
+    trunk = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 12, 3, stride=2, padding=1),
+                          nn.ReLU()).double()
+    with torch.no_grad():
+        trunk[2].bias[:4] = -100.0                  # channels 0-3: zero everywhere
+    return trunk
+
+
+def test_pooled_streaming_equals_the_whole_map_head_with_ties_under_a_lowered_limit():
+    trunk = _relu_trunk()
+    head = nn.Linear(24, 5).double()
+    x = torch.full((2, 3, 64, 80), 0.5, dtype=torch.float64)     # flat, with one patch copied far apart:
+    patch = torch.rand(2, 3, 6, 6, dtype=torch.float64)           # positive maxima tie within and across tiles
+    x[:, :, 8:14, 8:14] = x[:, :, 44:50, 60:66] = patch
+    params = list(trunk.parameters()) + list(head.parameters())
+    weight = torch.randn(2, 5, dtype=torch.float64)
+
+    def whole(inp):
+        f = trunk(inp)
+        return head(torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1))
+
+    features = trunk(x).detach()
+    ties = (features == features.amax(dim=(2, 3), keepdim=True)).sum(dim=(2, 3))
+    assert (ties[:, :4] == 32 * 40).all() and (ties[:, 4:] > 1).sum() > ties[:, 4:].numel() // 2  # dead, positive ties
+    _, g_ref, x_ref = forward_backward(whole, params, x, weight)
+
+    limit = features.numel() - 1                    # the whole map would reach the limit
+    engine = streamcnn.StreamingModule(trunk, 16, forward_tile_size=40, pool="meanmax", max_elements=limit)
+    assert len(engine.plan((64, 80)).tiles) >= 4
+    _, g_str, x_str = forward_backward(lambda inp: head(engine(inp)), params, x, weight)
+    assert max(relative_error(a, b) for a, b in zip(g_ref, g_str)) <= EXACT
+    assert relative_error(x_ref, x_str) <= EXACT
+    with torch.no_grad():                           # inference pools on the forward's own tiles
+        assert relative_error(torch.cat([features.mean(dim=(2, 3)), features.amax(dim=(2, 3))], 1), engine(x)) <= EXACT
+
+    engine.pool = None
+    with pytest.raises(ValueError) as error:
+        engine(x)
+    message = str(error.value)
+    assert "\n" not in message and "feature map" in message and f"{limit:,}" in message and "pool='meanmax'" in message
+
+
+def test_pool_head_classifier_pools_in_the_trunk_and_other_heads_are_refused():
+    torch.manual_seed(0)
+    model = build_model("tiny-cnn", "pool", num_classes=2, in_channels=1, tile_size=16).double()
+    x = torch.rand(1, 1, 48, 56, dtype=torch.float64)
+    params = list(model.parameters())
+    weight = torch.randn(1, 2, dtype=torch.float64)
+    f_ref, g_ref, x_ref = forward_backward(model, params, x, weight)
+    model.trunk.pool = "meanmax"
+    f_str, g_str, x_str = forward_backward(model, params, x, weight)
+    assert relative_error(f_ref, f_str) <= EXACT and relative_error(x_ref, x_str) <= EXACT
+    assert max(relative_error(a, b) for a, b in zip(g_ref, g_str)) <= EXACT
+    conv = build_model("tiny-cnn", "conv", num_classes=2, in_channels=1, tile_size=16, head_kwargs={"width": 8})
+    conv.trunk.pool = "meanmax"
+    with pytest.raises(ValueError, match=r"^the trunk pools tile by tile .*use the 'pool' head"):
+        conv(x.float())
+    with pytest.raises(ValueError, match=r"unknown pool 'mean'"):
+        streamcnn.StreamingModule(_relu_trunk(), 16, pool="mean")(x)
+
+
+def test_windows_and_whole_images_over_the_limit_are_refused_in_one_line():
+    trunk = _relu_trunk()
+    x = torch.rand(1, 3, 64, 64, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"^an input window of 1x3x\d+x\d+ = [\d,]+ elements reaches the limit of "
+                                         r"1,000 elements .*Fix: a smaller tile_size"):
+        streamcnn.StreamingModule(trunk, 32, max_elements=1000)(x)
+    with pytest.raises(ValueError, match=r"^the image of 1x3x64x64 elements reaches the limit .*Fix: stream it"):
+        streamcnn.StreamingModule(trunk, None, max_elements=1000)(x)
+    assert streamcnn.StreamingModule(trunk, 32, max_elements=None)(x).shape == (1, 12, 32, 32)
+
+
+def test_a_host_feature_map_is_complete_before_it_is_returned(monkeypatch):
+    """Non-blocking copies from a CUDA device into pinned host memory are waited for."""
+    waits = []
+
+    class Stream:
+        def synchronize(self):
+            waits.append(True)
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    streaming._wait_for_copies(torch.zeros(1), torch.device("cuda", 0))
+    assert waits == [True]
+    streaming._wait_for_copies(torch.zeros(1), torch.device("cpu"))   # CPU copies are synchronous
+    assert waits == [True]
