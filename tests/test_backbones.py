@@ -15,9 +15,10 @@ import torchvision
 from torchvision.models import convnext, densenet, mobilenetv2, regnet, shufflenetv2
 
 import streamcnn
+from streamcnn.engine.droppath import DropMasks
 from streamcnn.models.backbones import torchvision_features
 from streamcnn.models.classifier import build_trunk
-from helpers import assert_same_gradients, randomise_batchnorm
+from helpers import assert_same_gradients, forward_backward, randomise_batchnorm, relative_error
 
 EXACT = 1e-10
 timm = pytest.importorskip("timm")
@@ -126,6 +127,46 @@ def test_train_mode_stochastic_depth_is_local_when_off_or_in_eval():
     trunk = _meta_trunk("torchvision:convnext_tiny")      # named trunks switch stochastic depth off
     assert all(m.p == 0 for m in trunk.modules() if isinstance(m, torchvision.ops.StochasticDepth))
     streamcnn.TrunkGeometry(trunk.train())
+
+
+def _with_drop_path(family: str, p: float) -> nn.Module:
+    if family == "torchvision":
+        return _tv(convnext.ConvNeXt([convnext.CNBlockConfig(8, 16, 1), convnext.CNBlockConfig(16, None, 2)],
+                                     stochastic_depth_prob=p, layer_scale=0.5))
+    torch.manual_seed(0)
+    trunk = build_trunk("timm:convnext_atto", depths=(1, 2, 1, 1), dims=(8, 16, 16, 24), ls_init_value=0.5,
+                        drop_path_rate=p)[0]
+    for m in trunk.modules():          # named trunks switch drop path off: switch it back on
+        if isinstance(m, timm.layers.DropPath):
+            m.drop_prob = p
+    return trunk
+
+
+@pytest.mark.parametrize("family", ["torchvision", "timm"])
+def test_train_mode_stochastic_depth_streams_with_the_whole_image_masks(family):
+    """One mask per image per step, reused by every tile and the backward's recomputation: with the
+    same seed, a streamed train-mode ConvNeXt drops the same branches as the whole image."""
+    trunk = _randomise(_with_drop_path(family, 0.6)).double().train()
+    layers = [m for m in trunk.modules() if isinstance(m, (torchvision.ops.StochasticDepth, timm.layers.DropPath))]
+    assert len(layers) >= 2 and all(m.training for m in layers)
+    streamed = streamcnn.StreamingModule(trunk, 32, forward_tile_size=48, checkpoint=True)
+    x = torch.randn(4, 3, 61, 83, dtype=torch.float64)
+    assert len(streamed.plan((61, 83)).tiles) > 1
+    params = [p for p in trunk.parameters() if p.requires_grad]
+    results = []
+    for model in (trunk, streamed):
+        torch.manual_seed(7)
+        results.append((*forward_backward(model, params, x), torch.get_rng_state()))
+    (f0, g0, x0, rng0), (f1, g1, x1, rng1) = results
+    assert relative_error(f0, f1) <= EXACT and relative_error(x0, x1) <= EXACT
+    assert max(relative_error(a, b) for a, b in zip(g0, g1)) <= EXACT
+    assert torch.equal(rng0, rng1)                  # the same random draws, once per layer
+    torch.manual_seed(7)
+    masks = torch.cat(DropMasks.draw(trunk, 4, torch.device("cpu"), torch.float64).masks)
+    assert (masks == 0).any() and (masks > 0).any()             # some branches dropped, some kept
+    assert all(m.training for m in layers)
+    torch.manual_seed(8)
+    assert relative_error(f0, streamed(x).detach()) > 1e-3      # other masks, other features
 
 
 def test_image_channels_must_match_the_trunk_in_one_line():
