@@ -4,9 +4,10 @@
 per ecosystem, no if/else chains); :func:`streamcnn.models.classifier.build_trunk` also keeps its
 short names (``resnet18`` ...). Each factory builds the classification network without
 downloading anything, loads ``weights`` from a local file if given, adapts the first
-convolution to ``in_channels``, switches stochastic depth off (a random per-call mask
-cannot be shared by tiles and recomputation, see :mod:`streamcnn.engine.rules`) and returns the
-layers before global pooling with their output channels:
+convolution to ``in_channels``, switches stochastic depth off unless asked for
+(``stochastic_depth_prob`` / ``drop_path_rate``: streamed exactly, one mask per image for
+every tile, see :mod:`streamcnn.engine.droppath`) and returns the layers before global
+pooling with their output channels:
 
 * torchvision: ``model.features`` where the model has one (VGG, DenseNet, MobileNet,
   EfficientNet, ConvNeXt, SqueezeNet), else its children before ``avgpool``/``fc``/
@@ -114,7 +115,7 @@ def torchvision_trunk(arch: str, in_channels: int = 3, weights: str | Path | Non
                      ignore=lambda k: not k.startswith(prefix) or (not prefix and k.startswith(head)))
     adapt_in_channels(trunk, in_channels, pretrained=weights is not None)
     channels, _ = _probe(trunk, in_channels)
-    return disable_stochastic_depth(trunk), channels
+    return (trunk if "stochastic_depth_prob" in kwargs else disable_stochastic_depth(trunk)), channels
 
 
 def _import_timm():
@@ -148,7 +149,7 @@ def timm_trunk(arch: str, in_channels: int = 3, weights: str | Path | None = Non
         classifier = net.pretrained_cfg.get("classifier") or "fc"
         load_weights(net, weights, f"timm {arch}", ignore=lambda k: k.startswith(f"{classifier}."))
     adapt_in_channels(net, in_channels, pretrained=weights is not None)
-    trunk = TimmFeatures(disable_stochastic_depth(net))
+    trunk = TimmFeatures(net if "drop_path_rate" in kwargs else disable_stochastic_depth(net))
     channels, called = _probe(trunk, in_channels)
     for name, child in list(net.named_children()):
         if id(child) not in called and any(True for _ in child.parameters()):
