@@ -65,7 +65,13 @@ def _relu_trunk() -> nn.Module:
     return trunk
 
 
-def test_pooled_streaming_equals_the_whole_map_head_with_ties_under_a_lowered_limit():
+@pytest.fixture
+def limited_cpu(monkeypatch):
+    """The element limit, which applies to CUDA devices, applied to the CPU too."""
+    monkeypatch.setattr(streaming, "LIMITED_DEVICES", ("cuda", "cpu"))
+
+
+def test_pooled_streaming_equals_the_whole_map_head_with_ties_under_a_lowered_limit(limited_cpu):
     trunk = _relu_trunk()
     head = nn.Linear(24, 5).double()
     x = torch.full((2, 3, 64, 80), 0.5, dtype=torch.float64)     # flat, with one patch copied far apart:
@@ -118,7 +124,7 @@ def test_pool_head_classifier_pools_in_the_trunk_and_other_heads_are_refused():
         streamcnn.StreamingModule(_relu_trunk(), 16, pool="mean")(x)
 
 
-def test_windows_and_whole_images_over_the_limit_are_refused_in_one_line():
+def test_windows_and_whole_images_over_the_limit_are_refused_in_one_line(limited_cpu):
     trunk = _relu_trunk()
     x = torch.rand(1, 3, 64, 64, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"^an input window of 1x3x\d+x\d+ = [\d,]+ elements reaches the limit of "
@@ -127,6 +133,13 @@ def test_windows_and_whole_images_over_the_limit_are_refused_in_one_line():
     with pytest.raises(ValueError, match=r"^the image of 1x3x64x64 elements reaches the limit .*Fix: stream it"):
         streamcnn.StreamingModule(trunk, None, max_elements=1000)(x)
     assert streamcnn.StreamingModule(trunk, 32, max_elements=None)(x).shape == (1, 12, 32, 32)
+
+
+def test_the_element_limit_leaves_cpu_computation_alone():
+    trunk = _relu_trunk()
+    x = torch.rand(1, 3, 64, 64, dtype=torch.float64)
+    for tile in (32, None):
+        assert streamcnn.StreamingModule(trunk, tile, max_elements=1000)(x).shape == (1, 12, 32, 32)
 
 
 def test_a_host_feature_map_is_complete_before_it_is_returned(monkeypatch):

@@ -58,7 +58,11 @@ from streamcnn.engine.segments import run
 from streamcnn.engine.windows import RegionSource, StreamInput, Windows, read_windows
 from streamcnn.utils import allocator
 
-__all__ = ["RegionSource", "StreamingModule", "stream_backward", "TileGradient"]
+__all__ = ["RegionSource", "StreamingModule", "stream_backward", "TileGradient", "LIMITED_DEVICES"]
+
+#: Device types whose kernels (cuDNN, some CUDA ops) index tensors with 32 bits: where
+#: ``StreamingModule.max_elements`` applies. CPU kernels index with 64 bits.
+LIMITED_DEVICES: tuple[str, ...] = ("cuda",)
 
 #: dL/d(region of one tile) given ``(tile index, tile, the recomputed region)``.
 TileGradient = Callable[[int, Tile, torch.Tensor], torch.Tensor]
@@ -224,7 +228,8 @@ class StreamingModule(nn.Module):
             ties included (:class:`streamcnn.engine.pooling.MeanMaxPool`). A pooled step's
             forward uses the backward's tiles (``forward_tile_size`` then serves inference).
         max_elements: the most elements a tensor the engine makes may have (the feature map,
-            an input window); CUDA kernels and cuDNN index with 32 bits. A one-line
+            an input window, the whole image when not streaming) when computing on a device
+            whose kernels index with 32 bits (:data:`LIMITED_DEVICES`: CUDA). A one-line
             ``ValueError`` names the tensor and the fix; ``None``: no limit.
 
     The compute device is the device of the module's parameters. The input may be an
@@ -309,7 +314,7 @@ class StreamingModule(nn.Module):
                        map_size: Sequence[int] | None = None) -> None:
         """One-line ``ValueError`` when a window of ``plan`` or a feature map of ``map_size``
         (with ``batch_channels`` = (N, C) of that tensor) would reach ``max_elements``."""
-        if self.max_elements is None:
+        if self.max_elements is None or self.compute_device.type not in LIMITED_DEVICES:
             return
         n, c = batch_channels
         limit = f"the limit of {self.max_elements:,} elements (StreamingModule.max_elements; CUDA kernels index with 32 bits)"
@@ -321,7 +326,7 @@ class StreamingModule(nn.Module):
             h, w = map_size
             raise ValueError(f"the feature map of {n}x{c}x{h}x{w} = {n * c * h * w:,} elements reaches {limit}. "
                              "Fix: pool it tile by tile (pool='meanmax', for a pool head), read a lower-resolution "
-                             "level or a smaller image, or on CPU set max_elements=None")
+                             "level or a smaller image")
 
     def _progress(self, items: Iterator, total: int, what: str) -> Iterator:
         if not self.progress or total < 2:
@@ -345,7 +350,8 @@ class StreamingModule(nn.Module):
         self._check_channels(windows.shape[1])
         if self.tile_size is None:
             h, w = windows.shape[2:]
-            if self.max_elements is not None and math.prod(windows.shape) >= self.max_elements:
+            if (self.max_elements is not None and self.compute_device.type in LIMITED_DEVICES
+                    and math.prod(windows.shape) >= self.max_elements):
                 raise ValueError(f"the image of {'x'.join(map(str, windows.shape))} elements reaches the limit of "
                                  f"{self.max_elements:,} elements (StreamingModule.max_elements). Fix: stream it "
                                  "(a tile_size)")

@@ -201,10 +201,10 @@ class StreamingClassifier(nn.Module):
 
     def forward(self, x) -> torch.Tensor:
         features = self.trunk(x)
-        head = self.head if self.trunk.pool is None else head_after_pool(self.head)
         device = next(self.head.parameters()).device
         host = features.device
         features = features.to(device, non_blocking=True)
+        head = self.head if self.trunk.pool is None else head_after_pool(self.head)  # pooled by the trunk
         if self.head_checkpoint and torch.is_grad_enabled():
             run = lambda f: _checkpoint(head, f, use_reentrant=False)  # noqa: E731
         else:
