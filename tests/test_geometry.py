@@ -9,6 +9,7 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 
 import streamcnn
 from streamcnn.engine.geometry import Window
@@ -198,3 +199,23 @@ def test_tile_plan_describes_regions_and_windows():
         "TilePlan(2048x2048 image -> 64x64 features, 2x2 tiles: regions of 1024x1024 px (32x32 features), "
         "windows up to 1248x1248 px, overlap factor 1.440)")
     assert "regions of 64-96 x 64-96 px (2-3 x 2-3 features)" in str(streamcnn.tile_plan(trunk, (331, 517), 100))
+
+
+class BatchSwapped(nn.Module):
+    """Stochastic depth on a tensor whose first dimension holds channels, not the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.drop = torchvision.ops.StochasticDepth(0.5, "row")
+
+    def forward(self, x):
+        return self.drop(self.conv(x).transpose(0, 1)).transpose(0, 1)
+
+
+def test_train_mode_stochastic_depth_needs_the_batch_first():
+    streamcnn.TrunkGeometry(nn.Sequential(nn.Conv2d(3, 4, 3), torchvision.ops.StochasticDepth(0.5, "row")).train())
+    streamcnn.TrunkGeometry(BatchSwapped().eval())
+    with pytest.raises(streamcnn.UnsupportedLayerError, match=r"^drop \(StochasticDepth\): stochastic depth draws one "
+                       r"mask per index of the first dimension, which here is not the batch"):
+        streamcnn.TrunkGeometry(BatchSwapped().train())

@@ -14,8 +14,9 @@ arithmetic, never by experiment:
 Anything that is not local (global pooling, Linear over space, attention, normalisation
 over space or batch, train-mode dropout, ops the analysis does not know) is refused
 with an :class:`UnsupportedLayerError` naming the module path, the reason and the fix.
-The rules themselves live in :mod:`streamcnn.engine.rules`; new local layers can be taught
-with :func:`register_rule` (a registry, no if/else chains).
+The rules themselves live in :mod:`streamcnn.engine.rules` (per kind of layer) and
+:mod:`streamcnn.engine.node_rules` (per graph node); new local layers can be taught with
+:func:`register_rule` (a registry, no if/else chains).
 
 :func:`tile_plan` partitions the feature map into disjoint rectangles and returns
 each tile's region and input window, and the overlap factor (total window area /

@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 import torch.nn as nn
 from torchvision.models.shufflenetv2 import channel_shuffle as _tv_channel_shuffle
 from torchvision.ops import StochasticDepth
@@ -160,8 +159,10 @@ def _drop_path_windows(m: nn.Module):
 
 
 def is_drop_path(m: nn.Module) -> bool:
-    """True for a per-sample stochastic-depth layer (torchvision ``StochasticDepth``, timm ``DropPath``)."""
-    return lookup(type(m))[1] is _drop_path_windows
+    """True for a per-sample stochastic-depth layer (torchvision ``StochasticDepth``, timm ``DropPath``)
+    that runs as one graph node (a subclass with its own ``forward`` is traced through instead)."""
+    base, rule = lookup(type(m))
+    return rule is _drop_path_windows and type(m).forward is base.forward
 
 
 def _drop_block_windows(m: nn.Module):
