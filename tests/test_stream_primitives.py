@@ -10,8 +10,10 @@ import torch.nn as nn
 
 import streamcnn
 from streamcnn.engine import streaming
+from streamcnn.engine.pooling import global_mean_max
 from streamcnn.engine.streaming import stream_backward
 from streamcnn.models.classifier import build_model
+from streamcnn.planning.tracking import LiveStorageTracker
 from streamcnn.training.heatmaps import explain
 from helpers import forward_backward, relative_error, resnet_trunk
 
@@ -103,6 +105,40 @@ def test_pooled_streaming_equals_the_whole_map_head_with_ties_under_a_lowered_li
         engine(x)
     message = str(error.value)
     assert "\n" not in message and "feature map" in message and f"{limit:,}" in message and "pool='meanmax'" in message
+
+
+def test_a_pooled_step_never_makes_a_tensor_the_size_of_the_feature_map():
+    trunk = _relu_trunk()
+    x = torch.rand(1, 3, 96, 96, dtype=torch.float64)
+    map_elements = 12 * 48 * 48
+    for pool, makes_map in ((None, True), ("meanmax", False)):
+        engine = streamcnn.StreamingModule(trunk, 16, forward_tile_size=32, pool=pool)
+        with LiveStorageTracker("cpu") as tracker:
+            out = engine(x)
+            out.backward(torch.ones_like(out))
+        assert (tracker.largest_elements >= map_elements) == makes_map, (pool, tracker.largest_elements)
+
+
+def test_pooled_streaming_under_bfloat16_autocast_is_close_to_the_whole_map():
+    trunk = _relu_trunk().float()
+    x = torch.rand(1, 3, 64, 80)
+    params = list(trunk.parameters())
+    weight = torch.randn(1, 24)
+
+    def step(model):
+        for p in params:
+            p.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            pooled = model(x)
+        (pooled.float() * weight).sum().backward()
+        return pooled, [p.grad.clone() for p in params]
+
+    whole, g_whole = step(lambda inp: global_mean_max(trunk(inp)))
+    pooled, g_pooled = step(streamcnn.StreamingModule(trunk, 16, pool="meanmax"))
+    assert pooled.dtype == whole.dtype == torch.bfloat16 and pooled.shape == (1, 24)
+    assert relative_error(whole.float(), pooled.float()) < 0.03
+    for a, b in zip(g_whole, g_pooled):
+        assert ((a - b).norm() / a.norm()).item() < 0.03
 
 
 def test_pool_head_classifier_pools_in_the_trunk_and_other_heads_are_refused():
