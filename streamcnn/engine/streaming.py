@@ -45,7 +45,7 @@ map). With ``pool="meanmax"`` the forward pools tile by tile
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, Sequence, Union
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
