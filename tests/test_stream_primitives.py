@@ -203,18 +203,3 @@ def test_the_element_limit_leaves_cpu_computation_alone():
     x = torch.rand(1, 3, 64, 64, dtype=torch.float64)
     for tile in (32, None):
         assert streamcnn.StreamingModule(trunk, tile, max_elements=1000)(x).shape == (1, 12, 32, 32)
-
-
-def test_a_host_feature_map_is_complete_before_it_is_returned(monkeypatch):
-    """Non-blocking copies from a CUDA device into pinned host memory are waited for."""
-    waits = []
-
-    class Stream:
-        def synchronize(self):
-            waits.append(True)
-
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
-    streaming._wait_for_copies(torch.zeros(1), torch.device("cuda", 0))
-    assert waits == [True]
-    streaming._wait_for_copies(torch.zeros(1), torch.device("cpu"))   # CPU copies are synchronous
-    assert waits == [True]

@@ -73,10 +73,10 @@ def _region(t: torch.Tensor, rect) -> torch.Tensor:
     return t[:, :, r0:r1, c0:c1]
 
 
-def _wait_for_copies(features: torch.Tensor, device: torch.device) -> None:
-    """A host feature map filled by non-blocking copies from a CUDA device is complete only
-    once the copies are: wait for them before any host reader sees it."""
-    if features.device.type == "cpu" and device.type == "cuda":
+def _wait_for_host_copies(features: torch.Tensor | None, device: torch.device) -> None:
+    """Offload: the tiles reach the pinned host feature map by ``non_blocking`` copies, which a host
+    reader (heatmaps, predictions, user code) could otherwise read before they land."""
+    if features is not None and features.device.type == "cpu" and device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
 
 
@@ -167,7 +167,7 @@ class _StreamFunction(torch.autograd.Function):
                 allocator.release_cached(device)
         if ctx.pool is not None:
             return ctx.pool.pooled(dtype).to(target)
-        _wait_for_copies(features, device)
+        _wait_for_host_copies(features, device)
         return features
 
     @staticmethod
