@@ -30,10 +30,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from streamcnn.utils.files import atomic_write, save_figure
 from streamcnn.engine.streaming import StreamingModule, stream_backward
 from streamcnn.engine.windows import read_windows
 from streamcnn.models.classifier import StreamingClassifier
-from streamcnn.utils.files import atomic_write, save_figure
 
 __all__ = ["Explanation", "explain", "saliency", "to_uint8", "write_heatmap_tiff", "write_overlay_png"]
 
