@@ -84,6 +84,28 @@ def test_every_layer_kind_exact(tile_size, size):
     assert_same_gradients(net, streamcnn.StreamingModule(net, tile_size), torch.randn(2, 3, *size, dtype=torch.float64), EXACT)
 
 
+class WholeMapPool(nn.Module):
+    """The reference for ``pool="meanmax"``: the trunk on the whole image, then mean and max."""
+
+    def __init__(self, trunk: nn.Module):
+        super().__init__()
+        self.trunk = trunk
+
+    def forward(self, x):
+        features = self.trunk(x)
+        return torch.cat([features.mean(dim=(2, 3)), features.amax(dim=(2, 3))], dim=1)
+
+
+@pytest.mark.parametrize("tile_size", [8, 17, (24, 40)])
+def test_every_layer_kind_pooled_tile_by_tile_exact(tile_size):
+    torch.manual_seed(1)
+    net = EveryLayer().double()
+    randomise_batchnorm(net)
+    streamcnn.freeze_batchnorm(net)
+    streamed = streamcnn.StreamingModule(net, tile_size, forward_tile_size=1000, pool="meanmax")
+    assert_same_gradients(WholeMapPool(net), streamed, torch.randn(2, 3, 97, 131, dtype=torch.float64), EXACT)
+
+
 def test_valid_padding_and_even_kernels_exact():
     torch.manual_seed(2)
     net = nn.Sequential(nn.Conv2d(2, 4, 4, stride=2), nn.ReLU(), nn.Conv2d(4, 4, 2, stride=2, padding="valid"),
