@@ -184,8 +184,12 @@ def test_pool_head_classifier_pools_in_the_trunk_and_other_heads_are_refused():
     conv.trunk.pool = "meanmax"
     with pytest.raises(ValueError, match=r"^the trunk pools tile by tile .*use the 'pool' head"):
         conv(x.float())
-    with pytest.raises(ValueError, match=r"unknown pool 'mean'"):
-        streamcnn.StreamingModule(_relu_trunk(), 16, pool="mean")(x)
+    with pytest.raises(ValueError, match=r"unknown pool 'mean'; choose one of meanmax or None"):
+        streamcnn.StreamingModule(_relu_trunk(), 16, pool="mean")
+    engine = streamcnn.StreamingModule(_relu_trunk(), 16)
+    engine.pool = "max"
+    with pytest.raises(ValueError, match=r"unknown pool 'max'"):
+        engine(torch.zeros(1, 3, 32, 32, dtype=torch.float64))
 
 
 def test_windows_and_whole_images_over_the_limit_are_refused_in_one_line(limited_cpu):

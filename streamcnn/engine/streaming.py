@@ -80,6 +80,12 @@ def _wait_for_host_copies(features: torch.Tensor | None, device: torch.device) -
         torch.cuda.current_stream(device).synchronize()
 
 
+def _check_pool(pool: str | None) -> str | None:
+    if pool is not None and pool not in POOLS:
+        raise ValueError(f"unknown pool {pool!r}; choose one of {', '.join(POOLS)} or None")
+    return pool
+
+
 def stream_backward(engine: "StreamingModule", x: StreamInput | Windows,
                     grad_features: torch.Tensor | TileGradient, *, params: Sequence[torch.Tensor] = (),
                     on_input_grad: Callable[[Tile, torch.Tensor], None] | None = None,
@@ -249,7 +255,7 @@ class StreamingModule(nn.Module):
         self.output_device = torch.device(output_device) if output_device is not None else None
         self.progress = progress
         self.memory_format = memory_format
-        self.pool = pool
+        self.pool = _check_pool(pool)
         self.max_elements = max_elements
         self._plans: dict[tuple, TilePlan] = {}
         self._geometry_key: tuple | None = None
@@ -344,8 +350,7 @@ class StreamingModule(nn.Module):
         return self._stream(x, None)
 
     def _stream(self, x: StreamInput, pool: str | None) -> torch.Tensor:
-        if pool is not None and pool not in POOLS:
-            raise ValueError(f"unknown pool {pool!r}; choose one of {', '.join(POOLS)} or None")
+        _check_pool(pool)
         windows = read_windows(x, self.compute_device, self.compute_dtype, self.memory_format)
         self._check_channels(windows.shape[1])
         if self.tile_size is None:
