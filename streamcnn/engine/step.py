@@ -10,9 +10,13 @@
   all of them.
 - :data:`OPTIMIZERS` / :func:`make_optimizer`: the one list of optimizers the trainer
   offers and the planner prices (their state is what a step holds besides the weights).
+- :class:`Strategy`: a model that trains by its own micro-step (PatchGD's inner
+  iterations, Zoom-In's sampled regions); :func:`micro_step` runs a strategy's own step and
+  the standard one (:func:`standard_micro_step`) for every other model.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
@@ -21,7 +25,8 @@ import torch.nn.functional as F
 
 from streamcnn.utils.units import pixels_to_unit
 
-__all__ = ["OPTIMIZERS", "make_optimizer", "micro_step", "optimizer_step", "training_step"]
+__all__ = ["OPTIMIZERS", "Strategy", "loss_of", "make_optimizer", "micro_step", "optimizer_step",
+           "standard_micro_step", "training_step"]
 
 #: The optimizers by name. Both hold two moment tensors per parameter; SGD is not offered
 #: because the trainer's schedules and configs are written for Adam-type optimizers.
@@ -67,24 +72,51 @@ def model_input(images: Any) -> Any:
     return images
 
 
+def loss_of(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy in at least float32 (autocast's bf16/fp16 logits are widened; float64 stays)."""
+    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(wide, labels.to(logits.device))
+
+
+class Strategy(nn.Module, ABC):
+    """A model that trains by its own micro-step instead of one forward and one backward.
+
+    :meth:`micro_step` takes the arguments of :func:`micro_step` and returns the same: the
+    (unscaled) loss and the logits, detached, having added its gradients weighted by
+    ``1 / accumulate`` (times the scaler's scale). Its ``forward`` is the evaluation forward.
+    """
+
+    @abstractmethod
+    def micro_step(self, images: Any, labels: torch.Tensor, *, device_type: str, accumulate: int = 1,
+                   amp_dtype: torch.dtype | None = None,
+                   scaler: torch.amp.GradScaler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One micro-batch's forward(s), loss and backward(s)."""
+
+
+def standard_micro_step(model: nn.Module, images: Any, labels: torch.Tensor, *, device_type: str,
+                        accumulate: int = 1, amp_dtype: torch.dtype | None = None,
+                        scaler: torch.amp.GradScaler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward under autocast, :func:`loss_of`, and the backward of ``loss / accumulate``."""
+    with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        logits = model(model_input(images))
+        loss = loss_of(logits, labels)
+    scaled = loss / accumulate
+    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+    return loss.detach(), logits.detach()
+
+
 def micro_step(model: nn.Module, images: Any, labels: torch.Tensor, *, device_type: str, accumulate: int = 1,
                amp_dtype: torch.dtype | None = None,
                scaler: torch.amp.GradScaler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward, loss and backward of one micro-batch; returns the (unscaled) loss and the logits, detached.
 
-    The backward adds ``loss / accumulate`` (times the scaler's scale) to each ``.grad``.
-    A model with its own ``micro_step`` method (PatchGD's inner iterations,
-    :mod:`streamcnn.models.patchgd`) takes that instead, with the same arguments and result.
+    The backward adds ``loss / accumulate`` (times the scaler's scale) to each ``.grad``. A
+    :class:`Strategy` (PatchGD, Zoom-In) runs its own step, with the same arguments and result.
     """
-    own = getattr(model, "micro_step", None)
-    if own is not None:
-        return own(images, labels, device_type=device_type, accumulate=accumulate, amp_dtype=amp_dtype, scaler=scaler)
-    with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        logits = model(model_input(images))
-        loss = F.cross_entropy(logits.float(), labels.to(logits.device))
-    scaled = loss / accumulate
-    (scaler.scale(scaled) if scaler is not None else scaled).backward()
-    return loss.detach(), logits.detach()
+    options = dict(device_type=device_type, accumulate=accumulate, amp_dtype=amp_dtype, scaler=scaler)
+    if isinstance(model, Strategy):
+        return model.micro_step(images, labels, **options)
+    return standard_micro_step(model, images, labels, **options)
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None) -> None:
