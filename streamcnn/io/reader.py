@@ -20,23 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from streamcnn.utils.downsample import shrink_to
+
 __all__ = ["ImageReader", "shrink_to"]
-
-
-def shrink_to(image: np.ndarray, max_size: int) -> np.ndarray:
-    """(C, h, w) ``image`` area-averaged so its longer side is at most ``max_size`` (aspect and dtype kept)."""
-    _, h, w = image.shape
-    factor = max_size / max(h, w)
-    if factor >= 1:
-        return image
-    import torch
-    import torch.nn.functional as F
-
-    size = (max(1, round(h * factor)), max(1, round(w * factor)))
-    small = F.interpolate(torch.from_numpy(image.astype(np.float32))[None], size=size, mode="area")[0]
-    if np.issubdtype(image.dtype, np.integer):
-        small = small.round()
-    return small.numpy().astype(image.dtype)
 
 
 class ImageReader(ABC):

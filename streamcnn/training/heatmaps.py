@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from streamcnn.utils.downsample import area_resize
 from streamcnn.utils.files import atomic_write, save_figure
 from streamcnn.engine.streaming import StreamingModule, stream_backward
 from streamcnn.engine.windows import read_windows
@@ -102,8 +103,7 @@ def to_uint8(values: np.ndarray, percentile: float = 99.5) -> np.ndarray:
 
 
 def _shrink(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    t = torch.from_numpy(image.astype(np.float32))[None, None]
-    return F.interpolate(t, size=size, mode="area")[0, 0].round().numpy().astype(np.uint8)
+    return area_resize(torch.from_numpy(image.astype(np.float32)), size).round().numpy().astype(np.uint8)
 
 
 def write_heatmap_tiff(heatmap: np.ndarray, path: str | Path, level_shapes: Sequence[tuple[int, int]],

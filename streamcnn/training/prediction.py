@@ -94,7 +94,7 @@ def _slide_heatmaps(model, image, entry, out: Path, class_names: Sequence[str]) 
 
 
 def _thumb(heatmap, size: int):
-    from streamcnn.io.reader import shrink_to
+    from streamcnn.utils.downsample import shrink_to
 
     return shrink_to(heatmap[None], size)[0]
 
