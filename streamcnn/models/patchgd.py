@@ -1,30 +1,33 @@
 """PatchGD with a global patch: the patch-based baseline the benchmark compares streaming with.
 
 The method (PatchGD, Gupta et al. 2022; the global patch of "Resource Efficient Perception
-for Vision Systems", section III-A):
+for Vision Systems", section III-A, ``../shared/papers/patchgd-global-patch-paper.txt``):
 
 - the image is cut into non-overlapping ``patch_size`` patches; a backbone ``f1`` maps each
-  patch to a feature vector (its feature map, averaged), and the vectors tile a latent block
-  ``Z`` of shape (N, M, rows, cols) that encodes the whole image;
-- a training micro-step first fills ``Z`` without gradients, then runs ``inner_iterations``
-  inner iterations: each samples a fraction ``sampling`` of the patches (without replacement
-  within the micro-step), recomputes their features *with* gradients, writes them into a copy
-  of ``Z``, and back-propagates the loss of the whole image through the aggregator ``f2`` to
-  ``f1``; gradients accumulate over the inner iterations (and the trainer's micro-batches)
-  and the optimizer steps once, as the paper's UltraMNIST setting does (3 inner iterations,
-  accumulation 3). ``Z`` keeps the new features of the sampled patches;
+  patch to its feature map, and the maps tile a latent block ``Z`` (N, M, rows * h, cols * w)
+  that encodes the whole image (each patch's map is kept, not averaged: the only pooling is
+  the head's, once);
 - the global patch, the whole image downsampled to ``patch_size``, goes through ``f1`` too;
-  its pooled features are *added* to the pooled output of ``f2`` before the linear classifier
-  (the paper found addition better than concatenation for classification).
+  its feature map is *added* to ``Z`` (upsampled to ``Z``'s grid, so each position of ``Z``
+  gets the global view of the same place) *before* the aggregator ``f2`` (the paper: the
+  global feature "is fused with [the] feature[s] of other patches to obtain a joint
+  representation", by addition, "We then pass [it] to f2");
+- ``f2`` is 3x3 convolutions with GroupNorm over the fused block, then the project's ``pool``
+  head (global mean and max, linear);
+- a training micro-step (:meth:`PatchGDClassifier.micro_step`) first fills ``Z`` without
+  gradients, then runs ``inner_iterations`` inner iterations: each samples a fraction
+  ``sampling`` of the patches (without replacement within the micro-step), recomputes their
+  features *with* gradients, writes them into a copy of ``Z``, and back-propagates the loss of
+  the whole image through ``f2`` to ``f1``; gradients accumulate over the inner iterations
+  (and the trainer's micro-batches) and the optimizer steps once, as the paper's UltraMNIST
+  setting does (3 inner iterations). ``Z`` keeps the new features of the sampled patches.
 
-Evaluation (and a plain ``forward``) fills ``Z`` from every patch and classifies it.
-:meth:`PatchGDClassifier.micro_step` is the model's own micro-step: the trainer runs it and
-the memory prediction (:func:`streamcnn.planning.memory.predict_step_memory`) simulates it, through
-:func:`streamcnn.engine.step.training_step`, so the budget binds PatchGD like every other arm.
+Evaluation (``forward``) fills ``Z`` from every patch and classifies it. PatchGD is a
+:class:`streamcnn.engine.step.Strategy`: the trainer runs its micro-step and the memory
+prediction simulates it, so the budget binds PatchGD like every other arm.
 
 Decisions where the papers are silent: the same patch positions are sampled for every image
-of a micro-batch; the patch features are averaged over the backbone's feature map; ``f2`` is
-3x3 convolutions with GroupNorm over ``Z`` (GroupNorm, not BatchNorm: micro-batches are small).
+of a micro-batch; GroupNorm in ``f2`` (micro-batches are small for BatchNorm).
 """
 from __future__ import annotations
 
@@ -36,18 +39,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from streamcnn.engine.step import Strategy, loss_of
+from streamcnn.models.classifier import build_head, build_trunk
+from streamcnn.utils.downsample import area_resize, downsample_image
 from streamcnn.utils.units import pixels_to_unit
 
-__all__ = ["PatchGDClassifier", "build_patchgd", "check_budget"]
+__all__ = ["PatchGDClassifier", "build_patchgd"]
 
 
-class PatchGDClassifier(nn.Module):
-    """``classifier(pool(f2(Z)) + pool(f1(global patch)))``, trained by PatchGD micro-steps.
+class PatchGDClassifier(Strategy):
+    """``head(f2(Z + up(f1(global patch))))``, trained by PatchGD micro-steps.
 
     ``backbone`` maps (n, C, p, p) patches to (n, channels, h, w) feature maps. ``sampling`` is
     the fraction of patches updated per inner iteration (at least one); ``patch_batch`` bounds
     how many patches one no-gradient pass runs (default: as many as an inner iteration).
     """
+
+    budget_knobs = "model.patch_sampling, model.patch_size"
 
     def __init__(self, backbone: nn.Module, channels: int, num_classes: int, *, patch_size: int,
                  sampling: float = 0.25, inner_iterations: int = 3, head_depth: int = 2, dropout: float = 0.0,
@@ -69,7 +77,7 @@ class PatchGDClassifier(nn.Module):
             layers += [nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.GroupNorm(groups, channels),
                        nn.ReLU(inplace=True)]
         self.aggregator = nn.Sequential(*layers)
-        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(channels, num_classes))
+        self.head = build_head("pool", channels, num_classes, dropout=dropout)
 
     # -- geometry and pixels -------------------------------------------------------------------
     def grid(self, image_size: Sequence[int]) -> tuple[int, int]:
@@ -84,6 +92,12 @@ class PatchGDClassifier(nn.Module):
     def patches_per_iteration(self, image_size: Sequence[int]) -> int:
         rows, cols = self.grid(image_size)
         return max(1, round(self.sampling * rows * cols))
+
+    def describe(self, image_size: Sequence[int], batch: int) -> str:
+        rows, cols = self.grid(image_size)
+        return (f"PatchGD step: {rows} x {cols} patches of {self.patch_size} px, "
+                f"{self.patches_per_iteration(image_size)} updated per inner iteration, {self.inner_iterations} "
+                f"inner iterations, batch {batch}")
 
     def _parameter(self) -> torch.Tensor:
         return next(self.parameters())
@@ -103,10 +117,8 @@ class PatchGDClassifier(nn.Module):
     def _global(self, images: Any) -> torch.Tensor:
         reference, p = self._parameter(), self.patch_size
         if isinstance(images, torch.Tensor):
-            small = F.interpolate(pixels_to_unit(images, reference.dtype), size=(p, p), mode="area")
+            small = area_resize(pixels_to_unit(images, reference.dtype), (p, p))
         else:  # the reader's pyramid level nearest above p, averaged down (as the downsampling baseline reads)
-            from streamcnn.training.baselines import downsample_image
-
             small = torch.stack([downsample_image(image, p) for image in images])
         return small.to(reference.device, reference.dtype)
 
@@ -116,39 +128,45 @@ class PatchGDClassifier(nn.Module):
             return images.shape[0], (images.shape[-2], images.shape[-1])
         return len(images), tuple(images[0].shape[-2:])
 
-    def _features(self, patches: torch.Tensor) -> torch.Tensor:
-        return self.backbone(patches).mean(dim=(2, 3))
-
     # -- the method ----------------------------------------------------------------------------
     @torch.no_grad()
     def fill(self, images: Any) -> torch.Tensor:
-        """The latent block ``Z`` (N, M, rows * cols) of every patch, without gradients."""
+        """The latent block of every patch, patch-major: (N, rows * cols, M, h, w), without gradients."""
         n, size = self._size(images)
         rows, cols = self.grid(size)
         chunk = self.patch_batch or self.patches_per_iteration(size)
         parts = []
         for start in range(0, rows * cols, chunk):
             indices = range(start, min(start + chunk, rows * cols))
-            parts.append(self._features(self._read(images, indices, cols)).reshape(n, len(indices), -1))
-        return torch.cat(parts, dim=1).transpose(1, 2).contiguous()
+            maps = self.backbone(self._read(images, indices, cols))
+            parts.append(maps.reshape(n, len(indices), *maps.shape[1:]))
+        return torch.cat(parts, dim=1)
 
-    def classify(self, z: torch.Tensor, global_features: torch.Tensor | None, grid: tuple[int, int]) -> torch.Tensor:
-        """Logits from the latent block (N, M, rows * cols) and the global patch's features."""
-        pooled = self.aggregator(z.reshape(*z.shape[:2], *grid)).mean(dim=(2, 3))
-        if global_features is not None:
-            pooled = pooled + global_features
-        return self.classifier(pooled)
+    @staticmethod
+    def tile(z: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """The patch-major block (N, rows * cols, M, h, w) as one map (N, M, rows * h, cols * w)."""
+        n, _, m, h, w = z.shape
+        rows, cols = grid
+        return z.reshape(n, rows, cols, m, h, w).permute(0, 3, 1, 4, 2, 5).reshape(n, m, rows * h, cols * w)
+
+    def classify(self, z: torch.Tensor, global_map: torch.Tensor | None, grid: tuple[int, int]) -> torch.Tensor:
+        """Logits from the patch-major block and the global patch's feature map (fused before ``f2``)."""
+        fused = self.tile(z, grid)
+        if global_map is not None:
+            fused = fused + F.interpolate(global_map, size=fused.shape[-2:], mode="nearest")
+        return self.head(self.aggregator(fused))
+
+    def _global_map(self, images: Any) -> torch.Tensor | None:
+        return self.backbone(self._global(images)) if self.global_patch else None
 
     def forward(self, images: Any) -> torch.Tensor:
         """Logits of every image, from all its patches (evaluation, or training under ``no_grad``)."""
         if self.training and torch.is_grad_enabled():
-            raise RuntimeError("PatchGD trains through its own micro_step (streamcnn.engine.step.micro_step takes it); a "
-                               "plain forward with gradients would train the global patch only. Wrappers that call "
+            raise RuntimeError("PatchGD trains through its own micro_step (streamcnn.engine.step.micro_step runs it); "
+                               "a plain forward with gradients would train the global patch only. Wrappers that call "
                                "forward, such as DistributedDataParallel, are not supported: train on one process")
         _, size = self._size(images)
-        z = self.fill(images)
-        g = self._features(self._global(images)) if self.global_patch else None
-        return self.classify(z, g, self.grid(size))
+        return self.classify(self.fill(images), self._global_map(images), self.grid(size))
 
     def micro_step(self, images: Any, labels: torch.Tensor, *, device_type: str, accumulate: int = 1,
                    amp_dtype: torch.dtype | None = None,
@@ -157,7 +175,7 @@ class PatchGDClassifier(nn.Module):
 
         Each backward adds ``loss / (accumulate * inner_iterations)`` to the gradients, so one
         micro-step weighs as much as a conventional one. Returns the mean loss over the inner
-        iterations and the last iteration's logits, detached (as :func:`streamcnn.engine.step.micro_step`).
+        iterations and the last iteration's logits, detached.
         """
         n, size = self._size(images)
         grid = self.grid(size)
@@ -168,19 +186,18 @@ class PatchGDClassifier(nn.Module):
         total, logits = 0.0, None
         for j in range(self.inner_iterations):
             chosen = [order[(j * k + i) % count] for i in range(k)]
+            index = torch.tensor(chosen, device=z.device)
             with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                feats = self._features(self._read(images, chosen, grid[1])).reshape(n, k, -1).transpose(1, 2)
-                index = torch.tensor(chosen, device=z.device)
-                zj = z.index_copy(2, index, feats.to(z.dtype))
-                g = self._features(self._global(images)) if self.global_patch else None
-                out = self.classify(zj, g, grid)
-                loss = F.cross_entropy(out.float(), labels)
+                maps = self.backbone(self._read(images, chosen, grid[1]))
+                maps = maps.reshape(n, k, *maps.shape[1:]).to(z.dtype)
+                out = self.classify(z.index_copy(1, index, maps), self._global_map(images), grid)
+                loss = loss_of(out, labels)
             scaled = loss / (accumulate * self.inner_iterations)
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            z.index_copy_(2, index, feats.detach().to(z.dtype))
+            z.index_copy_(1, index, maps.detach())
             total = total + loss.detach()
             logits = out.detach()
-            del feats, zj, g, out, loss, scaled
+            del maps, out, loss, scaled
         return total / self.inner_iterations, logits  # type: ignore[return-value]
 
 
@@ -188,39 +205,7 @@ def build_patchgd(trunk: str, num_classes: int, in_channels: int, *, patch_size:
                   inner_iterations: int = 3, head_depth: int = 2, dropout: float = 0.0, global_patch: bool = True,
                   weights: str | None = None, trunk_kwargs: dict | None = None) -> PatchGDClassifier:
     """PatchGD over a named trunk of the registry (:func:`streamcnn.models.classifier.build_trunk`, with ``trunk_kwargs``)."""
-    from streamcnn.models.classifier import build_trunk
-
     backbone, channels = build_trunk(trunk, in_channels, weights, **(trunk_kwargs or {}))
     return PatchGDClassifier(backbone, channels, num_classes, patch_size=patch_size, sampling=sampling,
                              inner_iterations=inner_iterations, head_depth=head_depth, dropout=dropout,
                              global_patch=global_patch)
-
-
-def check_budget(model: PatchGDClassifier, image_size: Sequence[int], budget: str | int, *, batch: int = 1,
-                 accumulate: int = 1, dtype: torch.dtype | None = None, device: str = "cpu",
-                 optimizer: str = "adamw", weight_decay: float = 0.0,
-                 counts: str = "process") -> tuple[str, dict[str, Any]]:
-    """Predict a PatchGD step's peak (:func:`streamcnn.planning.memory.predict_step_memory`) and check the
-    part of it that ``counts`` (:data:`streamcnn.planning.memory.BUDGET_COUNTS`) against ``budget``; returns a description and a JSON report, or raises
-    :class:`streamcnn.planning.search.BudgetError`. PatchGD has no plan to choose: its memory is set by
-    the patch size, the sampling rate and the batch, which the config fixes."""
-    from streamcnn.planning.memory import budget_counts_suffix, budgeted_bytes, predict_step_memory
-    from streamcnn.planning.search import BudgetError
-    from streamcnn.utils.units import format_size, parse_size
-
-    limit = parse_size(budget)
-    estimate = predict_step_memory(model, image_size, batch=batch, dtype=dtype, device=device, optimizer=optimizer,
-                                   weight_decay=weight_decay, accumulate=accumulate)
-    k, rows_cols = model.patches_per_iteration(image_size), model.grid(image_size)
-    what = (f"PatchGD step: {rows_cols[0]} x {rows_cols[1]} patches of {model.patch_size} px, {k} updated per inner "
-            f"iteration, {model.inner_iterations} inner iterations, batch {batch}, on {device}")
-    need, of = budgeted_bytes(estimate, counts), budget_counts_suffix(counts)
-    if need > limit:
-        raise BudgetError(f"{what} needs {format_size(need)}{of}, over the budget of {format_size(limit)}{of}: lower "
-                          f"model.patch_sampling, model.patch_size or train.batch_size, or use a budget of at least "
-                          f"{format_size(need)}", need)
-    text = f"{what}: predicted peak {format_size(need)}{of} fits the budget of {format_size(limit)}{of}"
-    return text, {"method": "patchgd", "predicted_bytes": need, "budget_bytes": limit, "budget_counts": counts,
-                  "predicted_peak_bytes": estimate.allocated_bytes, "predicted_device_bytes": estimate.process_bytes,
-                  "patches_per_iteration": k, "grid": list(rows_cols), "patch_size": model.patch_size,
-                  "inner_iterations": model.inner_iterations}
