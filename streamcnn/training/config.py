@@ -76,13 +76,16 @@ class ModelConfig(_Section):
     """The network: ``stream`` (full resolution, streamed trunk), the ``downsample``
     baseline (the image is read at ``input_size`` px and the same trunk runs conventionally),
     or ``patchgd`` (PatchGD with a global patch, :mod:`streamcnn.models.patchgd`: ``patch_size`` px
-    patches, ``patch_sampling`` of them updated per inner iteration, ``inner_iterations``)."""
+    patches, ``patch_sampling`` of them updated per inner iteration, ``inner_iterations``), or
+    ``zoomin`` (two-stage attention sampling, :mod:`streamcnn.models.zoomin`, its options in
+    ``strategy_kwargs``: ``tile``, ``subtile``, ``samples``, ...)."""
 
-    mode: Literal["stream", "downsample", "patchgd"] = "stream"
+    mode: Literal["stream", "downsample", "patchgd", "zoomin"] = "stream"
     trunk: str = "resnet18-sws-w16-s2"
     head: str = "pool"
     trunk_kwargs: dict[str, Any] = Field(default_factory=dict)   # the trunk constructor's (torchvision, timm)
     head_kwargs: dict[str, Any] = Field(default_factory=dict)
+    strategy_kwargs: dict[str, Any] = Field(default_factory=dict)   # zoomin mode: ZoomInClassifier's keywords
     weights: Optional[str] = None
     in_channels: Optional[int] = Field(None, ge=1)   # None: the training images' channels
     num_classes: Optional[int] = Field(None, ge=2)   # None: the training data's (dataset.num_classes)

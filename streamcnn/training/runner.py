@@ -35,7 +35,10 @@ from torch.utils.data import Dataset
 from streamcnn.utils.allocator import keep_freed_memory
 from streamcnn.utils.cpu import preferred_memory_format, usable_cores
 from streamcnn.models.classifier import StreamingClassifier, build_model
-from streamcnn.models.patchgd import PatchGDClassifier, build_patchgd, check_budget
+from streamcnn.engine.step import Strategy
+from streamcnn.models.patchgd import build_patchgd
+from streamcnn.models.strategy import check_budget
+from streamcnn.models.zoomin import build_zoomin
 from streamcnn.planning.search import enforce_budget, plan
 from streamcnn.utils.files import atomic_write_text
 from streamcnn.utils.units import parse_size
@@ -84,6 +87,9 @@ def build_training_model(config: TrainConfig) -> StreamingClassifier:
         return build_patchgd(m.trunk, m.num_classes, m.in_channels, patch_size=m.patch_size,
                              sampling=m.patch_sampling, inner_iterations=m.inner_iterations, weights=m.weights,
                              trunk_kwargs=m.trunk_kwargs)
+    if m.mode == "zoomin":
+        return build_zoomin(m.trunk, m.num_classes, m.in_channels, weights=m.weights, trunk_kwargs=m.trunk_kwargs,
+                            **m.strategy_kwargs)
     return build_model(m.trunk, m.head, num_classes=m.num_classes, in_channels=m.in_channels, weights=m.weights,
                        head_kwargs=m.head_kwargs, trunk_kwargs=m.trunk_kwargs)
 
@@ -103,9 +109,9 @@ def apply_memory_plan(model: StreamingClassifier, config: TrainConfig, image_siz
     which is planned and enforced under the same budget).
     """
     p = config.plan
-    if isinstance(model, PatchGDClassifier):  # nothing to plan: the config fixes its memory
+    if isinstance(model, Strategy):  # PatchGD, Zoom-In: nothing to plan, the config fixes their memory
         if p.budget is None:
-            return "no budget: PatchGD as the config says", None
+            return f"no budget: {type(model).__name__} as the config says", None
         return check_budget(model, image_size, p.budget, batch=batch, accumulate=config.train.accumulate,
                             dtype=resolve_amp(config.train.amp, device), device=device.type,
                             optimizer=config.optim.name, weight_decay=config.optim.weight_decay,
