@@ -1,244 +1,383 @@
 #!/usr/bin/env python
-"""Which method reaches the best test accuracy within the same memory budget and minutes?
+"""Which method reaches the best test accuracy within the same memory budget and CPU time?
 
-The miniature budget-aware UltraMNIST benchmark (docs/learning.md). Every arm is a config
-``configs/learning-<arm>.yaml`` run through ``tools/train.py`` with the same ``--budget`` and
-``--max-minutes``, one subprocess per arm and seed (``--jobs`` at a time); the test split is
-evaluated after every epoch, which gives test accuracy against minutes. Each arm's training
-step is then measured in its own fresh subprocess: the CPU allocator's peak
-(:mod:`streamcnn.planning.measurement`) and the process's peak RSS, the figure a CPU budget limits;
-each run's own peak RSS (which adds the images held in memory) is in its metrics.
+The budget-aware UltraMNIST miniature (docs/learning.md): a ``--canvas`` px canvas (default 256)
+under ``11 GB x (canvas / 4000)^2`` of tensors (activations scale with the pixels; 45 MB at 256
+px), four arms, each a config ``configs/learning-<arm>.yaml`` run through ``tools/train.py``:
 
-    python benchmarks/bench_learning.py --jobs 2 --threads 1      # the headline: 3 seeds, 8 min
-    python benchmarks/bench_learning.py --seeds 0 --minutes 4 --pilot
-    python benchmarks/bench_learning.py --suite trunks --seeds 0 --minutes 4 --pilot
+- ``stream``: full resolution, as the planner plans it (the benchmark checks the plan streams);
+- ``down``: the image downsampled to the largest input that trains conventionally within the budget;
+- ``patchgd``: PatchGD with its global patch, patches of half the side, the largest sampling that fits;
+- ``zoomin``: Zoom-In, the most samples that fit.
 
-Suites: ``arms`` (full resolution streamed, downsampled 256/512/1024 of 4000 scaled, PatchGD)
-and ``trunks`` (the from-scratch trunk candidates of :mod:`streamcnn.models.scratch`). ``--threads 1``
-when other work shares the cores: two OpenMP threads on a busy 2-core machine wait at every
-op's barrier (a 131 px step: 10.8 s with 2 threads vs 0.1 s with 1, measured under load). Writes
-``benchmarks/results/learning-<suite>-<variant>[-pilot].json`` and ``.png`` and prints the table.
-Data: UltraMNIST at ``--size`` px from the project's generator, relabelled as ``--variant``.
+    python benchmarks/bench_learning.py                          # 4 arms x seeds 0 1 2, 45 CPU-minutes each
+    python benchmarks/bench_learning.py --variant sum --seeds 0  # the benchmark's own label, one seed
+
+Each arm first tunes its learning rate (``--tune``: 0.5x, 1x, 2x of the config's, ``--tune-minutes``
+CPU-minutes each, seed 0, scored on a validation split cut from the training images, never the test
+split), then trains each seed. Time is the process's CPU time (user + system, the trainer and its
+children), read from /proc while it runs: a run is stopped at ``--cpu-minutes``, and each epoch's
+test accuracy is recorded against the CPU seconds at which it appeared. Resumable: every finished
+run (tuning ones too) writes ``result.json`` in its folder and is reused; a run cut off midway
+starts over. Writes ``benchmarks/results/learning-<suite>.json`` after every run, its ``.png`` and
+a contact sheet ``learning-<suite>-detail.png`` (the deciding digit at full resolution and at the
+``down`` arm's input size).
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import common
 
 ROOT = Path(__file__).resolve().parent.parent
-ARMS = {  # arm -> (config, extra overrides)
-    "stream": ("learning-stream", []),
-    "down256": ("learning-down256", []),
-    "down512": ("learning-down512", []),
-    "down1024": ("learning-down1024", []),
-    "patchgd": ("learning-patchgd", []),
-}
-# The trunk candidates on the full-resolution arm (the downsampled ones learn nothing to compare):
-# streaming computes the same function as conventional training, so trainability does not depend on the plan.
-TRUNKS = {kind: ("learning-stream", [f"model.trunk=resnet18-{kind}-w16-s2"]) for kind in ("affine", "fixup", "ws", "ln")}
-SUITES = {"arms": ARMS, "trunks": TRUNKS}
+ARMS = ("stream", "down", "patchgd", "zoomin")
+REFERENCE = (4000, 11e9)          # the benchmark's canvas (px) and budget (bytes)
+TICK = os.sysconf("SC_CLK_TCK")
 
 
-def prepare_data(root: Path, size: int, train: int, test: int, variant: str) -> dict:
-    """Generate the splits (reused when present) and write the variant's manifests."""
+def scaled_budget(canvas: int) -> int:
+    """The paper's 11 GB at 4000 x 4000 px scaled by the pixel count: activations grow with it."""
+    return int(REFERENCE[1] * (canvas / REFERENCE[0]) ** 2)
+
+
+# -- data ------------------------------------------------------------------------------------------
+def prepare_data(root: Path, canvas: int, train: int, test: int, variant: str, val_fraction: float) -> dict:
+    """Generate the splits (reused when present), the variant's manifests, and a tuning split of train."""
     from streamcnn.data import generate_ultramnist
     from streamcnn.data.variants import write_variant_manifest
+    from streamcnn.utils.files import atomic_write_text
 
     counts = {}
     for split, count in (("train", train), ("test", test)):
-        generate_ultramnist(root / split, count, size=size, seed=0, split=split, workers=2, progress=False)
+        generate_ultramnist(root / split, count, size=canvas, seed=0, split=split, workers=2, progress=False)
         _, counts[split] = write_variant_manifest(root / split, variant)
+    with open(root / "train" / f"manifest-{variant}.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    cut = int(len(rows) * (1 - val_fraction))       # the manifest is in image order, classes interleaved
+    for name, part in (("tune-train", rows[:cut]), ("tune-val", rows[cut:])):
+        lines = ["path,label"] + [f"{r['path']},{r['label']}" for r in part]
+        atomic_write_text(root / "train" / f"manifest-{variant}-{name}.csv", "\n".join(lines) + "\n")
     return counts
 
 
+# -- what each arm spends its budget on ------------------------------------------------------------
+_FIT = """
+import json, sys, torch
+from streamcnn.training.config import load_config
+from streamcnn.training.runner import build_training_model
+from streamcnn.planning.memory import predict_step_memory, budgeted_bytes
+config_path, arm, canvas, budget, counts = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+def need(overrides, size):
+    c = load_config(config_path, overrides)
+    e = predict_step_memory(build_training_model(c), size, batch=c.train.batch_size, device="cpu",
+                            optimizer=c.optim.name, weight_decay=c.optim.weight_decay)
+    return budgeted_bytes(e, counts)
+def largest(options, overrides, size):
+    best = None
+    for option in options:          # ascending: memory grows with each
+        if need(overrides(option), size if size else option) > budget:
+            break
+        best = option
+    return best
+if arm == "down":     # the largest input, multiple of 8, that trains conventionally (plan: no tiles, no checkpoint)
+    fixed = lambda s: [["model.input_size", s], ["plan.tile_size", None], ["plan.checkpoint", False]]
+    sizes = list(range(32, canvas, 8))
+    lo, hi = 0, len(sizes) - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if need(fixed(sizes[mid]), sizes[mid]) <= budget else (lo, mid - 1)
+    out = {"model.input_size": sizes[lo]}
+elif arm == "patchgd":
+    grid = (canvas // load_config(config_path).model.patch_size) ** 2
+    k = largest(range(1, grid + 1), lambda k: [["model.patch_sampling", k / grid]], canvas)
+    out = {"model.patch_sampling": (k or 1) / grid}
+elif arm == "zoomin":
+    kwargs = load_config(config_path).model.strategy_kwargs
+    s = largest([4, 8, 12, 16, 24, 32, 48, 64], lambda s: [["model.strategy_kwargs", {**kwargs, "samples": s}]], canvas)
+    out = {"model.strategy_kwargs": {**kwargs, "samples": s or 4}}
+else:
+    out = {}
+print(json.dumps(out))
+"""
+
+
+def arm_settings(arm: str, canvas: int, budget: int, counts: str, threads: int | None) -> dict:
+    """The overrides that spend ``budget`` the arm's way (found with the planner's prediction)."""
+    result = subprocess.run([sys.executable, "-c", _FIT, str(ROOT / "configs" / f"learning-{arm}.yaml"), arm,
+                             str(canvas), str(budget), counts], capture_output=True, text=True, cwd=ROOT,
+                            env=_env(threads))
+    if result.returncode:
+        raise RuntimeError(f"sizing arm {arm} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _override(key: str, value) -> str:
+    return f"{key}={json.dumps(value) if isinstance(value, (dict, list)) else value}"
+
+
+# -- one run, stopped at its CPU time ----------------------------------------------------------------
 def _env(threads: int | None) -> dict:
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     return env
 
 
-def _train(config: str, overrides: list[str], data: Path, variant: str, budget: str, counts: str, minutes: float,
-           seed: int, out: Path, threads: int | None) -> float:
-    command = [sys.executable, str(ROOT / "tools/train.py"), "--config", str(ROOT / "configs" / f"{config}.yaml"),
-               "--data", str(data / "train"), "--budget", budget, "--max-minutes", str(minutes), "--seed", str(seed),
-               "--out", str(out), "--set", f"data.val_root={data / 'test'}", "--set", f"plan.budget_counts={counts}",
-               "--set", f"data.manifest=manifest-{variant}.csv", "--set", f"data.val_manifest=manifest-{variant}.csv"]
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of ``pid``, its reaped children and its live descendants."""
+    total = 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total = sum(int(x) for x in fields[11:15]) / TICK      # utime stime cutime cstime
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                total += cpu_seconds(int(child))
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        pass
+    return total
+
+
+def train_run(arm: str, overrides: list[str], data: Path, manifests: tuple[str, str], val_root: Path,
+              budget: int, counts: str, cpu_limit: float, seed: int, out: Path, threads: int | None) -> dict:
+    """Train one arm and seed until ``cpu_limit`` CPU seconds; its curve against CPU seconds."""
+    done = out / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    for stale in ("metrics.jsonl", "last.pt"):        # a run cut off midway starts over
+        (out / stale).unlink(missing_ok=True)
+    command = [sys.executable, str(ROOT / "tools/train.py"), "--config", str(ROOT / "configs" / f"learning-{arm}.yaml"),
+               "--data", str(data / "train"), "--budget", str(budget), "--seed", str(seed), "--out", str(out),
+               "--set", f"data.val_root={val_root}", "--set", f"plan.budget_counts={counts}",
+               "--set", f"data.manifest={manifests[0]}", "--set", f"data.val_manifest={manifests[1]}"]
     for override in overrides:
         command += ["--set", override]
-    start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, env=_env(threads))
-    if result.returncode:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
-    return time.perf_counter() - start
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "train.log", "w")
+    child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=_env(threads))
+    seen, stamps, used, planned = 0, [], 0.0, None
+    while child.poll() is None:
+        time.sleep(1.0)
+        used = max(used, cpu_seconds(child.pid))
+        if planned is None and (out / "plan.json").exists():
+            planned = used
+        metrics = out / "metrics.jsonl"
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        stamps += [used] * (len(lines) - seen)
+        seen = len(lines)
+        if used >= cpu_limit:
+            child.send_signal(signal.SIGTERM)
+            child.wait()
+    log.close()
+    if child.returncode not in (0, -signal.SIGTERM):
+        raise RuntimeError(f"{' '.join(command)} failed:\n{(out / 'train.log').read_text()[-3000:]}")
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    stamps += [used] * (len(rows) - len(stamps))
+    curve, images = [], 0
+    for row, cpu in zip(rows, stamps):
+        images += row["images"]
+        curve.append({"epoch": row["epoch"], "cpu_seconds": cpu, "steps": row["step"], "images": images,
+                      "test_accuracy": row["val_accuracy"], "train_loss": row["train_loss"],
+                      "train_accuracy": row["train_accuracy"]})
+    result = {"seed": seed, "cpu_seconds": used, "cpu_seconds_planning": planned, "curve": curve,
+              "overrides": overrides, "stopped_at_cpu_limit": used >= cpu_limit}
+    common.write_json(done, result)
+    return result
 
 
+# -- the arm's plan and measured step ----------------------------------------------------------------
 _MEASURE = """
-import json, resource, sys, torch
+import json, sys, torch
+from streamcnn.engine.step import Strategy
 from streamcnn.planning.measurement import measure_step_memory
-from streamcnn.engine.step import allocate_optimizer_state, make_optimizer, training_step
 from streamcnn.training.config import load_config
 from streamcnn.training.loop import resolve_amp
 from streamcnn.training.runner import planned_model
 config = load_config(sys.argv[1], json.loads(sys.argv[2]))
-size = config.model.input_size if config.model.mode == "downsample" else json.loads(sys.argv[3])
-model, _, _ = planned_model(config, (size, size), torch.device("cpu"))   # as the trainer runs it
-dtype, batch = resolve_amp(config.train.amp, torch.device("cpu")), config.train.batch_size
-# RSS first, without the profiler (its event buffers are not the step's): three steps on uint8 images,
-# as the trainer takes them, from a process that has loaded nothing else
-optimizer = allocate_optimizer_state(make_optimizer(config.optim.name, model, lr=config.optim.lr,
-                                                    weight_decay=config.optim.weight_decay))
-images = torch.randint(0, 256, (batch, config.model.in_channels or 1, size, size), dtype=torch.uint8)
-labels = torch.zeros(batch, dtype=torch.long)
-for _ in range(3):
-    training_step(model, images, labels, optimizer, device_type="cpu", amp_dtype=dtype)
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-peak = measure_step_memory(model, size, batch=batch, device="cpu", optimizer=config.optim.name, dtype=dtype)
-print(json.dumps({"measured_peak_bytes": peak.allocated_bytes, "input_px": size, "dtype": str(dtype),
-                  "measured_rss_bytes": rss, "plan": {k: getattr(getattr(model, "trunk", None), k, None)
-                                                      for k in ("tile_size", "checkpoint")}}))
+size = config.model.input_size if config.model.mode == "downsample" else int(sys.argv[3])
+model, _, report = planned_model(config, (size, size), torch.device("cpu"))   # as the trainer runs it
+dtype = resolve_amp(config.train.amp, torch.device("cpu"))
+peak = measure_step_memory(model, size, batch=config.train.batch_size, device="cpu", optimizer=config.optim.name,
+                           dtype=dtype)
+if isinstance(model, Strategy):
+    plan = {"mode": config.model.mode, "tile_size": None, "n_tiles": None, "description": model.describe((size, size),
+            config.train.batch_size)}
+else:
+    tile = model.trunk.tile_size
+    plan = {"mode": report["mode"], "tile_size": tile, "n_tiles": len(model.trunk.plan((size, size)).tiles) if tile else 1,
+            "checkpoint": model.trunk.checkpoint, "reason": report["reason"]}
+print(json.dumps({"peak_bytes": peak.allocated_bytes, "input_px": size, "plan": plan}))
 """
 
 
-def measure_peak(config: str, overrides: list[str], budget: str, counts: str, size: int, threads: int | None) -> dict:
-    """One training step of the arm as planned under ``budget``, measured in a fresh process."""
-    pairs = [o.split("=", 1) for o in overrides] + [["plan.budget", budget], ["plan.budget_counts", counts],
-                                                    ["train.progress", False]]
-    result = subprocess.run([sys.executable, "-c", _MEASURE, str(ROOT / "configs" / f"{config}.yaml"),
-                             json.dumps(pairs), json.dumps(size)], capture_output=True, text=True, cwd=ROOT,
-                            env=_env(threads))
+def measure(arm: str, overrides: list[str], budget: int, counts: str, canvas: int, threads: int | None) -> dict:
+    """The arm's plan under ``budget`` and the CPU allocator's peak over one step of it, in a fresh process."""
+    pairs = [o.split("=", 1) for o in overrides]
+    pairs = [[k, json.loads(v) if v[:1] in "{[" else v] for k, v in pairs]
+    pairs += [["plan.budget", budget], ["plan.budget_counts", counts], ["train.progress", False]]
+    result = subprocess.run([sys.executable, "-c", _MEASURE, str(ROOT / "configs" / f"learning-{arm}.yaml"),
+                             json.dumps(pairs), str(canvas)], capture_output=True, text=True, cwd=ROOT, env=_env(threads))
     if result.returncode:
-        raise RuntimeError(f"measuring {config} failed:\n{result.stderr[-3000:]}")
+        raise RuntimeError(f"measuring arm {arm} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def read_run(out: Path) -> dict:
-    """The run's curve (test accuracy after each epoch against minutes) and its plan."""
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    minutes, curve = 0.0, []
-    for row in rows:
-        minutes += (row["seconds"] + row.get("val_seconds", 0.0)) / 60
-        curve.append({"epoch": row["epoch"], "minutes": minutes, "test_accuracy": row["val_accuracy"],
-                      "train_loss": row["train_loss"], "rss_peak_bytes": row["peak_memory_bytes"]})
-    plan = json.loads((out / "plan.json").read_text()) if (out / "plan.json").exists() else None
-    return {"curve": curve, "plan_chosen": plan.get("chosen") if isinstance(plan, dict) else None,
-            "plan_text": (out / "plan.txt").read_text().strip().splitlines()[-1]}
+# -- outputs --------------------------------------------------------------------------------------------
+def write_results(payload: dict) -> None:
+    """Write the suite's JSON, keeping the arms another command of the same suite wrote (``--arms``)."""
+    path = common.RESULTS / f"learning-{payload['suite']}.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if (old.get("canvas_px"), old.get("budget_bytes")) == (payload["canvas_px"], payload["budget_bytes"]):
+            payload["arms"] = {**{a: e for a, e in old.get("arms", {}).items() if a not in payload["arms"]},
+                               **payload["arms"]}
+    payload["arms"] = {a: payload["arms"][a] for a in ARMS if a in payload["arms"]}
+    common.write_json(path, payload)
 
 
-def summarise(arm: str, runs: list[dict], peak: dict, budget_bytes: int, counts: str) -> dict:
+def summary(runs: list[dict]) -> dict:
     finals = [r["curve"][-1]["test_accuracy"] for r in runs if r["curve"]]
-    budgeted = peak["measured_peak_bytes"] if counts == "tensors" else peak["measured_rss_bytes"]
-    return {"arm": arm, "input_px": peak["input_px"], "measured_peak_MB": peak["measured_peak_bytes"] / 1e6,
-            "measured_rss_MB": peak["measured_rss_bytes"] / 1e6, "within_budget": budgeted <= budget_bytes,
-            "step_plan": peak["plan"],
-            "run_rss_MB": max(r["curve"][-1]["rss_peak_bytes"] for r in runs if r["curve"]) / 1e6,
-            "minutes": statistics.mean(r["curve"][-1]["minutes"] for r in runs if r["curve"]),
-            "epochs": statistics.mean(r["curve"][-1]["epoch"] for r in runs if r["curve"]),
-            "test_accuracy_mean": statistics.mean(finals),
-            "test_accuracy_spread": statistics.stdev(finals) if len(finals) > 1 else None, "seeds": len(finals)}
+    return {"test_accuracy_mean": statistics.mean(finals) if finals else None,
+            "test_accuracy_spread": statistics.stdev(finals) if len(finals) > 1 else None, "seeds": len(finals),
+            "cpu_seconds_mean": statistics.mean(r["cpu_seconds"] for r in runs) if runs else None}
 
 
-def plot(results: dict, path: Path, title: str) -> None:
-    from streamcnn.utils.files import save_figure
+def plot(payload: dict, path: Path) -> None:
     from streamcnn.training.metrics import _pyplot
+    from streamcnn.utils.files import save_figure
 
     plt = _pyplot()
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    for arm, entry in results.items():
+    colors = dict(zip(ARMS, ("tab:red", "tab:blue", "tab:green", "tab:purple")))
+    figure, axes = plt.subplots(figsize=(7.5, 4.5))
+    for arm, entry in payload["arms"].items():
         for i, run in enumerate(entry["runs"]):
-            xs = [p["minutes"] for p in run["curve"]]
-            ys = [p["test_accuracy"] for p in run["curve"]]
-            axes.plot(xs, ys, marker="o", color=entry["color"], alpha=0.8, label=arm if i == 0 else None)
-    axes.axhline(results[next(iter(results))]["chance"], color="grey", linestyle=":", label="chance")
-    axes.set_xlabel("minutes (training + test evaluation)")
+            xs = [p["cpu_seconds"] / 60 for p in run["curve"]]
+            axes.plot(xs, [p["test_accuracy"] for p in run["curve"]], marker="o", ms=3, color=colors.get(arm),
+                      alpha=0.8, label=f"{arm} ({entry['plan']['mode']})" if i == 0 else None)
+    axes.axhline(payload["chance"], color="grey", linestyle=":", label="chance")
+    axes.set_xlabel("CPU minutes (user + system) of the run")
     axes.set_ylabel("test accuracy")
-    axes.set_title(title)
-    axes.legend()
+    axes.set_title(f"{payload['variant']} at {payload['canvas_px']} px, {payload['budget_bytes'] / 1e6:.0f} MB of tensors")
+    axes.legend(fontsize=8)
+    save_figure(figure, path)
+
+
+def contact_sheet(test_root: Path, down_px: int, path: Path, count: int = 4) -> None:
+    """Test images: whole, the smallest digit's box at full resolution, and the same at ``down_px``."""
+    import numpy as np
+    import tifffile
+    import torch
+
+    from streamcnn.training.metrics import _pyplot
+    from streamcnn.utils.downsample import area_resize
+    from streamcnn.utils.files import save_figure
+
+    with open(test_root / "manifest.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))[:count]
+    plt = _pyplot()
+    figure, axes = plt.subplots(count, 3, figsize=(7.5, 2.5 * count))
+    for row, ax in zip(rows, axes):
+        image = tifffile.imread(test_root / row["path"], key=0).astype(np.float32)
+        boxes = json.loads(row["boxes"])
+        x, y, w, h = min(boxes, key=lambda b: b[2] * b[3])
+        small = area_resize(torch.from_numpy(image), (down_px, down_px)).numpy()
+        scale = down_px / image.shape[-1]
+        pad = max(w, h) // 2
+        t, l = max(0, y - pad), max(0, x - pad)
+        ax[0].imshow(image, cmap="gray")
+        ax[0].add_patch(plt.Rectangle((x, y), w, h, fill=False, color="red"))
+        ax[0].set_title(f"{image.shape[-1]} px, digits {row['digits']}", fontsize=8)
+        ax[1].imshow(image[t:y + h + pad, l:x + w + pad], cmap="gray")
+        ax[1].set_title(f"smallest digit, full resolution ({w} px)", fontsize=8)
+        st, sl = int(t * scale), int(l * scale)
+        ax[2].imshow(small[st:max(st + 1, int((y + h + pad) * scale)), sl:max(sl + 1, int((x + w + pad) * scale))],
+                     cmap="gray", interpolation="nearest")
+        ax[2].set_title(f"the same at {down_px} px ({w * scale:.1f} px)", fontsize=8)
+        for a in ax:
+            a.axis("off")
     save_figure(figure, path)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=sorted(SUITES), default="arms")
-    parser.add_argument("--arms", nargs="*", help="a subset of the suite's arms")
+    parser.add_argument("--arms", nargs="*", default=list(ARMS), choices=ARMS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--minutes", type=float, default=25.0, help="--max-minutes of every run")
-    parser.add_argument("--budget", default="80MB", help="--budget of every run")
-    parser.add_argument("--budget-counts", default="tensors", choices=["tensors", "process"],
-                        help="what the budget limits (plan.budget_counts): the tensor peak, or the process's RSS")
-    parser.add_argument("--size", type=int, default=128, help="canvas px of the generated images")
-    parser.add_argument("--train-count", type=int, default=40000,
-                        help="images generated for training (a variant keeps its class-balanced subset)")
-    parser.add_argument("--test-count", type=int, default=1400, help="images generated for the test split")
+    parser.add_argument("--canvas", type=int, default=256, help="canvas px of the generated images")
+    parser.add_argument("--budget", type=int, help="bytes of tensors (default: 11 GB x (canvas / 4000)^2)")
+    parser.add_argument("--cpu-minutes", type=float, default=45.0, help="CPU time of each arm and seed")
+    parser.add_argument("--tune", type=float, nargs="*", default=[0.5, 1.0, 2.0],
+                        help="learning-rate multipliers each arm tries on the validation split (none: no tuning)")
+    parser.add_argument("--tune-minutes", type=float, default=10.0, help="CPU minutes of each tuning run")
+    parser.add_argument("--train-count", type=int, default=12000, help="training images generated")
+    parser.add_argument("--test-count", type=int, default=1400, help="test images generated")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="training images held out for tuning")
     parser.add_argument("--variant", default="smallest", help="label variant (streamcnn.data.variants)")
     parser.add_argument("--data", type=Path, default=ROOT / "runs/learning-data", help="generated data folder")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs/learning", help="run folders")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (give each --threads cores / jobs)")
-    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the runs (default: torch's)")
-    parser.add_argument("--pilot", action="store_true", help="label the results a pilot (too short or too few seeds)")
-    parser.add_argument("--tag", help="appended to the results' file name (keeps another setting's results)")
+    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the runs")
+    parser.add_argument("--tag", help="appended to the suite's name (keeps another setting's results)")
     args = parser.parse_args(argv)
 
     from streamcnn.data.variants import VARIANTS
-    from streamcnn.planning.memory import budget_counts_suffix
-    from streamcnn.utils.units import parse_size
 
-    suite = SUITES[args.suite]
-    arms = args.arms or list(suite)
+    budget, counts = args.budget or scaled_budget(args.canvas), "tensors"
+    suite = f"{args.variant}-{args.canvas}px" + (f"-{args.tag}" if args.tag else "")
+    data = args.data / f"{args.canvas}px"
     payload = common.environment("cpu")
-    payload.update(suite=args.suite, pilot=args.pilot, budget=args.budget, budget_counts=args.budget_counts,
-                   max_minutes=args.minutes,
-                   seeds=args.seeds, size=args.size, variant=args.variant, threads=args.threads)
-    data = args.data / f"{args.size}px"
-    payload["images_per_class"] = prepare_data(data, args.size, args.train_count, args.test_count, args.variant)
-    chance = 1 / VARIANTS[args.variant][1]
-    classes = [f"model.num_classes={VARIANTS[args.variant][1]}"]   # the configs say 10 (the smallest variant)
-    colors = ["tab:red", "tab:blue", "tab:cyan", "tab:green", "tab:purple", "tab:orange"]
-    name = f"learning-{args.suite}-{args.variant}" + (f"-{args.tag}" if args.tag else "") + ("-pilot" if args.pilot else "")
-    results: dict = {arm: {"runs": [], "color": colors[i % len(colors)], "chance": chance} for i, arm in enumerate(arms)}
-    # seeds outermost: an interrupted benchmark has every arm's first seed; a finished run is reused
-    setting = f"{name}-{args.budget}-{args.budget_counts}-{args.minutes:g}min"   # a finished run is reused only as such
-    todo = [(seed, arm, args.runs / setting / f"{arm}-seed{seed}") for seed in args.seeds for arm in arms]
+    payload.update(suite=suite, canvas_px=args.canvas, budget_bytes=budget, budget_counts=counts,
+                   budget_rule="11 GB x (canvas / 4000)^2", variant=args.variant, chance=1 / VARIANTS[args.variant][1],
+                   cpu_minutes=args.cpu_minutes, seeds=args.seeds, tune=args.tune, tune_minutes=args.tune_minutes,
+                   threads=args.threads, arms={})
+    payload["images_per_class"] = prepare_data(data, args.canvas, args.train_count, args.test_count, args.variant,
+                                               args.val_fraction)
+    classes = [f"model.num_classes={VARIANTS[args.variant][1]}"]
+    runs = args.runs / f"{suite}-{budget}B-{args.cpu_minutes:g}cpumin"
+    for arm in args.arms:      # arm by arm, seed by seed: an interrupted suite keeps every finished run
+        settings = arm_settings(arm, args.canvas, budget, counts, args.threads)
+        overrides = classes + [_override(k, v) for k, v in settings.items()]
+        from streamcnn.training.config import load_config
 
-    def run(job: tuple[int, str, Path]) -> float | None:
-        seed, arm, out = job
-        if (out / "metrics.jsonl").exists() and (out / "last.pt").exists():
-            return None
-        config, overrides = suite[arm]
-        return _train(config, overrides + classes, data, args.variant, args.budget, args.budget_counts, args.minutes,
-                      seed, out, args.threads)
-
-    with ThreadPoolExecutor(args.jobs) as pool:      # each run is its own process
-        for (seed, arm, out), wall in zip(todo, pool.map(run, todo)):
-            results[arm]["runs"].append({"seed": seed, "wall_seconds": wall, **read_run(out)})
-            print(f"{arm} seed {seed}: test accuracy {results[arm]['runs'][-1]['curve'][-1]['test_accuracy']:.3f}",
-                  flush=True)
-    for arm in arms:
-        config, overrides = suite[arm]
-        peak = measure_peak(config, overrides + classes, args.budget, args.budget_counts, args.size, args.threads)
-        results[arm]["summary"] = summarise(arm, results[arm]["runs"], peak, parse_size(args.budget), args.budget_counts)
-    payload["load_average_after"] = list(os.getloadavg())
-    payload["chance"] = chance
-    payload["arms"] = {arm: {k: v for k, v in entry.items() if k != "color"} for arm, entry in results.items()}
-    common.write_json(f"{name}.json", payload)
-    of = budget_counts_suffix(args.budget_counts)
-    plot(results, common.RESULTS / f"{name}.png",
-         f"{args.variant} at {args.size} px, budget {args.budget}{of}, {args.minutes:g} min" + (" (pilot)" if args.pilot else ""))
-    print(common.markdown_table([results[arm]["summary"] for arm in arms], [
-        ("arm", "arm"), ("input_px", "input px"), ("measured_peak_MB", "step: tensor peak (MB)"),
-        ("measured_rss_MB", "step: peak RSS (MB)"), ("within_budget", "within budget"), ("run_rss_MB", "run: peak RSS (MB)"),
-        ("minutes", "minutes"), ("epochs", "epochs"), ("test_accuracy_mean", "test accuracy (mean)"),
-        ("test_accuracy_spread", "spread (std)"), ("seeds", "seeds")]))
-    print(f"budget {args.budget}{of}; chance {chance:.3f}; wrote {common.RESULTS / name}.json and .png")
+        lr = load_config(ROOT / "configs" / f"learning-{arm}.yaml").optim.lr
+        tuning = []
+        for factor in args.tune:
+            run = train_run(arm, overrides + [f"optim.lr={lr * factor:g}"], data,
+                            (f"manifest-{args.variant}-tune-train.csv", f"manifest-{args.variant}-tune-val.csv"),
+                            data / "train", budget, counts, 60 * args.tune_minutes, 0, runs / f"tune-{arm}-lr{factor:g}",
+                            args.threads)
+            best = max((p["test_accuracy"] for p in run["curve"]), default=0.0)
+            tuning.append({"lr": lr * factor, "val_accuracy_best": best,
+                           "train_loss_last": run["curve"][-1]["train_loss"] if run["curve"] else None})
+        chosen = max(tuning, key=lambda t: (t["val_accuracy_best"], -(t["train_loss_last"] or 0)))["lr"] if tuning else lr
+        step = measure(arm, overrides, budget, counts, args.canvas, args.threads)
+        entry = payload["arms"].setdefault(arm, {})
+        entry.update(settings=settings, lr=chosen, tuning=tuning, plan=step["plan"], input_px=step["input_px"], runs=[])
+        for seed in args.seeds:
+            run = train_run(arm, overrides + [f"optim.lr={chosen:g}"], data,
+                            (f"manifest-{args.variant}.csv", f"manifest-{args.variant}.csv"), data / "test", budget,
+                            counts, 60 * args.cpu_minutes, seed, runs / f"{arm}-seed{seed}", args.threads)
+            entry["runs"].append({**run, "plan": step["plan"], "peak_bytes": step["peak_bytes"]})
+            entry["summary"] = summary(entry["runs"])
+            write_results(payload)
+            print(f"{arm} seed {seed}: test accuracy {run['curve'][-1]['test_accuracy'] if run['curve'] else None}, "
+                  f"{run['cpu_seconds'] / 60:.1f} CPU-minutes, plan {step['plan']}", flush=True)
+    plot(payload, common.RESULTS / f"learning-{suite}.png")
+    if "down" in payload["arms"]:
+        contact_sheet(data / "test", payload["arms"]["down"]["input_px"], common.RESULTS / f"learning-{suite}-detail.png")
+    rows = [{"arm": a, "mode": e["plan"]["mode"], "tile": e["plan"]["tile_size"], "tiles": e["plan"]["n_tiles"],
+             "input px": e["input_px"], "lr": e["lr"], "peak MB": e["runs"][0]["peak_bytes"] / 1e6,
+             **e["summary"]} for a, e in payload["arms"].items()]
+    print(common.markdown_table(rows, [(k, k) for k in ("arm", "mode", "tile", "tiles", "input px", "lr", "peak MB",
+                                                        "test_accuracy_mean", "test_accuracy_spread", "seeds")]))
+    print(f"budget {budget / 1e6:.2f} MB of tensors; wrote {common.RESULTS}/learning-{suite}.json and .png")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ task is a relabelling: no image is redrawn and the generator's faithful default 
   resolution keeps legible, and finding it means comparing digits anywhere in the image. The
   tie rule makes the classes nearly uniform (8-14 % each at 128-256 px; the smallest value
   would give 26-32 % zeros). The default task of ``python tools/train.py`` (docs/learning.md).
+- ``largest``: the value of the digit in the largest box (ties: the largest value): an easy
+  control, decided by the digit that survives downsampling best.
 
 Labels are unbalanced in the generator (counts: about 16 / 30 / 54 %), so ``balance`` keeps the
 same number of images per class (the first ones in image order, deterministic).
@@ -30,6 +32,11 @@ from streamcnn.utils.files import atomic_write_text
 __all__ = ["VARIANTS", "write_variant_manifest"]
 
 
+def _largest(digits: list[int], boxes: list[list[int]]) -> int:
+    area = max(box[2] * box[3] for box in boxes)
+    return max(digit for digit, box in zip(digits, boxes) if box[2] * box[3] == area)
+
+
 def _smallest(digits: list[int], boxes: list[list[int]]) -> int:
     """The value of the digit in the smallest box; several boxes of that size: the largest value."""
     area = min(box[2] * box[3] for box in boxes)
@@ -41,6 +48,7 @@ VARIANTS: dict[str, tuple[Callable[[list[int], list[list[int]]], int], int]] = {
     "sum": (lambda digits, boxes: sum(digits), 28),
     "count": (lambda digits, boxes: len(digits) - 3, 3),
     "smallest": (_smallest, 10),
+    "largest": (_largest, 10),
 }
 
 
