@@ -154,3 +154,19 @@ def test_patchgd_budget_of_tensors_checks_the_tensor_peak():
     assert "of tensors fits the budget" in text
     with pytest.raises(BudgetError, match=r"needs [\d.]+ MB, over the budget of"):
         check_budget(model, (256, 256), budget, batch=2)
+
+
+def test_the_global_patch_is_fused_with_z_before_the_aggregator():
+    """The paper: Z + f1(global patch) goes through f2; the global view has no path around f2."""
+    model = patchgd(patch_size=64).eval()
+    images = torch.rand(2, 1, 128, 128)
+    seen = {}
+    model.aggregator.register_forward_pre_hook(lambda module, args: seen.setdefault("f2_input", args[0]))
+    model.head.register_forward_pre_hook(lambda module, args: seen.setdefault("head_input", args[0]))
+    with torch.no_grad():
+        model(images)
+        z = PatchGDClassifier.tile(model.fill(images), (2, 2))             # (2, M, 16, 16): 2 x 2 maps of 8 x 8
+        g = model.backbone(model._global(images))                          # (2, M, 8, 8)
+        expected = z + g.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+        assert torch.allclose(seen["f2_input"], expected)
+        assert torch.allclose(seen["head_input"], model.aggregator(expected))
