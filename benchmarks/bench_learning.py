@@ -62,8 +62,12 @@ def prepare_data(root: Path, canvas: int, train: int, test: int, variant: str, v
         _, counts[split] = write_variant_manifest(root / split, variant)
     with open(root / "train" / f"manifest-{variant}.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    cut = int(len(rows) * (1 - val_fraction))       # the manifest is in image order, classes interleaved
-    for name, part in (("tune-train", rows[:cut]), ("tune-val", rows[cut:])):
+    held = set()                     # the last ``val_fraction`` of each class: a balanced validation split
+    for label in {r["label"] for r in rows}:
+        paths = [r["path"] for r in rows if r["label"] == label]
+        held.update(paths[len(paths) - max(1, round(val_fraction * len(paths))):])
+    parts = ([r for r in rows if r["path"] not in held], [r for r in rows if r["path"] in held])
+    for name, part in zip(("tune-train", "tune-val"), parts):
         lines = ["path,label"] + [f"{r['path']},{r['label']}" for r in part]
         atomic_write_text(root / "train" / f"manifest-{variant}-{name}.csv", "\n".join(lines) + "\n")
     return counts
@@ -223,7 +227,7 @@ def measure(arm: str, overrides: list[str], budget: int, counts: str, canvas: in
     """The arm's plan under ``budget`` and the CPU allocator's peak over one step of it, in a fresh process."""
     pairs = [o.split("=", 1) for o in overrides]
     pairs = [[k, json.loads(v) if v[:1] in "{[" else v] for k, v in pairs]
-    pairs += [["plan.budget", budget], ["plan.budget_counts", counts], ["train.progress", False]]
+    pairs += [["plan.budget", str(budget)], ["plan.budget_counts", counts], ["train.progress", False]]
     result = subprocess.run([sys.executable, "-c", _MEASURE, str(ROOT / "configs" / f"learning-{arm}.yaml"),
                              json.dumps(pairs), str(canvas)], capture_output=True, text=True, cwd=ROOT, env=_env(threads))
     if result.returncode:
@@ -328,6 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from streamcnn.data.variants import VARIANTS
+    from streamcnn.training.config import load_config
 
     budget, counts = args.budget or scaled_budget(args.canvas), "tensors"
     suite = f"{args.variant}-{args.canvas}px" + (f"-{args.tag}" if args.tag else "")
@@ -344,8 +349,6 @@ def main(argv: list[str] | None = None) -> None:
     for arm in args.arms:      # arm by arm, seed by seed: an interrupted suite keeps every finished run
         settings = arm_settings(arm, args.canvas, budget, counts, args.threads)
         overrides = classes + [_override(k, v) for k, v in settings.items()]
-        from streamcnn.training.config import load_config
-
         lr = load_config(ROOT / "configs" / f"learning-{arm}.yaml").optim.lr
         tuning = []
         for factor in args.tune:

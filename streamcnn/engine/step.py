@@ -84,7 +84,10 @@ class Strategy(nn.Module, ABC):
     :meth:`micro_step` takes the arguments of :func:`micro_step` and returns the same: the
     (unscaled) loss and the logits, detached, having added its gradients weighted by
     ``1 / accumulate`` (times the scaler's scale). Its ``forward`` is the evaluation forward.
+    ``budget_knobs`` names the config settings that set its memory (for messages).
     """
+
+    budget_knobs: str = "the model's sizes"
 
     @abstractmethod
     def micro_step(self, images: Any, labels: torch.Tensor, *, device_type: str, accumulate: int = 1,
@@ -114,6 +117,10 @@ def micro_step(model: nn.Module, images: Any, labels: torch.Tensor, *, device_ty
     :class:`Strategy` (PatchGD, Zoom-In) runs its own step, with the same arguments and result.
     """
     options = dict(device_type=device_type, accumulate=accumulate, amp_dtype=amp_dtype, scaler=scaler)
+    wrapped = getattr(model, "module", None)
+    if isinstance(model, nn.parallel.DistributedDataParallel) and isinstance(wrapped, Strategy):
+        raise ValueError(f"{type(wrapped).__name__} trains by its own step, which DistributedDataParallel would "
+                         f"bypass (its gradients would not be averaged): train on one process (train.processes: 1)")
     if isinstance(model, Strategy):
         return model.micro_step(images, labels, **options)
     return standard_micro_step(model, images, labels, **options)
