@@ -18,8 +18,8 @@ CPU-minutes each, seed 0, scored on a validation split cut from the training ima
 split), then trains each seed. Time is the process's CPU time (user + system, the trainer and its
 children), read from /proc while it runs: a run is stopped at ``--cpu-minutes``, and each epoch's
 test accuracy is recorded against the CPU seconds at which it appeared. Resumable: every finished
-run (tuning ones too) writes ``result.json`` in its folder and is reused; a run cut off midway
-starts over. Writes ``benchmarks/results/learning-<suite>.json`` after every run, its ``.png`` and
+run (tuning ones too) writes ``result.json`` in its folder and is reused while its settings are
+the same; a run cut off midway starts over. Writes ``benchmarks/results/learning-<suite>.json`` after every run, its ``.png`` and
 a contact sheet ``learning-<suite>-detail.png`` (the deciding digit at full resolution and at the
 ``down`` arm's input size).
 """
@@ -79,10 +79,12 @@ import json, sys, torch
 from streamcnn.training.config import load_config
 from streamcnn.training.runner import build_training_model
 from streamcnn.planning.memory import predict_step_memory, budgeted_bytes
+from streamcnn.training.loop import resolve_amp
 config_path, arm, canvas, budget, counts = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-def need(overrides, size):
+def need(overrides, size):   # the step as the trainer will run it (amp dtype, accumulation, optimizer)
     c = load_config(config_path, overrides)
     e = predict_step_memory(build_training_model(c), size, batch=c.train.batch_size, device="cpu",
+                            dtype=resolve_amp(c.train.amp, torch.device("cpu")), accumulate=c.train.accumulate,
                             optimizer=c.optim.name, weight_decay=c.optim.weight_decay)
     return budgeted_bytes(e, counts)
 def largest(options, overrides, size):
@@ -100,14 +102,22 @@ if arm == "down":     # the largest input, multiple of 8, that trains convention
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if need(fixed(sizes[mid]), sizes[mid]) <= budget else (lo, mid - 1)
     out = {"model.input_size": sizes[lo]}
-elif arm == "patchgd":
-    grid = (canvas // load_config(config_path).model.patch_size) ** 2
-    k = largest(range(1, grid + 1), lambda k: [["model.patch_sampling", k / grid]], canvas)
-    out = {"model.patch_sampling": (k or 1) / grid}
-elif arm == "zoomin":
-    kwargs = load_config(config_path).model.strategy_kwargs
-    s = largest([4, 8, 12, 16, 24, 32, 48, 64], lambda s: [["model.strategy_kwargs", {**kwargs, "samples": s}]], canvas)
-    out = {"model.strategy_kwargs": {**kwargs, "samples": s or 4}}
+elif arm in ("patchgd", "zoomin"):   # the most patches / samples that fit, at the largest batch where any does
+    base = load_config(config_path)
+    if arm == "patchgd":
+        grid = (canvas // base.model.patch_size) ** 2
+        options, key, value = range(1, grid + 1), "model.patch_sampling", lambda k: k / grid
+    else:
+        options, key = [4, 8, 12, 16, 24, 32, 48, 64], "model.strategy_kwargs"
+        value = lambda s: {**base.model.strategy_kwargs, "samples": s}
+    out = None
+    for batch in (base.train.batch_size, base.train.batch_size // 2, base.train.batch_size // 4):
+        best = largest(options, lambda o: [[key, value(o)], ["train.batch_size", batch]], canvas)
+        if best is not None:
+            out = {key: value(best), "train.batch_size": batch}
+            break
+    if out is None:
+        raise SystemExit(f"no {arm} setting fits {budget} bytes at batch {batch} or more")
 else:
     out = {}
 print(json.dumps(out))
@@ -155,8 +165,8 @@ def train_run(arm: str, overrides: list[str], data: Path, manifests: tuple[str, 
               budget: int, counts: str, cpu_limit: float, seed: int, out: Path, threads: int | None) -> dict:
     """Train one arm and seed until ``cpu_limit`` CPU seconds; its curve against CPU seconds."""
     done = out / "result.json"
-    if done.exists():
-        return json.loads(done.read_text())
+    if done.exists() and json.loads(done.read_text()).get("overrides") == overrides:
+        return json.loads(done.read_text())      # finished with these settings: reused
     for stale in ("metrics.jsonl", "last.pt"):        # a run cut off midway starts over
         (out / stale).unlink(missing_ok=True)
     command = [sys.executable, str(ROOT / "tools/train.py"), "--config", str(ROOT / "configs" / f"learning-{arm}.yaml"),

@@ -6,7 +6,9 @@
   local weight files.
 - :mod:`streamcnn.models.scratch`: from-scratch trunks (ws, sws, ln, ...).
 - :mod:`streamcnn.models.split`: a whole network cut into trunk + head.
-- :mod:`streamcnn.models.patchgd`: the PatchGD baseline.
+- :mod:`streamcnn.models.patchgd`, :mod:`streamcnn.models.zoomin`: the PatchGD and Zoom-In
+  baselines, strategies (:class:`streamcnn.engine.step.Strategy`) that own their training step;
+  :mod:`streamcnn.models.strategy`: their memory check against a budget.
 """
 from streamcnn.models.classifier import HEADS, TRUNKS, StreamingClassifier, build_model, register_head, register_trunk
 from streamcnn.models import scratch as _scratch  # noqa: F401 - registers the from-scratch trunks
