@@ -170,3 +170,19 @@ def test_the_global_patch_is_fused_with_z_before_the_aggregator():
         expected = z + g.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
         assert torch.allclose(seen["f2_input"], expected)
         assert torch.allclose(seen["head_input"], model.aggregator(expected))
+
+
+def test_a_strategy_inside_distributed_data_parallel_is_refused_with_one_line(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from streamcnn.engine.step import micro_step
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        wrapped = DistributedDataParallel(patchgd())
+        with pytest.raises(ValueError, match=r"PatchGDClassifier trains by its own step.*train\.processes: 1") as error:
+            micro_step(wrapped, torch.rand(1, 1, 128, 128), torch.tensor([0]), device_type="cpu")
+        assert "\n" not in str(error.value)
+    finally:
+        dist.destroy_process_group()
