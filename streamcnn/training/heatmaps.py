@@ -28,7 +28,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from streamcnn.utils.downsample import area_resize
 from streamcnn.utils.files import atomic_write, save_figure
