@@ -1,0 +1,109 @@
+"""The front door and the generated pages: README.md's promises, docs/benchmarks.md from its JSON."""
+from __future__ import annotations
+
+import ast
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MAKE_DOCS = ROOT / "tools" / "make_docs.py"
+
+
+def _make_docs(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(MAKE_DOCS), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def _write(folder: Path, name: str, payload: dict) -> None:
+    (folder / name).write_text(json.dumps(payload))
+
+
+def test_the_committed_benchmarks_page_is_what_make_docs_writes_and_rerunning_changes_nothing(tmp_path):
+    first, second = tmp_path / "a.md", tmp_path / "b.md"
+    assert _make_docs("--out", str(first)).returncode == 0
+    assert _make_docs("--out", str(second)).returncode == 0
+    assert first.read_text() == second.read_text()
+    committed = (ROOT / "docs" / "benchmarks.md").read_text()
+    assert committed == first.read_text(), "docs/benchmarks.md is stale: run python tools/make_docs.py"
+
+
+def test_every_results_file_and_figure_is_on_the_page():
+    page = (ROOT / "docs" / "benchmarks.md").read_text()
+    results = ROOT / "benchmarks" / "results"
+    for path in sorted(results.glob("*.json")):
+        assert f"`{path.name}`" in page, path.name
+    for path in sorted(results.glob("*.png")):
+        assert f"(../benchmarks/results/{path.name})" in page, path.name
+
+
+def test_an_unknown_layout_gets_a_table_and_a_gpu_run_is_named(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    _write(results, "widget.json", {"environment": {"command": "python benchmarks/bench_widget.py",
+                                                    "device": "NVIDIA H100 80GB HBM3 (79 GiB)"},
+                                    "rows": [{"size": 64, "ms": 2.5, "nested": {"a": 1}}, {"size": 128, "ms": 9.75}]})
+    _write(results, "gpu_check-cpu.json", {"device": "cpu: Some CPU", "command": "python benchmarks/gpu_check.py",
+                                           "sections": {"exactness": {"status": "passed"},
+                                                        "budget_cap": {"status": "skipped", "reason": "no CUDA"}}})
+    out = tmp_path / "page.md"
+    run = _make_docs("--results", str(results), "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    page = out.read_text()
+    assert "| size | ms |" in page and "| 64 | 2.5 |" in page and "| 128 | 9.75 |" in page
+    assert "| exactness | passed |" in page and "| budget_cap | skipped | no CUDA |" in page
+    gpu_part = page.split("## What has run on a GPU")[1].split("\n## ")[0]
+    assert "`widget.json` (NVIDIA H100" in gpu_part
+    assert "Nothing has run on a GPU" not in gpu_part
+    assert "`gpu_check-cpu.json` (device: cpu: Some CPU)" in gpu_part
+
+
+def test_cpu_only_results_say_nothing_ran_on_a_gpu(tmp_path):
+    _write(tmp_path, "thing.json", {"device": "cpu: Some CPU", "rows": [{"x": 1, "y": 2}]})
+    run = _make_docs("--results", str(tmp_path), "--out", str(tmp_path / "page.md"))
+    assert run.returncode == 0, run.stderr
+    gpu_part = (tmp_path / "page.md").read_text().split("## What has run on a GPU")[1].split("\n## ")[0]
+    assert "Nothing has run on a GPU" in gpu_part and "gpu_check" in gpu_part and "none" in gpu_part
+
+
+def test_check_names_a_stale_page_and_a_missing_folder_is_one_line(tmp_path):
+    stale = tmp_path / "page.md"
+    stale.write_text("old\n")
+    run = _make_docs("--check", "--out", str(stale))
+    assert run.returncode == 1
+    assert "page.md" in run.stderr and "make_docs.py" in run.stderr
+    run = _make_docs("--results", str(tmp_path / "absent"))
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "absent" in lines[0] and "--results" in lines[0]
+
+
+def test_readme_is_short_runs_the_ci_commands_and_links_to_pages_that_exist():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 220
+    assert "2026-" not in readme
+    ci = (ROOT / ".ci" / "run").read_text()
+    for command in ("python -m pip install -e \".[test]\"", "python -m pytest -q"):
+        assert command.replace("-q ", "") in ci.replace("-q ", ""), command  # .ci/run installs quietly
+        assert command in readme, command
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", readme)
+    local = [link for link in links if not link.startswith(("http://", "https://"))]
+    assert any(link == "docs/benchmarks.md" for link in local)
+    for link in local:
+        assert (ROOT / link).exists(), link
+    assert "tools/make_docs.py" in readme
+
+
+def test_no_dates_in_docstrings_under_streamcnn():
+    dated = []
+    for path in sorted((ROOT / "streamcnn").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        nodes = [tree, *(n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef,
+                                                                        ast.ClassDef)))]
+        for node in nodes:
+            doc = ast.get_docstring(node)
+            if doc and re.search(r"\b20\d\d-\d\d", doc):
+                dated.append(f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', 1)}")
+    assert not dated, dated
