@@ -1,4 +1,4 @@
-"""The README's model table: which torchvision/timm families stream exactly, and at what cost.
+"""Which torchvision/timm families stream exactly, and at what cost.
 
     python benchmarks/model_table.py [--image-size 4000] [--tile 1024] [--models NAME ...]
 
