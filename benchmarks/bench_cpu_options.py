@@ -7,8 +7,8 @@
 
 What a streamed step repeats is one window's forward and backward through the trunk
 (``--workload resnet18-window``: ResNet-18, batch 1, 3 channels). ``--workload default-run`` is
-the step of ``python tools/train.py``'s embedded default as it was until 2026-12-06 instead (the
-headline's full-resolution step): the from-scratch ``resnet18-ws-w16-s2`` trunk and pool head, a
+instead the step of an earlier embedded default of ``python tools/train.py`` (the learning
+benchmark's full-resolution step): the from-scratch ``resnet18-ws-w16-s2`` trunk and pool head, a
 batch of 64 one-channel 128 px images, the loss and an AdamW step (``--window`` is ignored); its
 ``+sws`` option is the trunk the default now trains. Each option runs in a fresh subprocess, the options
 interleaved, ``--rounds`` times; a row is the median over rounds of the median of
@@ -44,7 +44,7 @@ import time
 
 from common import RESULTS, environment, markdown_table, write_json  # noqa: E402
 
-from streamcnn.utils.files import save_figure  # noqa: E402
+from streamcnn.utils.files import pyplot, save_figure  # noqa: E402
 
 OPTIONS = ["fp32", "channels_last", "bf16", "bf16+channels_last", "compile", "bf16+channels_last+compile",
            "fp32+keep_heap", "channels_last+keep_heap", "channels_last+keep_heap+sws"]
@@ -151,13 +151,8 @@ def main() -> None:
 
 
 def plot(table: list[dict], what: str, device: str, name: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [r for r in table if "vs_fp32" in r]
-    fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.2))
+    fig, ax = pyplot().subplots(figsize=(7, 0.5 * len(rows) + 1.2))
     ax.barh([r["option"] for r in rows], [r["vs_fp32"] for r in rows],
             color=["tab:green" if r["faster_every_round"] else "tab:gray" for r in rows])
     ax.axvline(1, color="black", lw=1)
@@ -166,7 +161,6 @@ def plot(table: list[dict], what: str, device: str, name: str) -> None:
            title=f"{what}\n{device}")
     fig.tight_layout()
     save_figure(fig, RESULTS / f"{name}.png")
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ step, the allocator peak of the step's tensors (a second, profiled step; only up
 model's predicted time: the plan's relative cost x the step's conventional FLOPs x seconds
 per conventional FLOP, measured on the smallest conventional row (1024^2: the size of the
 windows plans compute at; a whole-image step can run at a lower FLOP rate: 4096^2 at 1.29x
-the 1024^2 rate's time on the 2-core CPU, see the README). Conventional steps (the
+the 1024^2 rate's time on a 2-core CPU, see docs/benchmarks.md). Conventional steps (the
 whole image read into memory) run beside the streamed ones up to ``--conventional-max`` px.
 Writes ``benchmarks/results/scale_cpu.json`` and ``scale_cpu.png`` (memory and time against
 pixels, with the feature map + its gradient for reference).
@@ -28,25 +28,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, environment, markdown_table, write_json  # noqa: E402
+from common import RESULTS, environment, finish_figure, markdown_table, run_worker, write_json  # noqa: E402
 
-from streamcnn.utils.files import save_figure  # noqa: E402
+from streamcnn.utils.files import pyplot  # noqa: E402
+from streamcnn.utils.rss import current_rss_bytes, peak_rss_bytes  # noqa: E402
 
 MODEL, HEAD, CLASSES = "resnet18", "pool", 2
-
-
-def _rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def write_image(path: Path, size: int) -> None:
@@ -101,9 +91,9 @@ def measure(path: str, size: int, tile, forward_tile, checkpoint: bool, head_che
     model.trunk.tile_size, model.trunk.forward_tile_size = saved
     source = open_image(path)
     x = source if tile is not None else torch.from_numpy(source.read_region(0, 0, size, size)[None]).float() / 255
-    base = _rss()
+    base = current_rss_bytes()
     seconds = step(x)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     row = {"seconds": seconds, "peak_rss_bytes": peak, "rss_growth_bytes": peak - base, "base_rss_bytes": base,
            "allocator": allocator_state()}
     if profile:
@@ -112,11 +102,7 @@ def measure(path: str, size: int, tile, forward_tile, checkpoint: bool, head_che
 
 
 def run_isolated(spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
-        return {"error": tail[0]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, spec)
 
 
 def choose(size: int, budget: str, amp: str) -> dict:
@@ -139,12 +125,7 @@ def feature_bytes(size: int, element: int) -> int:
 
 
 def plot(rows: list[dict], path: Path, budget: int, dtype_name: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax_m, ax_t) = pyplot().subplots(1, 2, figsize=(12, 4.5))
     for mode, color in (("streamed", "tab:blue"), ("conventional", "tab:red")):
         pts = sorted((r["megapixels"], r) for r in rows if r["mode"] == mode and "seconds" in r)
         if not pts:
@@ -164,10 +145,7 @@ def plot(rows: list[dict], path: Path, budget: int, dtype_name: str) -> None:
     ax_m.axhline(budget / 1e9, color="black", lw=1.5, label="budget")
     ax_m.set(xscale="log", yscale="log", xlabel="megapixels", ylabel="GB", title="memory, one training step")
     ax_t.set(xscale="log", yscale="log", xlabel="megapixels", ylabel="seconds", title="time, one training step")
-    ax_m.legend(fontsize=7)
-    ax_t.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
+    finish_figure(fig, (ax_m, ax_t), path)
 
 
 def main() -> None:

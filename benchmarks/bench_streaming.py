@@ -23,15 +23,14 @@ import argparse
 import copy
 import json
 import os
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, environment, markdown_table, write_json  # noqa: E402
+from common import RESULTS, environment, finish_figure, markdown_table, run_worker, write_json  # noqa: E402
 
-from streamcnn.utils.files import save_figure  # noqa: E402
+from streamcnn.utils.files import pyplot  # noqa: E402
+from streamcnn.utils.rss import current_rss_bytes, peak_rss_bytes  # noqa: E402
 
 # (model, image size, tile (None = conventional), forward tile (None = the tile's), checkpoint, tame malloc)
 CPU_MATRIX = [
@@ -49,14 +48,6 @@ CUDA_MATRIX = [
     ("resnet50", 16384, 2048, 4096, True, True),
 ]
 QUICK_MATRIX = [("resnet18", 256, None, None, False, True), ("resnet18", 256, 128, 256, False, True)]
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def trunk_relative_cost(streamed, size: int) -> float | None:
@@ -138,7 +129,7 @@ def measure(model: str, size: int, tile: int | None, forward_tile: int | None, c
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _rss_bytes()
+        base = current_rss_bytes()
     try:
         times = [timed(x) for _ in range(repeats)]
     except torch.cuda.OutOfMemoryError:
@@ -150,7 +141,7 @@ def measure(model: str, size: int, tile: int | None, forward_tile: int | None, c
         row["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
         row["step_bytes"] = row["peak_allocated_bytes"] - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = peak_rss_bytes()
         row["peak_rss_bytes"] = peak
         row["step_bytes"] = max(0, peak - base)
         # RSS includes the libraries and malloc's fragmentation; the allocator peak is
@@ -162,16 +153,15 @@ def measure(model: str, size: int, tile: int | None, forward_tile: int | None, c
 
 def run_isolated(args: argparse.Namespace, model: str, size: int, tile, forward_tile, checkpoint: bool,
                  tame: bool, profile: bool = True) -> dict:
-    spec = json.dumps(dict(model=model, size=size, tile=tile, forward_tile=forward_tile, checkpoint=checkpoint,
-                           tame=tame, device=args.device, dtype=args.dtype, repeats=args.repeats,
-                           output_device=args.output_device, profile=profile))
+    spec = dict(model=model, size=size, tile=tile, forward_tile=forward_tile, checkpoint=checkpoint,
+                tame=tame, device=args.device, dtype=args.dtype, repeats=args.repeats,
+                output_device=args.output_device, profile=profile)
     env = {**os.environ, "STREAMCNN_TAME_MALLOC": os.environ.get("STREAMCNN_TAME_MALLOC", "trim") if tame else "0"}
-    proc = subprocess.run([sys.executable, __file__, "--worker", spec], capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
+    row = run_worker(__file__, spec, env=env)
+    if "error" in row:
         return {"model": model, "image": size, "tile": tile, "forward_tile": forward_tile, "checkpoint": checkpoint,
-                "tame": tame, "error": tail[0]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+                "tame": tame, **row}
+    return row
 
 
 def _key(r: dict) -> tuple:
@@ -212,11 +202,7 @@ def medians(rows: list[dict]) -> list[dict]:
 
 def plot(rows: list[dict], memory_key: str, path: Path) -> None:
     """Time (with the cost model's prediction) and memory of every setting, as bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = [r for r in rows if "seconds" in r]
     labels = [f"{r['model']} {r['image']} " + ("conventional" if r["tile"] is None else
               f"tile {r['tile']} fwd {r['fwd']}" + (" ckpt" if r["checkpoint"] else "")) +
@@ -233,10 +219,7 @@ def plot(rows: list[dict], memory_key: str, path: Path) -> None:
     ax_t.invert_yaxis()
     ax_t.set(xlabel="seconds per step", title="time")
     ax_m.set(xlabel="GiB", title="memory")
-    ax_t.legend(fontsize=7)
-    ax_m.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
+    finish_figure(fig, (ax_t, ax_m), path)
 
 
 def main() -> None:

@@ -8,11 +8,12 @@ import datetime as dt
 import json
 import os
 import platform
+import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
 
-from streamcnn.utils.files import atomic_write_text
+from streamcnn.utils.files import atomic_write_text, save_figure
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PACKAGES = ("torch", "torchvision", "numpy", "tifffile", "imagecodecs", "zarr", "pyvips", "openslide-python",
@@ -81,3 +82,21 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(k)) for k, _ in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def run_worker(script: str | Path, spec: dict, env: dict | None = None) -> dict:
+    """Run ``script --worker JSON`` in a fresh process; its last stdout line parsed, or ``{"error": last line}``."""
+    proc = subprocess.run([sys.executable, str(script), "--worker", json.dumps(spec)], capture_output=True,
+                          text=True, env=env)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
+        return {"error": tail[0]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def finish_figure(fig, axes, path: Path, dpi: int = 110) -> Path:
+    """Small legends on ``axes``, a tight layout, and the figure saved atomically to ``path``."""
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=dpi)

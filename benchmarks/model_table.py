@@ -21,7 +21,7 @@ import common
 import torch
 
 import streamcnn
-from streamcnn.utils.files import save_figure
+from streamcnn.utils.files import pyplot, save_figure
 from streamcnn.models.classifier import build_model
 
 MODELS = (
@@ -80,12 +80,8 @@ def main() -> None:
         ("relative_cost", "rel. cost"), ("params_m", "params (M)")]))
     common.write_json("model_table.json", {**env, "image_size": args.image_size, "tile_size": args.tile,
                                            "seconds": round(time.perf_counter() - started, 1), "rows": rows})
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ok = [r for r in rows if r["streams"]]
-    fig, ax = plt.subplots(figsize=(8, 0.35 * len(ok) + 1.2))
+    fig, ax = pyplot().subplots(figsize=(8, 0.35 * len(ok) + 1.2))
     ax.barh([r["model"] for r in ok], [r["relative_cost"] for r in ok], color="tab:blue")
     ax.axvline(1.0, color="grey", lw=0.8)
     ax.set(xlabel=f"predicted streamed step cost / conventional ({args.image_size}² px, {args.tile} px tiles)")

@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["TEMPORARY_GLOB", "atomic_write", "atomic_write_text", "save_figure"]
+__all__ = ["TEMPORARY_GLOB", "atomic_write", "atomic_write_text", "pyplot", "save_figure"]
 
 TEMPORARY_GLOB = ".*.tmp-*"
 
@@ -37,6 +37,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (no display needed), for figures saved by :func:`save_figure`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def save_figure(fig, path: str | os.PathLike, **savefig_kwargs) -> Path:
