@@ -1,6 +1,6 @@
 """streamcnn: train CNNs on images larger than GPU memory, with exact gradients, in a budget.
 
-Public API (details in README.md):
+Public API (details in docs/library.md):
 
 - Streaming: :class:`StreamingModule`, :func:`freeze_batchnorm`, :class:`RegionSource`.
 - Geometry: :func:`tile_plan`, :class:`TilePlan`, :class:`TrunkGeometry`,

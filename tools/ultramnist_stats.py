@@ -2,7 +2,7 @@
 
 Computed from layouts alone (no pixels), so 28,000 images take about half a minute::
 
-    python tools/ultramnist_stats.py --count 28000            # the README's table
+    python tools/ultramnist_stats.py --count 28000            # the table in docs/data.md
     python tools/ultramnist_stats.py --count 2000 --size 512  # a scaled canvas
 
 Sizes are in pixels of the canvas; the "share with a digit <= t px" thresholds scale with

@@ -1,6 +1,6 @@
 """What runs fast on the CPU a step runs on: the autocast dtype and memory layout to default to.
 
-Measured by ``benchmarks/bench_cpu_options.py`` (README, "CPU options"). ResNet-18, one window,
+Measured by ``benchmarks/bench_cpu_options.py`` (figures in docs/benchmarks.md). ResNet-18, one window,
 forward + backward: on a CPU with native bfloat16 instructions (AVX512-BF16 or AMX) bf16 autocast
 takes about 0.57x the fp32 time and bf16 with the channels-last layout about 0.4x; ``torch.compile``
 of the trunk does not pay reliably. Channels-last in fp32 depends on the step: 0.86x and 1.03x for
