@@ -56,3 +56,13 @@ def assert_same_gradients(module: nn.Module, streamed: nn.Module, x: torch.Tenso
     for (name, _), a, b in zip(((n, p) for n, p in module.named_parameters() if p.requires_grad), g0, g1):
         assert relative_error(a, b) <= tol, (name, relative_error(a, b))
     assert relative_error(x0, x1) <= tol, relative_error(x0, x1)
+
+
+def assert_message(error, *parts: str) -> str:
+    """A message for a user: one line that names each of ``parts`` (the value at fault, the file, the
+    setting to change), whatever the wording around them. ``error``: an exception or ``pytest.raises`` info."""
+    message = str(getattr(error, "value", error))
+    assert message.strip() and "\n" not in message.strip(), f"not one line: {message!r}"
+    missing = [part for part in parts if part not in message]
+    assert not missing, f"{message!r} does not name {missing}"
+    return message

@@ -6,7 +6,7 @@ import torch
 
 from streamcnn.planning.memory import predict_step_memory
 from streamcnn.models.classifier import HEADS, TRUNKS, build_model, build_trunk
-from helpers import relative_error
+from helpers import assert_message, relative_error
 
 
 def _gradients(model, x):
@@ -36,10 +36,12 @@ def test_grey_input_and_registries():
     trunk, channels = build_trunk("resnet34", in_channels=1)
     assert channels == 512 and trunk.conv1.in_channels == 1
     assert not any(m.training for m in trunk.modules() if isinstance(m, torch.nn.BatchNorm2d))
-    with pytest.raises(ValueError, match=r"unknown trunk 'resnet7'; choose one of \['resnet101'"):
+    with pytest.raises(ValueError) as error:
         build_trunk("resnet7")
-    with pytest.raises(ValueError, match=r"unknown head 'mlp'; choose one of \['conv', 'pool'\]"):
+    assert_message(error, "'resnet7'", "resnet101", "resnet18")      # the name at fault, and the choices
+    with pytest.raises(ValueError) as error:
         build_model(head="mlp", num_classes=2)
+    assert_message(error, "'mlp'", "conv", "pool")
 
 
 def test_pretrained_weights_file(tmp_path):
@@ -53,8 +55,9 @@ def test_pretrained_weights_file(tmp_path):
     grey, _ = build_trunk("resnet18", in_channels=1, weights=tmp_path / "r18.pt")
     assert torch.allclose(grey.conv1.weight[:, 0], reference.conv1.weight.sum(dim=1))
     torch.save({"not": torch.zeros(1)}, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match=r"bad\.pt: not a torchvision resnet18 state dict"):
+    with pytest.raises(ValueError) as error:
         build_trunk("resnet18", weights=tmp_path / "bad.pt")
+    assert_message(error, "bad.pt", "resnet18", "state dict")
 
 
 def test_offloaded_feature_map_lowers_predicted_device_memory():
@@ -78,10 +81,10 @@ def test_trunk_kwargs_reach_the_constructor_from_a_config_and_unknown_ones_are_n
     wide = build_training_model(load_config(overrides=[*base, "model.trunk_kwargs={width_per_group: 96}"]))
     count = lambda m: sum(p.numel() for p in m.trunk.parameters())   # noqa: E731
     assert count(wide) > 1.5 * count(plain)      # torchvision ResNet(width_per_group=96): wider bottlenecks
-    with pytest.raises(ValueError, match=r"trunk 'resnet18-sws-w16-s2' does not take the arguments \['depth'\].*"
-                                         r"remove them from model.trunk_kwargs"):
+    with pytest.raises(ValueError) as error:
         build_training_model(load_config(overrides=["model.in_channels=1", "model.num_classes=3",
                                                     "model.trunk_kwargs={depth: 2}"]))
+    assert_message(error, "'depth'", "model.trunk_kwargs")
     patchgd = build_training_model(load_config(overrides=[*base, "model.mode=patchgd", "model.patch_size=32",
                                                           "model.trunk_kwargs={width_per_group: 96}"]))
     assert sum(p.numel() for p in patchgd.parameters()) > count(wide)
