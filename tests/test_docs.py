@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import re
 import subprocess
@@ -10,11 +11,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MAKE_DOCS = ROOT / "tools" / "make_docs.py"
+_spec = importlib.util.spec_from_file_location("make_docs", MAKE_DOCS)
+make_docs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(make_docs)
 
 
-def _make_docs(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(MAKE_DOCS), *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+def _page(results: Path) -> str:
+    return make_docs.render(results)
 
 
 def _write(folder: Path, name: str, payload: dict) -> None:
@@ -22,12 +25,13 @@ def _write(folder: Path, name: str, payload: dict) -> None:
 
 
 def test_the_committed_benchmarks_page_is_what_make_docs_writes_and_rerunning_changes_nothing(tmp_path):
-    first, second = tmp_path / "a.md", tmp_path / "b.md"
-    assert _make_docs("--out", str(first)).returncode == 0
-    assert _make_docs("--out", str(second)).returncode == 0
-    assert first.read_text() == second.read_text()
+    written = tmp_path / "benchmarks.md"
+    run = subprocess.run([sys.executable, str(MAKE_DOCS), "--out", str(written)], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert written.read_text() == _page(ROOT / "benchmarks" / "results")     # the same in another process
     committed = (ROOT / "docs" / "benchmarks.md").read_text()
-    assert committed == first.read_text(), "docs/benchmarks.md is stale: run python tools/make_docs.py"
+    assert committed == written.read_text(), "docs/benchmarks.md is stale: run python tools/make_docs.py"
 
 
 def test_every_results_file_and_figure_is_on_the_page():
@@ -46,14 +50,12 @@ def test_an_unknown_layout_gets_a_table_and_a_gpu_run_is_named(tmp_path):
                                                     "device": "NVIDIA H100 80GB HBM3 (79 GiB)"},
                                     "rows": [{"size": 64, "ms": 2.5, "nested": {"a": 1}}, {"size": 128, "ms": 9.75}]})
     _write(results, "gpu_check-cpu.json", {"device": "cpu: Some CPU", "command": "python benchmarks/gpu_check.py",
-                                           "sections": {"exactness": {"status": "passed"},
+                                           "sections": {"exactness": {"status": "passed", "rows": [{"tile": 256, "rel_error": 3e-7}]},
                                                         "budget_cap": {"status": "skipped", "reason": "no CUDA"}}})
-    out = tmp_path / "page.md"
-    run = _make_docs("--results", str(results), "--out", str(out))
-    assert run.returncode == 0, run.stderr
-    page = out.read_text()
+    page = _page(results)
     assert "| size | ms |" in page and "| 64 | 2.5 |" in page and "| 128 | 9.75 |" in page
     assert "| exactness | passed |" in page and "| budget_cap | skipped | no CUDA |" in page
+    assert "`sections.exactness.rows`:\n\n| tile | rel error |\n|---|---|\n| 256 | 3e-07 |" in page  # nested records
     gpu_part = page.split("## What has run on a GPU")[1].split("\n## ")[0]
     assert "`widget.json` (NVIDIA H100" in gpu_part
     assert "Nothing has run on a GPU" not in gpu_part
@@ -62,21 +64,22 @@ def test_an_unknown_layout_gets_a_table_and_a_gpu_run_is_named(tmp_path):
 
 def test_cpu_only_results_say_nothing_ran_on_a_gpu(tmp_path):
     _write(tmp_path, "thing.json", {"device": "cpu: Some CPU", "rows": [{"x": 1, "y": 2}]})
-    run = _make_docs("--results", str(tmp_path), "--out", str(tmp_path / "page.md"))
-    assert run.returncode == 0, run.stderr
-    gpu_part = (tmp_path / "page.md").read_text().split("## What has run on a GPU")[1].split("\n## ")[0]
+    gpu_part = _page(tmp_path).split("## What has run on a GPU")[1].split("\n## ")[0]
     assert "Nothing has run on a GPU" in gpu_part and "gpu_check" in gpu_part and "none" in gpu_part
 
 
-def test_check_names_a_stale_page_and_a_missing_folder_is_one_line(tmp_path):
-    stale = tmp_path / "page.md"
-    stale.write_text("old\n")
-    run = _make_docs("--check", "--out", str(stale))
-    assert run.returncode == 1
-    assert "page.md" in run.stderr and "make_docs.py" in run.stderr
-    run = _make_docs("--results", str(tmp_path / "absent"))
-    assert run.returncode == 2
-    lines = run.stderr.strip().splitlines()
+def test_check_names_a_stale_page_and_a_missing_folder_is_one_line(tmp_path, capsys):
+    _write(tmp_path, "thing.json", {"device": "cpu: Some CPU", "rows": [{"x": 1, "y": 2}]})
+    page = tmp_path / "page.md"
+    assert make_docs.main(["--results", str(tmp_path), "--out", str(page)]) == 0
+    assert make_docs.main(["--results", str(tmp_path), "--out", str(page), "--check"]) == 0
+    page.write_text(page.read_text() + "edited by hand\n")
+    capsys.readouterr()
+    assert make_docs.main(["--results", str(tmp_path), "--out", str(page), "--check"]) == 1
+    err = capsys.readouterr().err
+    assert "page.md" in err and "make_docs.py" in err
+    assert make_docs.main(["--results", str(tmp_path / "absent")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "absent" in lines[0] and "--results" in lines[0]
 
 

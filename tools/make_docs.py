@@ -58,6 +58,11 @@ COLUMNS = {
     "model_table": [("model", "trunk"), ("streams", "streams"), ("refused", "refused at"), ("stride", "stride"),
                     ("halo_px", "halo px"), ("overlap", "overlap"), ("relative_cost", "rel. cost"),
                     ("params_m", "params (M)")],
+    "bench_equivalence": [("name", "trunk"), ("dtype", "dtype"), ("steps", "steps"), ("image_px", "image px"),
+                          ("n_tiles", "tiles"), ("loss_first", "loss, first"), ("loss_last", "loss, last"),
+                          ("max_rel_loss_diff", "max rel. loss diff"), ("max_rel_param_diff", "max rel. param diff"),
+                          ("control_max_rel_loss_diff", "control: max rel. loss diff"), ("cpu_seconds", "CPU s")],
+    "gpu_check": [("name", "section"), ("status", "status"), ("seconds", "s"), ("reason", "reason")],
     "bench_training": [("config", "config"), ("mode", "mode"), ("trunk", "trunk"), ("input_size", "input px"),
                        ("budget", "budget"), ("epochs", "epochs"), ("wall_minutes", "wall min"),
                        ("peak_memory_gb", "peak memory GB"), ("final_train_loss", "final train loss"),
@@ -110,31 +115,38 @@ def _table(records: list[dict], family: str) -> str:
     return markdown_table(rows, present)
 
 
-def _tables(data: dict, family: str) -> list[str]:
-    """Every list of records and every mapping of records in ``data``, as titled tables; then its settings."""
+def _tables(data: dict, family: str, prefix: str = "", depth: int = 0) -> list[str]:
+    """Every list of records and every mapping of records in ``data``, as titled tables, its settings
+    first; nested ones too (``a.b.c``), except under a record that carries its own ``summary``."""
     parts, settings = [], []
     for key, value in data.items():
-        if key in ENVIRONMENT_KEYS:
+        title = prefix + str(key)
+        if key in ENVIRONMENT_KEYS and depth == 0:
             continue
         if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
             if key in NOT_PRINTED:
-                parts.append(f"`{key}`: {len(value)} records in the JSON.")
+                parts.append(f"`{title}`: {len(value)} records in the JSON.")
                 continue
-            parts.append(f"`{key}`:\n\n{_table(value, family)}")
+            parts.append(f"`{title}`:\n\n{_table(value, family)}")
         elif isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
-            records = []
+            records, nested = [], []
             for name, v in value.items():
-                fields = v.get("summary") if isinstance(v.get("summary"), dict) else v
-                records.append({"name": name, **{k: x for k, x in fields.items() if x != name}})
-            parts.append(f"`{key}`:\n\n{_table(records, family)}")
+                summary = v.get("summary") if isinstance(v.get("summary"), dict) else None
+                records.append({"name": name, **{k: x for k, x in (summary or v).items() if x != name}})
+                if summary is None and depth < 3:
+                    nested += [p for p in _tables(v, family, f"{title}.{name}.", depth + 1)
+                               if not p.startswith("Settings: ")]
+            parts += [f"`{title}`:\n\n{_table(records, family)}", *nested]
         elif isinstance(value, dict):
             shown = ", ".join(f"{k} {_fmt(v)}" for k, v in value.items() if _cell(v) is not None)
             if shown:
-                settings.append(f"`{key}`: {shown}")
+                settings.append(f"`{title}`: {shown}")
+            if depth < 3:
+                parts += [p for p in _tables(value, family, title + ".", depth + 1) if not p.startswith("Settings: ")]
         elif _cell(value) is not None:
-            settings.append(f"`{key}`: {_fmt(value)}")
-        elif isinstance(value, list) and value and all(_cell(v) is not None for v in value):
-            settings.append(f"`{key}`: {', '.join(_fmt(v) for v in value)}")
+            settings.append(f"`{title}`: {_fmt(value)}")
+        elif isinstance(value, list) and value and all(_cell(v) is not None for v in value) and len(value) <= 32:
+            settings.append(f"`{title}`: {', '.join(_fmt(v) for v in value)}")
     if settings:
         parts.insert(0, "Settings: " + "; ".join(settings) + ".")
     return parts
