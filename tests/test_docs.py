@@ -110,3 +110,44 @@ def test_no_dates_in_docstrings_under_streamcnn():
             if doc and re.search(r"\b20\d\d-\d\d", doc):
                 dated.append(f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', 1)}")
     assert not dated, dated
+
+
+# References in pages other helpers own that named the flat layout; their owners update them. Shrink only.
+KNOWN_STALE = {
+    ("docs/data.md", "streamcnn/data/ultramnist.py"),
+    ("docs/learning.md", "streamcnn/scratch.py"),
+    ("docs/learning.md", "configs/learning-down256/512/1024.yaml"),   # shorthand for three files
+    ("docs/planner.md", "streamcnn/allocator.py"),
+    ("docs/planner.md", "streamcnn/memory.py"),
+    ("docs/planner.md", "streamcnn/units.py"),
+}
+
+
+def _resolves(dotted: str) -> bool:
+    import importlib
+
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            found = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for name in parts[cut:]:
+            if not hasattr(found, name):
+                return False
+            found = getattr(found, name)
+        return True
+    return False
+
+
+def test_every_file_and_dotted_name_the_pages_mention_exists():
+    broken = set()
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text, rel = page.read_text(), page.relative_to(ROOT).as_posix()
+        for path in set(re.findall(r"\b((?:streamcnn|tools|benchmarks|tests|configs)/[\w./-]+\.(?:py|yaml|md))", text)):
+            if not (ROOT / path).exists():
+                broken.add((rel, path))
+        for dotted in set(re.findall(r"\bstreamcnn(?:\.[A-Za-z_]\w*)+", text)):
+            if not _resolves(dotted):
+                broken.add((rel, dotted))
+    assert not broken - KNOWN_STALE, f"pages name what does not exist: {sorted(broken - KNOWN_STALE)}"
