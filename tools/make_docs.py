@@ -220,7 +220,7 @@ def _provenance(env: dict) -> list[str]:
 
 
 def _run_folder(folder: Path, page_dir: Path) -> list[str]:
-    """A folder of one training run's own files: its timing lines and its last metrics row."""
+    """A folder of one training run's own files: its timing lines, its plan, its metrics per epoch, its figures."""
     lines = [f"### `{folder.name}/`", ""]
     time_file = folder / "time.txt"
     if time_file.exists():
@@ -228,17 +228,23 @@ def _run_folder(folder: Path, page_dir: Path) -> list[str]:
         for line in time_file.read_text().splitlines():
             if line.strip().startswith(wanted):
                 lines.append(f"- {line.strip()}")
+        lines.append("")
+    plan = folder / "plan.txt"
+    if plan.exists():
+        lines += ["What it printed as its plan (`plan.txt`):", "", "```", *plan.read_text().rstrip().splitlines(),
+                  "```", ""]
     metrics = folder / "metrics.jsonl"
     if metrics.exists():
         rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
         epochs = [r for r in rows if "val_accuracy" in r]
         if epochs:
-            last = epochs[-1]
-            lines.append(f"- last epoch: {last.get('epoch')}, val accuracy {_fmt(float(last['val_accuracy']))}, "
-                         f"train loss {_fmt(float(last.get('train_loss', float('nan'))))}")
+            lines += ["`metrics.jsonl`, one row per epoch:", "", markdown_table(epochs, [
+                ("epoch", "epoch"), ("train_loss", "train loss"), ("train_accuracy", "train acc"),
+                ("val_accuracy", "test acc"), ("images_per_second", "images/s"), ("seconds", "s")]), ""]
     for png in sorted(folder.glob("*.png")):
-        lines.append(f"- figure: [{png.name}]({_link(png, page_dir)})")
-    return lines + [""]
+        lines.append(f"![{folder.name}/{png.stem}]({_link(png, page_dir)})")
+        lines.append("")
+    return lines
 
 
 def _link(path: Path, page_dir: Path) -> str:
