@@ -52,7 +52,9 @@ def test_an_unknown_layout_gets_a_table_and_a_gpu_run_is_named(tmp_path):
     _write(results, "gpu_check-cpu.json", {"device": "cpu: Some CPU", "command": "python benchmarks/gpu_check.py",
                                            "sections": {"exactness": {"status": "passed", "rows": [{"tile": 256, "rel_error": 3e-7}]},
                                                         "budget_cap": {"status": "skipped", "reason": "no CUDA"}}})
+    (results / "bare.json").write_text(json.dumps([{"a": 1, "b": "x"}]))   # a bare list of records
     page = _page(results)
+    assert "| a | b |\n|---|---|\n| 1 | x |" in page
     assert "| size | ms |" in page and "| 64 | 2.5 |" in page and "| 128 | 9.75 |" in page
     assert "| exactness | passed |" in page and "| budget_cap | skipped | no CUDA |" in page
     assert "`sections.exactness.rows`:\n\n| tile | rel error |\n|---|---|\n| 256 | 3e-07 |" in page  # nested records
@@ -81,6 +83,10 @@ def test_check_names_a_stale_page_and_a_missing_folder_is_one_line(tmp_path, cap
     assert make_docs.main(["--results", str(tmp_path / "absent")]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "absent" in lines[0] and "--results" in lines[0]
+    (tmp_path / "cut.json").write_text('{"rows": [')                   # a file cut off mid-write
+    assert make_docs.main(["--results", str(tmp_path), "--out", str(page)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "cut.json" in lines[0] and "JSON" in lines[0]
 
 
 def test_readme_is_short_runs_the_ci_commands_and_links_to_pages_that_exist():

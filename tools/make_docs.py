@@ -264,10 +264,26 @@ def _figures_by_file(names: list[str], pngs: list[Path]) -> tuple[dict[str, list
     return owned, loose
 
 
+class BadResults(ValueError):
+    """A results file the page cannot be made from; the message names it."""
+
+
+def _load(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise BadResults(f"{path}: not readable JSON ({error}); fix or remove it") from None
+    if isinstance(data, list) and all(isinstance(row, dict) for row in data):
+        return {"rows": data}
+    if not isinstance(data, dict):
+        raise BadResults(f"{path}: holds a {type(data).__name__}, not an object or a list of records; fix or remove it")
+    return data
+
+
 def render(results: Path) -> str:
     files = sorted(results.glob("*.json"))
-    loaded = {f.stem: json.loads(f.read_text()) for f in files}
-    envs = {name: _environment(d) if isinstance(d, dict) else {} for name, d in loaded.items()}
+    loaded = {f.stem: _load(f) for f in files}
+    envs = {name: _environment(d) for name, d in loaded.items()}
     scripts = {name: _script_of(name, envs[name]) for name in loaded}
     owned, loose = _figures_by_file(list(loaded), sorted(results.glob("*.png")))
     order = [s for s in ORDER if s in scripts.values()] + sorted(set(scripts.values()) - set(ORDER))
@@ -306,9 +322,8 @@ def render(results: Path) -> str:
         for name in names:
             data = loaded[name]
             out += [f"### `{name}.json`", ""] + _provenance(envs[name]) + [""]
-            if isinstance(data, dict):
-                for part in _tables(data, script):
-                    out += [part, ""]
+            for part in _tables(data, script):
+                out += [part, ""]
             for png in owned[name]:
                 out += [f"![{png.stem}]({_link(png, page_dir)})", ""]
     folders = sorted(p for p in results.iterdir() if p.is_dir())
@@ -330,7 +345,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.results.is_dir():
         print(f"error: no results folder {args.results}; pass --results DIR", file=sys.stderr)
         return 2
-    text = render(args.results)
+    try:
+        text = render(args.results)
+    except BadResults as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if args.check:
         if not args.out.exists() or args.out.read_text() != text:
             print(f"{args.out} is out of date: run python tools/make_docs.py", file=sys.stderr)
