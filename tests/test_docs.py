@@ -157,3 +157,14 @@ def test_every_file_and_dotted_name_the_pages_mention_exists():
             if not _resolves(dotted):
                 broken.add((rel, dotted))
     assert not broken - KNOWN_STALE, f"pages name what does not exist: {sorted(broken - KNOWN_STALE)}"
+
+
+def test_every_relative_link_in_the_pages_reaches_a_file():
+    broken = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for link in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if link.startswith(("http://", "https://", "#", "mailto:")):
+                continue
+            if not (page.parent / link.split("#")[0]).exists():
+                broken.append(f"{page.relative_to(ROOT)}: {link}")
+    assert not broken, broken
