@@ -61,7 +61,7 @@ def test_an_unknown_layout_gets_a_table_and_a_gpu_run_is_named(tmp_path):
     gpu_part = page.split("## What has run on a GPU")[1].split("\n## ")[0]
     assert "`widget.json` (NVIDIA H100" in gpu_part
     assert "Nothing has run on a GPU" not in gpu_part
-    assert "`gpu_check-cpu.json` (device: cpu: Some CPU)" in gpu_part
+    assert "`gpu_check-cpu.json` (device: cpu: Some CPU; sections: 1 passed, 1 skipped)" in gpu_part
 
 
 def test_cpu_only_results_say_nothing_ran_on_a_gpu(tmp_path):

@@ -197,6 +197,17 @@ def _on_gpu(env: dict) -> bool:
     return bool(device) and not device.startswith("cpu") and device != "meta"
 
 
+def _statuses(data: dict) -> str:
+    """``; sections: 3 pass, 4 skipped`` for a file whose ``sections`` carry a ``status``; else nothing."""
+    sections = data.get("sections")
+    records = list(sections.values()) if isinstance(sections, dict) else sections if isinstance(sections, list) else []
+    counts: dict[str, int] = {}
+    for record in records:
+        if isinstance(record, dict) and isinstance(record.get("status"), str):
+            counts[record["status"]] = counts.get(record["status"], 0) + 1
+    return "; sections: " + ", ".join(f"{n} {status}" for status, n in counts.items()) if counts else ""
+
+
 def _provenance(env: dict) -> list[str]:
     machine = env.get("machine") if isinstance(env.get("machine"), dict) else {}
     versions = env.get("versions") if isinstance(env.get("versions"), dict) else {}
@@ -310,7 +321,7 @@ def render(results: Path) -> str:
             ""]
     if checks:
         out.append("GPU check files found: " + "; ".join(
-            f"`{n}.json` (device: {_device(envs[n]) or 'not recorded'})" for n in checks) + ".")
+            f"`{n}.json` (device: {_device(envs[n]) or 'not recorded'}{_statuses(loaded[n])})" for n in checks) + ".")
     else:
         out.append("GPU check files found (`benchmarks/results/gpu_check-*.json`): none.")
     out.append("")
