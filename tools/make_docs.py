@@ -312,7 +312,7 @@ def render(results: Path) -> str:
         out.append("Every other file was measured on a CPU or records no device.")
     else:
         out.append(f"**Nothing has run on a GPU.** All {len(loaded)} results files were measured on a CPU or "
-                   "record no device (below, per file); no GPU figure is quoted anywhere in the project.")
+                   "record no device (below, per file): no figure on this page was measured on a GPU.")
     out += ["", "Not yet measured, for want of a GPU: CUDA step times and peaks, the planner's CUDA allowances "
             "(context, workspace, fragmentation) against `torch.cuda.max_memory_allocated`, and the budget cap "
             "(`streamcnn.enforce_budget`). On a GPU: `python benchmarks/bench_streaming.py --device cuda` and "
