@@ -16,7 +16,6 @@ LAYERS = ["streamcnn/utils", "streamcnn/io", "streamcnn/data", "streamcnn/engine
           "streamcnn/models", "streamcnn/training", "tools"]
 # (importing file, imported module) pairs that climb a layer today. Shrink, never grow.
 ALLOWED_UP = {
-    ("streamcnn/models/patchgd.py", "streamcnn.training.baselines"),  # PatchGD owning its step
     ("streamcnn/planning/search.py", "streamcnn.models.classifier"),  # the planner building models by name
 }
 # (importing file, imported module, private name) imports of another module's private names.

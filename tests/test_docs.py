@@ -155,7 +155,7 @@ def test_every_file_and_dotted_name_the_pages_mention_exists():
     broken = set()
     for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         text, rel = page.read_text(), page.relative_to(ROOT).as_posix()
-        for path in set(re.findall(r"\b((?:streamcnn|tools|benchmarks|tests|configs)/[\w./-]+\.(?:py|yaml|md))", text)):
+        for path in set(re.findall(r"(?<!:)\b((?:streamcnn|tools|benchmarks|tests|configs)/[\w./-]+\.(?:py|yaml|md))", text)):
             if not (ROOT / path).exists():
                 broken.add((rel, path))
         for dotted in set(re.findall(r"\bstreamcnn(?:\.[A-Za-z_]\w*)+", text)):
