@@ -15,7 +15,7 @@ import time
 import torch
 import torch.nn as nn
 import torchvision
-from common import environment, markdown_table, write_json
+from common import environment, markdown_table, randomise_batchnorm, write_json
 
 import streamcnn
 
@@ -24,13 +24,7 @@ def trunk(arch: str) -> nn.Module:
     torch.manual_seed(0)
     r = getattr(torchvision.models, arch)(weights=None)
     body = nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool, r.layer1, r.layer2, r.layer3, r.layer4).double()
-    with torch.no_grad():
-        for m in body.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-    return streamcnn.freeze_batchnorm(body)
+    return streamcnn.freeze_batchnorm(randomise_batchnorm(body))
 
 
 def gradients(model: nn.Module, params: list[torch.Tensor], x: torch.Tensor, weight: torch.Tensor):

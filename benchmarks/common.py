@@ -100,3 +100,19 @@ def finish_figure(fig, axes, path: Path, dpi: int = 110) -> Path:
         ax.legend(fontsize=7)
     fig.tight_layout()
     return save_figure(fig, path, dpi=dpi)
+
+
+def randomise_batchnorm(module, bias: bool = False):
+    """Give every BatchNorm2d in ``module`` random statistics and affine weights (``bias``: a random
+    bias too), so a frozen-BN exactness check is not the identity; returns ``module``."""
+    import torch
+
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                if bias:
+                    m.bias.uniform_(-0.1, 0.1)
+    return module
