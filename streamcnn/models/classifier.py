@@ -28,13 +28,16 @@ from streamcnn.engine.batchnorm import freeze_batchnorm
 from streamcnn.engine.pooling import global_mean_max
 from streamcnn.engine.streaming import StreamingModule
 
-__all__ = ["TRUNKS", "HEADS", "register_trunk", "register_head", "trunk_factory", "build_trunk", "build_head",
-           "StreamingClassifier", "build_model"]
+__all__ = ["TRUNKS", "HEADS", "FAMILIES", "register_trunk", "register_head", "register_family", "trunk_factory",
+           "trunk_families", "build_trunk", "build_head", "StreamingClassifier", "build_model"]
 
 TrunkFactory = Callable[..., "tuple[nn.Module, int]"]
 HeadFactory = Callable[..., nn.Module]
 TRUNKS: dict[str, TrunkFactory] = {}
 HEADS: dict[str, HeadFactory] = {}
+#: Parametric trunk names, timm-style: the pattern users read -> fn(name) -> factory, or None
+#: when ``name`` is not one of the family's (e.g. ``resnet18-<kind>[-w<width>][-s<stages>]``).
+FAMILIES: dict[str, Callable[[str], "TrunkFactory | None"]] = {}
 
 
 def _registrar(table: dict):
@@ -48,6 +51,7 @@ def _registrar(table: dict):
 
 register_trunk = _registrar(TRUNKS)   # @register_trunk("name"): fn(in_channels, weights) -> (trunk, channels)
 register_head = _registrar(HEADS)     # @register_head("name"): fn(channels, num_classes, **kwargs) -> head
+register_family = _registrar(FAMILIES)  # @register_family("pattern"): fn(name) -> factory or None
 
 
 def _short_resnet(arch: str):
@@ -121,10 +125,20 @@ def trunk_factory(name: str) -> TrunkFactory:
     source, sep, arch = name.partition(":")
     if sep and source in SOURCES and arch:
         return partial(SOURCES[source], arch)
-    if name not in TRUNKS:
-        raise ValueError(f"unknown trunk {name!r}; choose one of {sorted(TRUNKS)} or "
-                         f"{', '.join(f'{s}:<arch>' for s in sorted(SOURCES))}")
-    return TRUNKS[name]
+    if name in TRUNKS:
+        return TRUNKS[name]
+    for resolve in FAMILIES.values():
+        factory = resolve(name)
+        if factory is not None:
+            return factory
+    raise ValueError(f"unknown trunk {name!r}; choose one of {sorted(TRUNKS)} or "
+                     f"{', '.join(trunk_families()[len(TRUNKS):])}")
+
+
+def trunk_families() -> list[str]:
+    """Every trunk name and name pattern, as a person reads them: the short names, the
+    parametric families and the ``<source>:<arch>`` prefixes."""
+    return [*sorted(TRUNKS), *sorted(FAMILIES), *(f"{s}:<arch>" for s in sorted(SOURCES))]
 
 
 def build_trunk(name: str, in_channels: int = 3, weights: str | Path | None = None,
