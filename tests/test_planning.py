@@ -214,6 +214,21 @@ def test_cli_rejects_bad_sizes():
     one_line(result.stderr.strip().splitlines()[-1], "--budget", "'11 gigs'", "not a memory size")
 
 
+def test_cli_checks_arguments_before_importing_torch_and_lists_families():
+    probe = ("import runpy, sys\nsys.argv = ['plan.py'] + sys.argv[1:]\ntry:\n"
+             "    runpy.run_path({path!r}, run_name='__main__')\n"
+             "except SystemExit as e:\n    print('exit', e.code, 'torch' in sys.modules)\n")
+    for bad in (["--image-size", "40x", "--budget", "1GB"], ["--image-size", "400", "--budget", "1QB"],
+                ["--image-size", "400", "--budget", "1GB", "--batch", "0"], ["--budget", "1GB"]):
+        result = subprocess.run([sys.executable, "-c", probe.format(path=str(ROOT / "tools" / "plan.py")), *bad],
+                                capture_output=True, text=True)
+        assert result.stdout.strip() == "exit 2 False", (bad, result.stdout, result.stderr)
+    help_text = subprocess.run([sys.executable, str(ROOT / "tools" / "plan.py"), "--help"], capture_output=True,
+                               text=True).stdout
+    assert "resnet18-<kind>" in help_text and "torchvision:<arch>" in help_text and "timm:<arch>" in help_text
+    assert "resnet18-ws-w16-s2" not in help_text    # a family, not every generated name
+
+
 def test_plans_with_a_tensor_over_2_31_elements_are_refused_on_cuda_only():
     # ResNet-18's stem output at 12000 px has 64 * 6000^2 = 2.3e9 elements: more than cuDNN takes
     report = plan("resnet18", 12000, "1TB", in_channels=1, num_classes=28, device="cuda")

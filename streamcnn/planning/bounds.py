@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from streamcnn.engine.streaming import StreamingModule
 from streamcnn.models.classifier import build_model
-from streamcnn.planning.memory import _estimate, budget_counts_suffix, budgeted_bytes, check_budget_counts
+from streamcnn.planning.memory import estimate_from_live, budget_counts_suffix, budgeted_bytes, check_budget_counts
 from streamcnn.planning.plannable import Plannable, input_shape, meta_copy
 from streamcnn.planning.tracking import LiveStorageTracker
 from streamcnn.planning.tiles import TileSummary, candidate_tile_sizes, summarize
@@ -170,7 +170,7 @@ class Request:
         if self.device_type == "cpu" and not self.lazy_input:
             parts["the image"] = input_shape(self.template, tuple(image), self.batch)[1] * self.batch * math.prod(image) * 4
         live = sum(parts.values())
-        return budgeted_bytes(_estimate(self.device_type, live, 0), self.counts), parts
+        return budgeted_bytes(estimate_from_live(self.device_type, live, 0), self.counts), parts
 
     def largest_side(self, fits) -> int | None:
         """The longest side (same aspect) for which ``fits(image)``, by bisection; None if none."""

@@ -44,6 +44,7 @@ __all__ = [
     "budget_counts_suffix",
     "budgeted_bytes",
     "compose",
+    "estimate_from_live",
     "StepSimulator",
     "phase_estimate",
 ]
@@ -157,8 +158,10 @@ def budgeted_bytes(estimate: MemoryEstimate, counts: str = "process") -> int:
     return estimate.process_bytes if counts == "process" else estimate.allocated_bytes
 
 
-def _estimate(device_type: str, live: int, base: int, largest: int = 0, host: int = 0,
-              forward: int = 0, **phases: int) -> MemoryEstimate:
+def estimate_from_live(device_type: str, live: int, base: int, largest: int = 0, host: int = 0,
+                       forward: int = 0, **phases: int) -> MemoryEstimate:
+    """The estimate for ``live`` bytes of tensors at the peak on ``device_type``: the CUDA
+    allowances or the CPU runtime and heap added (the module docstring's model)."""
     if device_type != "cuda":
         rss = CPU_RUNTIME_BYTES + int(live * (1 + CPU_HEAP_OVERHEAD))
         return MemoryEstimate(device_type, live, live, live, rss, base, largest, 0, forward, **phases)
@@ -174,7 +177,7 @@ def compose(forward: MemoryEstimate, rest: MemoryEstimate) -> MemoryEstimate:
     but the feature map, which is the same in both, so the peak is the larger phase's.
     Host bytes are the larger of the two estimates' (an upper bound)."""
     live = max(forward.forward_bytes, rest.rest_bytes)
-    return _estimate(rest.device, live, rest.base_bytes, max(forward.forward_largest, rest.rest_largest),
+    return estimate_from_live(rest.device, live, rest.base_bytes, max(forward.forward_largest, rest.rest_largest),
                      max(forward.host_bytes, rest.host_bytes), forward.forward_bytes, rest_bytes=rest.rest_bytes,
                      forward_largest=forward.forward_largest, rest_largest=rest.rest_largest)
 
@@ -184,10 +187,10 @@ def phase_estimate(estimate: MemoryEstimate, phase: str) -> MemoryEstimate:
     a budget is compared with to rule out every plan that shares that phase."""
     if phase == "forward":
         live, largest = estimate.forward_bytes, estimate.forward_largest
-        return _estimate(estimate.device, live, estimate.base_bytes, largest, estimate.host_bytes, live,
+        return estimate_from_live(estimate.device, live, estimate.base_bytes, largest, estimate.host_bytes, live,
                          forward_largest=largest)
     live, largest = estimate.rest_bytes, estimate.rest_largest
-    return _estimate(estimate.device, live, estimate.base_bytes, largest, estimate.host_bytes, 0, rest_bytes=live,
+    return estimate_from_live(estimate.device, live, estimate.base_bytes, largest, estimate.host_bytes, 0, rest_bytes=live,
                      rest_largest=largest)
 
 
@@ -284,7 +287,7 @@ class StepSimulator:
         for hook in hooks:
             hook.remove()
         largest = tracker.phase_largest
-        return _estimate(self.device_type, tracker.peak, base, tracker.largest_elements,
+        return estimate_from_live(self.device_type, tracker.peak, base, tracker.largest_elements,
                          0 if self.device_type == "cpu" else host_tracker.peak, tracker.phase_peaks.get("forward", 0),
                          rest_bytes=tracker.phase_peaks.get("rest", 0), forward_largest=largest.get("forward", 0),
                          rest_largest=largest.get("rest", 0))
