@@ -229,6 +229,13 @@ def test_cli_checks_arguments_before_importing_torch_and_lists_families():
     assert "resnet18-ws-w16-s2" not in help_text    # a family, not every generated name
 
 
+def test_a_refusal_on_a_slide_names_the_level_that_fits():
+    levels = [(0, (100000, 80000), 0.25), (1, (25000, 20000), 1.0), (2, (6250, 5000), 4.0)]
+    one_line(plan_cli._what_fits(levels, 32736), "level 1", "1 mpp", "25000x20000 px", "--level 1")
+    one_line(plan_cli._what_fits(levels, 1000), "no level of the slide fits", "100x downsampling", "25 mpp")
+    assert plan_cli._what_fits(levels, None) == ""
+
+
 def test_plans_with_a_tensor_over_2_31_elements_are_refused_on_cuda_only():
     # ResNet-18's stem output at 12000 px has 64 * 6000^2 = 2.3e9 elements: more than cuDNN takes
     report = plan("resnet18", 12000, "1TB", in_channels=1, num_classes=28, device="cuda")

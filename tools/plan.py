@@ -114,7 +114,7 @@ def _what_fits(levels: list, largest_side: int | None) -> str:
     finest = levels[0][2]
     scale = max(levels[0][1]) / largest_side
     at = f", about {finest * scale:.3g} mpp" if finest else ""
-    return f"; no level of the slide fits: it would need {scale:.2g}x downsampling{at}"
+    return f"; no level of the slide fits: it would need {scale:.3g}x downsampling{at}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                       dtype=args.dtype, in_channels=args.in_channels, num_classes=args.num_classes, head=args.head,
                       device=args.device, optimizer=args.optimizer, weight_decay=args.weight_decay,
                       tile_sizes=args.tile_sizes, allow_offload=not args.no_offload, progress=not args.json,
+                      lazy_input=args.slide is not None,  # a slide is read a window at a time
                       exhaustive=args.all or args.plot is not None, counts=args.counts)
     except BudgetError as e:
         message = str(e) + (_what_fits(levels, e.largest_side) if levels else "")
