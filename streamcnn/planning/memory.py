@@ -12,11 +12,12 @@ the live peak x (1 + :data:`CPU_HEAP_OVERHEAD`), with glibc tamed by
 :mod:`streamcnn.utils.allocator`). Host bytes (the image unless it is read lazily, an offloaded
 feature map and its gradient) are counted beside device bytes. The step itself is
 :mod:`streamcnn.engine.step`'s; measuring it for real is
-:mod:`streamcnn.planning.measurement`'s.
+:mod:`streamcnn.planning.measurement`'s. :class:`StepSimulator` predicts one model's step for
+plan after plan (the planner's search); a streamed step's no-grad forward and the rest of it
+are recorded as two phases (:func:`compose`, :func:`phase_estimate`).
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Sequence
 

@@ -35,7 +35,6 @@ transfers, not FLOPs, so an offloaded plan is chosen only when no plan without o
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Sequence
 
