@@ -256,13 +256,13 @@ def test_impossible_budgets_and_sizes_are_refused_from_bounds(monkeypatch):
     monkeypatch.setattr(planning.Search, "simulate", no_search)
     with pytest.raises(BudgetError) as err:
         plan("resnet18", 4000, "1MB", in_channels=1, num_classes=28, device="cpu")
-    one_line(str(err.value), "1.00 MB", "4000x4000 px", "every plan needs at least", "no image size fits")
+    one_line(str(err.value), "1.00 MB on cpu", "4000x4000 px", "every plan needs at least", "no image size fits")
     assert err.value.min_bytes > 10**8 and err.value.largest_side is None
     # a budget that a smaller image fits names the largest side whose bound fits
     with pytest.raises(BudgetError) as err:
         plan("resnet18", 40000, "2GB", in_channels=1, device="cpu", lazy_input=True)
     side = err.value.largest_side
-    one_line(str(err.value), "40000x40000 px", f"the largest image side that could fit is {side} px")
+    one_line(str(err.value), "40000x40000 px", f"images of at most {side} px a side")
     assert 1000 < side < 40000
     # on CUDA a feature map every plan holds whole over the element limit: the largest side under it
     with pytest.raises(BudgetError) as err:

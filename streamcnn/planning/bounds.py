@@ -190,14 +190,13 @@ class Request:
 
     def describe(self) -> str:
         h, w = self.image
-        return (f"{self.name} at {h}x{w} px (batch {self.batch}, {self.dtype_name}, {self.optimizer}) "
-                f"on {self.device_type}")
+        return f"{self.name} at {h}x{w} px (batch {self.batch}, {self.dtype_name}, {self.optimizer})"
 
     def refusal(self, smallest) -> BudgetError:
         """The refusal after a search in which nothing fit: what ``smallest`` (the candidate
         that needs least, simulated; None if every one makes a tensor over the limit) needs."""
         if smallest is None:
-            return BudgetError(f"every plan for {self.describe()} makes a tensor of {self.max_elements:,} or more "
+            return BudgetError(f"every plan on {self.device_type} for {self.describe()} makes a tensor of {self.max_elements:,} or more "
                                "elements, which CUDA kernels refuse whatever the budget; use smaller images, smaller "
                                "tiles or a trunk with fewer feature-map channels", 0)
         suggest = math.ceil(smallest.budgeted_bytes / 1e7) * 10**7
@@ -207,7 +206,8 @@ class Request:
         hints = "; or try " + (", ".join(others[:-1]) + " or " if len(others) > 1 else "") + others[-1]
         of = budget_counts_suffix(self.counts)
         return BudgetError(
-            f"no plan fits the budget of {format_size(self.budget)}{of} for {self.describe()}: the smallest, "
+            f"no plan fits the budget of {format_size(self.budget)}{of} on {self.device_type} for {self.describe()}: "
+            f"the smallest, "
             f"{smallest.label}, needs {format_size(smallest.budgeted_bytes)}{of}. Use a budget of at least "
             f"{format_size(suggest)}{hints}.", smallest.budgeted_bytes)
 
@@ -220,7 +220,7 @@ def refusal_from_bounds(request: Request) -> BudgetError | None:
         (oh, ow), c = r.geometry.output_size(r.image), r.feature_channels
         side = r.largest_side(lambda image: r.batch * c * math.prod(r.geometry.output_size(image)) < r.max_elements)
         return BudgetError(
-            f"every plan for {r.describe()} holds the whole feature map on the device ({r.batch}x{c}x{oh}x{ow} = "
+            f"every plan on {r.device_type} for {r.describe()} holds the whole feature map on the device ({r.batch}x{c}x{oh}x{ow} = "
             f"{r.map_elements:,} elements; the head runs on it), over the limit of {r.max_elements:,} elements "
             f"(CUDA kernels index with 32 bits): the largest image side that fits is {side} px (a lower-resolution "
             "level), or use a pool head (--head pool), which pools tile by tile", 0, side)
@@ -230,7 +230,8 @@ def refusal_from_bounds(request: Request) -> BudgetError | None:
     side = r.largest_side(lambda image: r.floor(image, pooled)[0] <= r.budget)
     of = budget_counts_suffix(r.counts)
     what = "; ".join(f"{k} {format_size(v)}" for k, v in parts.items() if v)
-    fits = (f"the largest image side that could fit is {side} px" if side else
-            f"no image size fits: use a budget of at least {format_size(need)}")
-    return BudgetError(f"no plan fits the budget of {format_size(r.budget)}{of} for {r.describe()}: every plan "
-                       f"needs at least {format_size(need)}{of} ({what}); {fits}", need, side)
+    fits = (f", or images of at most {side} px a side (the largest that could fit)" if side else
+            f"; no image size fits {format_size(r.budget)}{of}")
+    return BudgetError(f"no plan fits the budget of {format_size(r.budget)}{of} on {r.device_type} for {r.describe()}: "
+                       f"every plan needs at least {format_size(need)}{of} ({what}). Use a budget of at least "
+                       f"{format_size(need)}{fits}.", need, side)
