@@ -202,7 +202,7 @@ class StreamingClassifier(nn.Module):
         """The trunk's tile-by-tile pool modes this head can start from: ``("meanmax",)`` when
         its first layer is the global mean + max pooling (the pool head)."""
         first = self.head[0] if isinstance(self.head, nn.Sequential) and len(self.head) else None
-        return ("meanmax",) if isinstance(first, _GlobalPool) and hasattr(self.trunk, "pool") else ()
+        return ("meanmax",) if isinstance(first, _GlobalPool) else ()
 
     def configure_plan(self, *, tile_size: int | None, checkpoint: bool, head_checkpoint: bool,
                        output_device: torch.device | str | None, forward_tile_size: int | None = None,
@@ -211,8 +211,7 @@ class StreamingClassifier(nn.Module):
         ``pool``: the trunk pools tile by tile (one of :attr:`trunk_pools`) and the head starts after its pooling."""
         if pool is not None and pool not in self.trunk_pools:
             raise ValueError(f"this head cannot take a pooled trunk ({pool!r}); a pool head can")
-        if pool is not None or hasattr(self.trunk, "pool"):
-            self.trunk.pool = pool
+        self.trunk.pool = pool
         self.trunk.tile_size = tile_size
         self.trunk.forward_tile_size = forward_tile_size
         self.trunk.checkpoint = checkpoint
