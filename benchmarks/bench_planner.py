@@ -132,7 +132,8 @@ def _rss_model(spec: dict):
 #: (model, image side, CPU budget): the plans a user gets for a CPU budget. "issue": the sizes
 #: where the RSS prediction must hold (a ResNet-50 4000^2 step takes about 15 minutes on 2 cores).
 PLANNED = {"small": [("resnet18", 1024, "1.5GB"), ("resnet18", 2048, "2GB")],
-           "issue": [("resnet50", 4000, "3GB"), ("resnet18", 16384, "8GB")]}
+           "resnet50-4000": [("resnet50", 4000, "3GB")], "resnet18-16384": [("resnet18", 16384, "8GB")]}
+PLANNED["issue"] = PLANNED["resnet50-4000"] + PLANNED["resnet18-16384"]
 
 
 def planned_specs(cases: str) -> list[dict]:
