@@ -4,6 +4,7 @@
     python benchmarks/bench_planner.py --device cuda   # CUDA rows up to 4000^2, plans under 11 GB
     python benchmarks/bench_planner.py --quick         # two rows, nothing written
     python benchmarks/bench_planner.py --rss           # CPU: predicted vs measured process RSS
+    python benchmarks/bench_planner.py --rss-planned issue   # the plans chosen for CPU budgets (issue 25's cases)
 
 Each row builds a model (conv head, 1 input channel, 28 classes, AdamW), sets a plan
 (conventional, checkpoint, stream at a tile, stream+checkpoint, offload), predicts one
@@ -121,8 +122,32 @@ def rss_specs(quick: bool) -> list[dict]:
 
 def _rss_model(spec: dict):
     model = build_model(spec["model"], head=spec["head"], num_classes=spec["classes"], in_channels=1)
-    candidate(spec["plan"], spec["tile"]).configure(model)
+    if "knobs" in spec:   # a plan the planner chose (forward tile and head checkpointing included)
+        model.configure_plan(**spec["knobs"])
+    else:
+        candidate(spec["plan"], spec["tile"]).configure(model)
     return model
+
+
+#: (model, image side, CPU budget): the plans a user gets for a CPU budget. "issue": the sizes
+#: where the RSS prediction must hold (a ResNet-50 4000^2 step takes about 15 minutes on 2 cores).
+PLANNED = {"small": [("resnet18", 1024, "1.5GB"), ("resnet18", 2048, "2GB")],
+           "resnet50-4000": [("resnet50", 4000, "3GB")], "resnet18-16384": [("resnet18", 16384, "8GB")]}
+PLANNED["issue"] = PLANNED["resnet50-4000"] + PLANNED["resnet18-16384"]
+
+
+def planned_specs(cases: str) -> list[dict]:
+    """RSS rows for the plans ``plan(..., device="cpu")`` chooses for :data:`PLANNED`'s budgets."""
+    specs = []
+    for model_name, size, budget in PLANNED[cases]:
+        base = {"model": model_name, "image": size, "head": "conv", "classes": 28, "batch": 1, "dtype": "fp32",
+                "uint8": False, "budget": budget}
+        report = plan(_rss_model({**base, "plan": "conventional", "tile": None}), size, budget, device="cpu")
+        c = report.chosen
+        specs.append({**base, "plan": c.label, "tile": c.tile_size, "knobs": dict(
+            tile_size=c.tile_size, checkpoint=c.checkpoint, head_checkpoint=c.head_checkpoint,
+            output_device=None, forward_tile_size=c.forward_tile_size)})
+    return specs
 
 
 def rss_worker(spec: dict) -> dict:
@@ -145,7 +170,7 @@ def rss_worker(spec: dict) -> dict:
     return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
-def rss_rows(quick: bool) -> list[dict]:
+def rss_rows(quick: bool, specs: list[dict] | None = None) -> list[dict]:
     """CPU: predicted process RSS (``predicted_device_bytes``) against the peak RSS of a fresh
     process that runs the plan's training steps (the runtime included, as a user sees it)."""
     import json
@@ -153,18 +178,20 @@ def rss_rows(quick: bool) -> list[dict]:
     import sys
 
     rows = []
-    for spec in rss_specs(quick):
+    for spec in specs if specs is not None else rss_specs(quick):
         predicted = predict_step_memory(_rss_model(spec), spec["image"], batch=spec["batch"], device="cpu",
                                         dtype=None if spec["dtype"] == "fp32" else spec["dtype"])
         proc = subprocess.run([sys.executable, __file__, "--rss-worker", json.dumps(spec)], capture_output=True,
                               text=True)
         row = {**spec, "predicted_rss_bytes": predicted.process_bytes,
-               "predicted_peak_bytes": predicted.allocated_bytes, "predicted_live_bytes": predicted.live_bytes}
+               "predicted_peak_bytes": predicted.allocated_bytes, "predicted_live_bytes": predicted.live_bytes,
+               "safe": None}
         if proc.returncode != 0:
             row["error"] = ((proc.stderr or proc.stdout).strip().splitlines() or ["?"])[-1]
         else:
             row["measured_rss_bytes"] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
             row["rss_error"] = row["predicted_rss_bytes"] / row["measured_rss_bytes"] - 1
+            row["safe"] = row["predicted_rss_bytes"] >= row["measured_rss_bytes"]
         print(f"{spec['model']} {spec['image']} px batch {spec['batch']} {spec['dtype']} {spec['plan']} "
               f"{spec['tile']}: predicted RSS {format_size(row['predicted_rss_bytes'])}, measured "
               f"{format_size(row.get('measured_rss_bytes', 0))} ({100 * row.get('rss_error', 0):+.1f}%)", flush=True)
@@ -255,6 +282,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="two rows, nothing written")
     parser.add_argument("--rss", action="store_true",
                         help="CPU: predicted vs measured process RSS only (planner_rss_cpu.json)")
+    parser.add_argument("--rss-planned", choices=sorted(PLANNED),
+                        help="CPU: predicted vs measured RSS of the plans chosen for CPU budgets "
+                             "(planner_rss_planned_<cases>_cpu.json)")
     parser.add_argument("--rss-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_worker:
@@ -262,6 +292,16 @@ def main() -> None:
         print(json.dumps(rss_worker(json.loads(args.rss_worker))))
         return
     env = common.environment(args.device)
+    if args.rss_planned:
+        import os
+        rows = rss_rows(False, planned_specs(args.rss_planned))
+        columns = [("model", "model"), ("image", "image"), ("budget", "budget"), ("plan", "plan"),
+                   ("predicted_rss_bytes", "predicted RSS"), ("measured_rss_bytes", "measured RSS"),
+                   ("rss_error", "error"), ("safe", "predicted >= measured")]
+        print(common.markdown_table(rows, columns))
+        env["load_average_after"] = os.getloadavg()
+        common.write_json(f"planner_rss_planned_{args.rss_planned}_cpu.json", {**env, "rows": rows})
+        return
     if args.rss:
         rows = rss_rows(args.quick)
         errors = [abs(r["rss_error"]) for r in rows if "rss_error" in r]

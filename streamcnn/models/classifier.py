@@ -28,13 +28,16 @@ from streamcnn.engine.batchnorm import freeze_batchnorm
 from streamcnn.engine.pooling import global_mean_max
 from streamcnn.engine.streaming import StreamingModule
 
-__all__ = ["TRUNKS", "HEADS", "register_trunk", "register_head", "trunk_factory", "build_trunk", "build_head",
-           "StreamingClassifier", "build_model"]
+__all__ = ["TRUNKS", "HEADS", "FAMILIES", "register_trunk", "register_head", "register_family", "trunk_factory",
+           "trunk_families", "build_trunk", "build_head", "StreamingClassifier", "build_model"]
 
 TrunkFactory = Callable[..., "tuple[nn.Module, int]"]
 HeadFactory = Callable[..., nn.Module]
 TRUNKS: dict[str, TrunkFactory] = {}
 HEADS: dict[str, HeadFactory] = {}
+#: Parametric trunk names, timm-style: the pattern users read -> fn(name) -> factory, or None
+#: when ``name`` is not one of the family's (e.g. ``resnet18-<kind>[-w<width>][-s<stages>]``).
+FAMILIES: dict[str, Callable[[str], "TrunkFactory | None"]] = {}
 
 
 def _registrar(table: dict):
@@ -48,6 +51,7 @@ def _registrar(table: dict):
 
 register_trunk = _registrar(TRUNKS)   # @register_trunk("name"): fn(in_channels, weights) -> (trunk, channels)
 register_head = _registrar(HEADS)     # @register_head("name"): fn(channels, num_classes, **kwargs) -> head
+register_family = _registrar(FAMILIES)  # @register_family("pattern"): fn(name) -> factory or None
 
 
 def _short_resnet(arch: str):
@@ -121,10 +125,20 @@ def trunk_factory(name: str) -> TrunkFactory:
     source, sep, arch = name.partition(":")
     if sep and source in SOURCES and arch:
         return partial(SOURCES[source], arch)
-    if name not in TRUNKS:
-        raise ValueError(f"unknown trunk {name!r}; choose one of {sorted(TRUNKS)} or "
-                         f"{', '.join(f'{s}:<arch>' for s in sorted(SOURCES))}")
-    return TRUNKS[name]
+    if name in TRUNKS:
+        return TRUNKS[name]
+    for resolve in FAMILIES.values():
+        factory = resolve(name)
+        if factory is not None:
+            return factory
+    raise ValueError(f"unknown trunk {name!r}; choose one of {sorted(TRUNKS)} or "
+                     f"{', '.join(trunk_families()[len(TRUNKS):])}")
+
+
+def trunk_families() -> list[str]:
+    """Every trunk name and name pattern, as a person reads them: the short names, the
+    parametric families and the ``<source>:<arch>`` prefixes."""
+    return [*sorted(TRUNKS), *sorted(FAMILIES), *(f"{s}:<arch>" for s in sorted(SOURCES))]
 
 
 def build_trunk(name: str, in_channels: int = 3, weights: str | Path | None = None,
@@ -183,9 +197,21 @@ class StreamingClassifier(nn.Module):
         self.head = head
         self.head_checkpoint = head_checkpoint
 
+    @property
+    def trunk_pools(self) -> tuple[str, ...]:
+        """The trunk's tile-by-tile pool modes this head can start from: ``("meanmax",)`` when
+        its first layer is the global mean + max pooling (the pool head)."""
+        first = self.head[0] if isinstance(self.head, nn.Sequential) and len(self.head) else None
+        return ("meanmax",) if isinstance(first, _GlobalPool) else ()
+
     def configure_plan(self, *, tile_size: int | None, checkpoint: bool, head_checkpoint: bool,
-                       output_device: torch.device | str | None, forward_tile_size: int | None = None) -> None:
-        """Set the knobs a memory plan chooses (:class:`streamcnn.planning.plannable.Plannable`)."""
+                       output_device: torch.device | str | None, forward_tile_size: int | None = None,
+                       pool: str | None = None) -> None:
+        """Set the knobs a memory plan chooses (:class:`streamcnn.planning.plannable.Plannable`);
+        ``pool``: the trunk pools tile by tile (one of :attr:`trunk_pools`) and the head starts after its pooling."""
+        if pool is not None and pool not in self.trunk_pools:
+            raise ValueError(f"this head cannot take a pooled trunk ({pool!r}); a pool head can")
+        self.trunk.pool = pool
         self.trunk.tile_size = tile_size
         self.trunk.forward_tile_size = forward_tile_size
         self.trunk.checkpoint = checkpoint

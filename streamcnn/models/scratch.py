@@ -22,12 +22,14 @@ every plan computes the same function:
   the same values and gradients), so the ReLU runs on a map 4x smaller (``docs/learning.md``,
   the default run, has the figures).
 
-Registered as ``resnet18-<kind>`` (width 64, four stages), ``resnet18-<kind>-w<width>`` for
-widths 8, 16 and 32, and with ``-s2`` for the first two stages only (stride 8, receptive field
-99 px: the miniature benchmark's trunk, see ``docs/learning.md``). ``docs/learning.md`` has the pilot that chose between them.
+One parametric family of trunk names (:func:`scratch_factory`, timm-style), not a name per
+variant: ``resnet18-<kind>`` (width 64, four stages), ``resnet18-<kind>-w<width>`` for any
+width, and ``-s<stages>`` for the first 1..3 stages only (``-s2``: stride 8, receptive field
+99 px, the miniature benchmark's trunk, see ``docs/learning.md``). ``docs/learning.md`` has the pilot that chose between them.
 """
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 import torch
@@ -37,9 +39,9 @@ from torchvision.models.resnet import BasicBlock, conv1x1
 
 from streamcnn.engine.geometry import register_rule
 from streamcnn.engine.rules import conv_windows
-from streamcnn.models.classifier import register_trunk
+from streamcnn.models.classifier import register_family
 
-__all__ = ["ChannelLayerNorm2d", "ChannelAffine", "ScaledStdConv2d", "scratch_resnet18", "SCRATCH_KINDS"]
+__all__ = ["ChannelLayerNorm2d", "ChannelAffine", "ScaledStdConv2d", "scratch_resnet18", "scratch_factory", "SCRATCH_KINDS"]
 
 
 @register_rule
@@ -171,18 +173,21 @@ def scratch_resnet18(kind: str, in_channels: int = 3, width: int = 64, stages: i
     return trunk, planes
 
 
-def _register(kind: str, width: int, stages: int) -> None:
-    name = f"resnet18-{kind}" + ("" if width == 64 else f"-w{width}") + ("" if stages == 4 else f"-s{stages}")
+_NAME = re.compile(r"resnet18-(?P<kind>[a-z]+)(?:-w(?P<width>[1-9][0-9]*))?(?:-s(?P<stages>[1-4]))?")
+
+
+@register_family("resnet18-<kind>[-w<width>][-s<stages>] (kind: " + ", ".join(SCRATCH_KINDS) + ")")
+def scratch_factory(name: str) -> Callable[..., tuple[nn.Module, int]] | None:
+    """The factory of a from-scratch trunk name (``resnet18-ws-w16-s2``: kind ``ws``, width 16,
+    two stages), or None when ``name`` is not one."""
+    match = _NAME.fullmatch(name)
+    if match is None or match["kind"] not in SCRATCH_KINDS:
+        return None
+    kind, width, stages = match["kind"], int(match["width"] or 64), int(match["stages"] or 4)
 
     def factory(in_channels: int = 3, weights=None) -> tuple[nn.Module, int]:
         if weights is not None:
             raise ValueError(f"{name} trains from scratch and has no pretrained weights; leave model.weights empty")
         return scratch_resnet18(kind, in_channels, width, stages)
 
-    register_trunk(name)(factory)
-
-
-for _kind in SCRATCH_KINDS:
-    for _width in (8, 16, 32, 64):
-        for _stages in (2, 4):
-            _register(_kind, _width, _stages)
+    return factory

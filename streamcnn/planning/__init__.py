@@ -5,7 +5,9 @@
 - :mod:`streamcnn.planning.memory`: predicted peak memory of a step; CUDA allowances.
 - :mod:`streamcnn.planning.measurement`: measured peak memory (CPU profiler, CUDA statistics).
 - :mod:`streamcnn.planning.flops`: the FLOPs of a step (the cost a plan is ranked by).
-- :mod:`streamcnn.planning.search`: candidates, simulation, choice; :func:`enforce_budget`.
+- :mod:`streamcnn.planning.tiles`: tile plans summarised from rows and columns; the simulation's reduced plans.
+- :mod:`streamcnn.planning.bounds`: a request resolved once; refusals from bounds (budget floor, element limit).
+- :mod:`streamcnn.planning.search`: candidates -> simulate -> choose; :func:`enforce_budget`.
 - :mod:`streamcnn.planning.report`: the plan report (table, JSON, plot, ``apply``).
 """
 from streamcnn.planning.plannable import Plannable

@@ -28,8 +28,11 @@ class Plannable(Protocol):
     head: nn.Module
 
     def configure_plan(self, *, tile_size: int | None, checkpoint: bool, head_checkpoint: bool,
-                       output_device: torch.device | str | None, forward_tile_size: int | None = None) -> None:
-        """Run as the plan says; none of the knobs changes the result."""
+                       output_device: torch.device | str | None, forward_tile_size: int | None = None,
+                       pool: str | None = None) -> None:
+        """Run as the plan says; none of the knobs changes the result. ``pool`` (only passed to
+        a model with ``trunk_pools``, the tile-by-tile pool modes its head can start from):
+        the trunk pools and the head starts after its pooling."""
         ...
 
 

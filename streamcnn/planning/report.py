@@ -37,8 +37,12 @@ class Candidate:
     compared with (the second unless the budget counts tensors). They are None, and ``fits``
     is None, for a plan that was not simulated because a cheaper one fits.
     ``forward_tile_size``: the no-grad forward's tile (None: the backward's; the image's
-    side: one window), ``forward_overlap`` its overlap factor. ``predicted_host_bytes``: host
-    memory beside the device's (0 on CPU, where they are one).
+    side: one window), ``forward_overlap`` its overlap factor, ``forward_window`` its largest
+    window. ``predicted_host_bytes``: host memory beside the device's (0 on CPU, where they
+    are one). ``pool``: the trunk pools tile by tile for the head (``"meanmax"``), so the
+    feature map never exists whole. ``bound``: not simulated but ruled out by a bound (a
+    phase it shares with a simulated plan is over the budget); its bytes are then a lower
+    bound. ``simulated``: its numbers come from a simulation of its own.
     """
 
     mode: str
@@ -60,10 +64,14 @@ class Candidate:
     predicted_host_bytes: int | None = None
     budgeted_bytes: int | None = None
     estimate: MemoryEstimate | None = field(default=None, repr=False)
+    pool: str | None = None
+    forward_window: tuple[int, int] | None = None
+    bound: bool = False
+    simulated: bool = False
 
     @property
     def name(self) -> str:
-        return self.mode + (" +offload" if self.offload else "")
+        return self.mode + (f" +pool {self.pool}" if self.pool else "") + (" +offload" if self.offload else "")
 
     @property
     def label(self) -> str:
@@ -82,9 +90,10 @@ class Candidate:
             raise TypeError(f"a plan configures a StreamingClassifier or another streamcnn.planning.plannable.Plannable "
                             f"(.trunk, .head, .configure_plan), got {type(model).__name__}; build one with "
                             "streamcnn.models.classifier.build_model")
+        pool = {"pool": self.pool} if self.pool is not None or getattr(model, "trunk_pools", ()) else {}
         model.configure_plan(tile_size=self.tile_size, checkpoint=self.checkpoint,
                              head_checkpoint=self.head_checkpoint, output_device="cpu" if self.offload else None,
-                             forward_tile_size=self.forward_tile_size)
+                             forward_tile_size=self.forward_tile_size, **pool)
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -112,6 +121,7 @@ class PlanReport:
     accumulate: int = 1
     fixed: dict = field(default_factory=dict)   # knobs the caller fixed (constraints), by name
     counts: str = "process"                     # what the budget limits: streamcnn.planning.memory.BUDGET_COUNTS
+    simulations: int = 0                        # steps simulated to choose
 
     @property
     def headroom_bytes(self) -> int:
@@ -125,7 +135,8 @@ class PlanReport:
         why = f"the fastest plan predicted to fit {format_size(self.budget_bytes)}{of}"
         if cheaper:
             shown = ", ".join(f"{c.label} makes a tensor of 2^31 or more elements, which cuDNN refuses"
-                              if c.too_large_tensor else f"{c.label} needs {format_size(c.budgeted_bytes)}"
+                              if c.too_large_tensor else
+                              f"{c.label} needs {'at least ' if c.bound else ''}{format_size(c.budgeted_bytes)}"
                               for c in cheaper[:3])
             why += f"; faster plans do not fit ({shown}{', ...' if len(cheaper) > 3 else ''})"
         return why
@@ -140,6 +151,7 @@ class PlanReport:
             "mode": self.chosen.mode,
             "tile_size": self.chosen.tile_size,
             "forward_tile_size": self.chosen.forward_tile_size,
+            "pool": self.chosen.pool,
             "predicted_host_bytes": self.chosen.predicted_host_bytes,
             "checkpoint": self.chosen.checkpoint,
             "head_checkpoint": self.chosen.head_checkpoint,
@@ -162,6 +174,7 @@ class PlanReport:
             "optimizer": self.optimizer,
             "flops": asdict(self.flops),
             "planning_seconds": round(self.planning_seconds, 3),
+            "simulations": self.simulations,
             "cuda_context_bytes": CUDA_CONTEXT_BYTES if self.device == "cuda" else 0,
             "candidates": [c.to_json() for c in self.candidates],
         }
@@ -183,8 +196,9 @@ class PlanReport:
                    "host", "rel. time", "fits")
         rows = [columns]
         skipped = [c for c in self.candidates if c.fits is None]
+        bounded = [c for c in self.candidates if c.bound]
         for c in self.candidates:
-            if c.fits is None:
+            if c.fits is None or c.bound:
                 continue
             rows.append((
                 "->" if c is self.chosen else "",
@@ -202,6 +216,9 @@ class PlanReport:
             ))
         widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
         table = ["  ".join(v.ljust(widths[i]) for i, v in enumerate(r)).rstrip() for r in rows]
+        if bounded:
+            table.append(f"({len(bounded)} plans ruled out without a simulation: the whole feature map over the "
+                         "element limit, or a phase they share with a plan above over the budget)")
         if skipped:
             table.append(f"({len(skipped)} slower plans not simulated: a faster one fits; "
                          "plan(..., exhaustive=True) or tools/plan.py --all shows them)")
@@ -223,7 +240,7 @@ class PlanReport:
             lines.append(f"measured: peak {format_size(self.measured.allocated_bytes)}, "
                          f"on device {format_size(self.measured.process_bytes)} "
                          f"(predicted {format_size(self.chosen.predicted_peak_bytes)}).")
-        lines.append(f"planned in {self.planning_seconds:.1f} s.")
+        lines.append(f"planned in {self.planning_seconds:.1f} s ({self.simulations} steps simulated).")
         return "\n".join(lines)
 
     def plot(self, path: str | os.PathLike) -> Path:

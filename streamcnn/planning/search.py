@@ -1,17 +1,24 @@
 """Memory plans: the fastest way to train a model on an image size inside a memory budget.
 
-:func:`plan` lists the candidate ways to run one training step (conventional, whole-image
-activation checkpointing, streaming at each stride-aligned tile size, streaming with
-checkpointing inside the tile, and on CUDA each streamed plan with the feature map kept in
-host memory), prices each by FLOPs (:func:`streamcnn.planning.flops.step_flops` times the
-recomputation and the tile overlap), predicts the peak memory of the cheapest ones with
-:func:`streamcnn.planning.memory.predict_step_memory` until one fits, and returns a
-:class:`~streamcnn.planning.report.PlanReport`: a table a person can read, JSON, a plot, and
-``apply(model)``.
-Plans more expensive than the chosen one are not simulated unless ``exhaustive=True``.
+:func:`plan` is three steps. :func:`candidates` lists the ways to run one training step
+(conventional, whole-image activation checkpointing, streaming at each stride-aligned tile
+size, streaming with checkpointing inside the tile, on CUDA each streamed plan with the
+feature map kept in host memory, and for a pool head streaming that pools tile by tile so
+the feature map never exists whole) and prices each by FLOPs; :class:`Search` simulates
+(:class:`~streamcnn.planning.memory.StepSimulator`) and :meth:`Search.choose` picks the
+cheapest that fits. It returns a :class:`~streamcnn.planning.report.PlanReport`.
 
-:func:`enforce_budget` turns the budget into a hard cap on CUDA, so a run that would
-exceed it fails with an out-of-memory error instead of silently using the whole card.
+What makes it fast at any image size: the geometry and the trunk's costs are computed once
+(tile plans are priced from their rows and columns, :mod:`streamcnn.planning.tiles`; the
+fake model and optimizer state are made once); a streamed step is two phases, the no-grad
+forward and the rest, whose peaks are simulated once each and combined for every plan that
+shares them (:func:`~streamcnn.planning.memory.compose`); a phase's peak grows with its
+window, so a window that does not fit rules out every larger one, and the largest tile that
+fits is found by bisection; and a budget or a size no plan can meet is refused from bounds
+(:func:`refusal_from_bounds`) before anything is simulated, naming the largest image side
+that could fit. ``exhaustive=True`` simulates every candidate (for tables and plots).
+
+:func:`enforce_budget` turns the budget into a hard cap on CUDA.
 
 Cost model (relative to a conventional step, ``Tf``/``Tb``: trunk forward/backward FLOPs
 on the whole image, ``Hf``/``Hb``: the head's, ``rf``: the tile overlap factor)::
@@ -22,43 +29,30 @@ on the whole image, ``Hf``/``Hb``: the head's, ``rf``: the tile overlap factor):
     stream+checkpoint   rf_fwd Tf + rf (2 Tf + Tb)    + 2 Hf + Hb
 
 ``rf`` is the backward tiles' overlap and ``rf_fwd`` the no-grad forward's, whose tiles are
-chosen apart (larger: it keeps no activations; often the whole image, ``rf_fwd = 1``).
-:func:`relative_cost` is this table.
-
-Offloading the feature map to host memory costs PCIe transfers, not FLOPs, so an offloaded
-plan is chosen only when no plan without offload fits.
+chosen apart (larger: it keeps no activations; often the whole image, ``rf_fwd = 1``); a
+pooled plan's forward runs on the backward's tiles. Offloading the feature map costs PCIe
+transfers, not FLOPs, so an offloaded plan is chosen only when no plan without offload fits.
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 
+from streamcnn.planning.bounds import MAX_TENSOR_ELEMENTS, BudgetError, Request, refusal_from_bounds
 from streamcnn.planning.flops import StepFlops, step_flops
-from streamcnn.engine.geometry import tile_plan
-from streamcnn.planning.memory import (CPU_RUNTIME_BYTES, CUDA_CONTEXT_BYTES, CUDA_RESERVED_OVERHEAD, budget_counts_suffix,
-                     budgeted_bytes, check_budget_counts, predict_step_memory)
-from streamcnn.models.classifier import build_model
+from streamcnn.planning.memory import (CUDA_CONTEXT_BYTES, CUDA_RESERVED_OVERHEAD, StepSimulator, budgeted_bytes,
+                                       check_budget_counts, compose, phase_estimate)
 from streamcnn.planning.report import MODES, Candidate, PlanReport
-from streamcnn.planning.plannable import Plannable, input_shape, meta_copy
-from streamcnn.engine.streaming import StreamingModule
-from streamcnn.utils.units import format_size, pair, parse_size, resolve_dtype
+from streamcnn.planning.tiles import candidate_tile_sizes
+from streamcnn.utils.units import format_size, parse_size
 
 __all__ = ["Candidate", "PlanReport", "BudgetError", "plan", "enforce_budget", "candidate_tile_sizes",
-           "relative_cost"]
+           "relative_cost", "candidates", "Search", "MAX_TENSOR_ELEMENTS"]
 
-MAX_TENSOR_ELEMENTS = 2**31  # cuDNN (and some CUDA kernels) index tensors with 32-bit integers
-
-
-class BudgetError(ValueError):
-    """No plan fits the budget; ``min_bytes`` is the smallest budget that would fit."""
-
-    def __init__(self, message: str, min_bytes: int):
-        super().__init__(message)
-        self.min_bytes = min_bytes
+AUTO = "auto"  # a knob the planner chooses; anything else is fixed by the caller
 
 
 def relative_cost(flops: StepFlops, *, overlap: float | None, forward_overlap: float | None = None,
@@ -80,91 +74,53 @@ def relative_cost(flops: StepFlops, *, overlap: float | None, forward_overlap: f
     return (trunk + head) / flops.conventional
 
 
-def candidate_tile_sizes(image_size: int | Sequence[int], stride: int) -> list[int]:
-    """Tile sides to try: powers of two and 1.5x steps, multiples of ``stride``, from 256 px
-    (a quarter of the image for small images; 1/64 of it for huge ones, so that a plan has
-    at most about 64 x 64 tiles) up to below the image's longer side."""
-    side = max(pair(image_size))
-    low = max(min(256, max(stride, side // 4 // stride * stride)), side // 64)
-    sizes, base = [], 64
-    while base < side:
-        for s in (base, base * 3 // 2):
-            if low <= s < side and s % stride == 0:
-                sizes.append(s)
-        base *= 2
-    return sizes
+def candidates(request: Request, flops: StepFlops) -> list[Candidate]:
+    """Every plan the knobs allow (``request.fixed`` knobs are constraints), priced. Per
+    backward tile the no-grad forward runs on the same tiles, on each larger ladder tile
+    (fewer tiles), or on the whole image; a pooled plan's on the backward's tiles."""
+    fixed, image = request.fixed, request.image
+    head_fixed = fixed.get("head_checkpoint", AUTO)
 
-
-AUTO = "auto"  # a knob the planner chooses; anything else is fixed by the caller
-
-
-def _template(model: nn.Module | str, in_channels: int, num_classes: int | None, head: str) -> tuple[nn.Module, str]:
-    if isinstance(model, str):
-        if num_classes is None:
-            raise ValueError(f"plan() builds {model!r} by name and needs num_classes (the number of classes "
-                             "in the data); pass num_classes=N")
-        with torch.device("meta"):
-            return build_model(model, head=head, num_classes=num_classes, in_channels=in_channels), model
-    if not isinstance(model, Plannable) or not isinstance(model.trunk, StreamingModule):
-        raise TypeError(f"plan() needs a model name or a streamcnn.planning.plannable.Plannable (.trunk a StreamingModule, "
-                        f".head, .configure_plan), got {type(model).__name__}; build one with "
-                        "streamcnn.models.classifier.build_model")
-    return meta_copy(model), _describe(model)
-
-
-def _describe(model: nn.Module) -> str:
-    params = sum(p.numel() for p in model.parameters())
-    return f"{type(model).__name__} ({params / 1e6:.1f}M params)"
-
-
-def _candidates(template: Plannable, image: tuple[int, int], tile_sizes: Sequence[int] | None, device: str,
-                allow_offload: bool, flops: StepFlops, fixed: dict) -> list[Candidate]:
-    """Every plan the knobs allow; ``fixed`` knobs are constraints. Per backward tile the
-    no-grad forward runs on the same tiles, on each larger ladder tile (fewer tiles), or on
-    the whole image."""
-    geometry = template.trunk.geometry
-
-    def make(tile, checkpoint: bool, offload: bool, tp=None, forward=(None, None)) -> Candidate:
-        head_checkpoint = checkpoint if fixed.get("head_checkpoint", AUTO) == AUTO else fixed["head_checkpoint"]
-        if tp is None:
+    def make(checkpoint: bool, offload: bool, tile=None, forward=None, pool=None) -> Candidate:
+        head_checkpoint = checkpoint if head_fixed == AUTO else head_fixed
+        if tile is None:
             return Candidate("checkpoint" if checkpoint else "conventional", None, checkpoint, head_checkpoint,
                              offload, 1, 1.0, None, relative_cost(flops, overlap=None, checkpoint=checkpoint,
                                                                   head_checkpoint=head_checkpoint))
-        f, fp = forward
-        fp = fp or tp
-        return Candidate("stream+checkpoint" if checkpoint else "stream", tile, checkpoint, head_checkpoint, offload,
-                         len(tp.tiles), tp.overlap_factor, tp.max_window,
-                         relative_cost(flops, overlap=tp.overlap_factor, forward_overlap=fp.overlap_factor,
+        fwd = forward or tile
+        return Candidate("stream+checkpoint" if checkpoint else "stream", tile.tile_size, checkpoint, head_checkpoint,
+                         offload, tile.n_tiles, tile.overlap_factor, tile.max_window,
+                         relative_cost(flops, overlap=tile.overlap_factor, forward_overlap=fwd.overlap_factor,
                                        checkpoint=checkpoint, head_checkpoint=head_checkpoint),
-                         forward_tile_size=f, forward_overlap=fp.overlap_factor,
-                         forward_whole=f is not None and len(fp.tiles) == 1)
+                         forward_tile_size=None if forward is None else forward.tile_size,
+                         forward_overlap=fwd.overlap_factor, forward_whole=forward is not None and forward.n_tiles == 1,
+                         pool=pool, forward_window=fwd.max_window)
 
     fixed_tile = fixed.get("tile_size", AUTO)
-    offloads = (False, True) if allow_offload and device == "cuda" else (False,)
-    if device == "cuda" and fixed.get("offload", AUTO) != AUTO:
+    offloads = (False, True) if request.allow_offload and request.device_type == "cuda" else (False,)
+    if request.device_type == "cuda" and fixed.get("offload", AUTO) != AUTO:
         offloads = (bool(fixed["offload"]),)
     out = []
     if fixed_tile is None or fixed_tile == AUTO:
         for checkpoint in (False, True):
-            out += [make(None, checkpoint, offload) for offload in offloads if not offload
-                    or fixed.get("offload") is True]
+            out += [make(checkpoint, offload) for offload in offloads if not offload or fixed.get("offload") is True]
     if fixed_tile is not None:
-        ladder = list(tile_sizes) if tile_sizes is not None else candidate_tile_sizes(image, max(geometry.output_stride))
+        ladder = request.ladder()
         tiles = [fixed_tile] if fixed_tile != AUTO else ladder
         forwards: dict = {}
-        for t in sorted(set(int(t) for t in ladder)) + [max(image)]:
-            fp = tile_plan(geometry, image, t)
-            forwards.setdefault(fp.grid, (t, fp))  # a larger tile with the same tiling adds nothing
+        for t in sorted(set(ladder)) + [max(image)]:
+            forwards.setdefault(request.summary(t).grid, request.summary(t))  # same tiling: nothing new
         seen = set()
         for t in sorted(set(int(t) for t in tiles)):
-            tp = tile_plan(geometry, image, t)
-            if fixed_tile == AUTO and (tp.grid in seen or len(tp.tiles) < 2):
+            tile = request.summary(t)
+            if fixed_tile == AUTO and (tile.grid in seen or tile.n_tiles < 2):
                 continue  # same tiling as a smaller tile size, or not streaming at all
-            seen.add(tp.grid)
-            options = [(None, None)] + [(f, fp) for f, fp in forwards.values() if len(fp.tiles) < len(tp.tiles)]
+            seen.add(tile.grid)
+            options = [None] + [f for f in forwards.values() if f.n_tiles < tile.n_tiles]
             for offload in offloads:
-                out += [make(t, checkpoint, offload, tp, forward) for checkpoint in (False, True)
-                        for forward in options]
+                out += [make(checkpoint, offload, tile, forward) for checkpoint in (False, True) for forward in options]
+            if "meanmax" in request.pools and fixed.get("offload", AUTO) is not True:
+                out += [make(checkpoint, False, tile, pool="meanmax") for checkpoint in (False, True)]
     if fixed.get("checkpoint", AUTO) != AUTO:
         out = [c for c in out if c.checkpoint == fixed["checkpoint"]]
     return out
@@ -174,188 +130,224 @@ def _rank(c: Candidate) -> tuple:
     return (c.offload, round(c.relative_cost, 9))
 
 
-def _leanest(template: nn.Module, image: tuple[int, int], tile_sizes: Sequence[int] | None, device: str,
-             allow_offload: bool, fixed: dict) -> list[Candidate]:
-    """The plans the knobs allow that are expected to need the least memory (not priced:
-    their cost is not needed): whole-image checkpointing, and streaming at the smallest tile,
-    checkpointed, offloaded where possible, the forward on the same tiles."""
-    checkpoint = fixed.get("checkpoint", AUTO) in (AUTO, True)
-    head_checkpoint = checkpoint if fixed.get("head_checkpoint", AUTO) == AUTO else fixed["head_checkpoint"]
-    offload = allow_offload and device == "cuda" and fixed.get("offload", AUTO) in (AUTO, True)
-    fixed_tile = fixed.get("tile_size", AUTO)
-    out = []
-    if fixed_tile in (AUTO, None):
-        out.append(Candidate("checkpoint" if checkpoint else "conventional", None, checkpoint, head_checkpoint,
-                             False, 1, 1.0, None, math.nan))
-    if fixed_tile is not None:
-        geometry = template.trunk.geometry
-        tiles = [fixed_tile] if fixed_tile != AUTO else \
-            list(tile_sizes) if tile_sizes is not None else candidate_tile_sizes(image, max(geometry.output_stride))
-        for t in sorted(set(int(t) for t in tiles)):
-            tp = tile_plan(geometry, image, t)
-            if len(tp.tiles) >= 2 or fixed_tile != AUTO:
-                out.append(Candidate("stream+checkpoint" if checkpoint else "stream", t, checkpoint, head_checkpoint,
-                                     offload, len(tp.tiles), tp.overlap_factor, tp.max_window, math.nan))
+def _area(window: tuple[int, int] | None) -> int:
+    return 0 if window is None else window[0] * window[1]
+
+
+class Search:
+    """Simulations of a request's candidates, shared between candidates with a phase in common.
+
+    A streamed candidate's peak is the larger of its no-grad forward's and the rest of its
+    step's (:func:`~streamcnn.planning.memory.compose`); each phase is keyed by what decides it
+    (forward: its window, offload, pooling; rest: the backward tile, checkpointing, offload,
+    pooling). A phase over the budget rules out every candidate of the same kind whose
+    window is at least as large (peaks grow with the window): those are marked ``fits=False``
+    with ``bound=True`` and the failing phase's bytes as a lower bound, without a simulation.
+    """
+
+    def __init__(self, request: Request):
+        self.request = request
+        self.simulations = 0
+        self._simulator: StepSimulator | None = None
+        self._phases: dict[tuple, dict] = {}   # (phase, family) -> {window area: (key, estimate)}
+
+    @staticmethod
+    def _families(c: Candidate) -> dict[str, tuple]:
+        return {"forward": (c.offload, c.pool), "rest": (c.checkpoint, c.head_checkpoint, c.offload, c.pool)}
+
+    def _over(self, estimate) -> tuple[bool, bool]:
+        """(over the budget, a tensor over the element limit) for ``estimate``."""
+        large = self.request.limited and estimate.largest_tensor_elements >= self.request.max_elements
+        return budgeted_bytes(estimate, self.request.counts) > self.request.budget, large
+
+    def _fill(self, c: Candidate, estimate, bound: bool = False) -> None:
+        c.estimate, c.bound = estimate, bound
+        c.predicted_peak_bytes, c.predicted_device_bytes = estimate.allocated_bytes, estimate.process_bytes
+        c.predicted_host_bytes = estimate.host_bytes
+        c.budgeted_bytes = budgeted_bytes(estimate, self.request.counts)
+        over, large = self._over(estimate)
+        c.too_large_tensor = large
+        c.fits = not (over or large)
+
+    def simulate(self, c: Candidate) -> None:
+        """Predict ``c``'s step exactly and remember its phases."""
+        if self._simulator is None:
+            r = self.request
+            self._simulator = StepSimulator(r.template, r.image, batch=r.batch, dtype=r.autocast_dtype,
+                                            device=r.device_type, optimizer=r.optimizer,
+                                            weight_decay=r.weight_decay, accumulate=r.accumulate,
+                                            lazy_input=r.lazy_input)
+        self.simulations += 1
+        estimate = self._simulator.predict(c.configure)
+        self._fill(c, estimate)
+        c.simulated = True
+        if c.tile_size is not None:
+            families = self._families(c)
+            for phase, window in (("forward", c.forward_window), ("rest", c.max_window)):
+                key = (c.forward_tile_size or c.tile_size) if phase == "forward" else c.tile_size
+                self._phases.setdefault((phase, families[phase]), {})[_area(window), key] = phase_estimate(
+                    estimate, phase)
+
+    def _known(self, c: Candidate, phase: str):
+        """(exact phase estimate or None, a phase estimate that rules ``c`` out or None)."""
+        window = c.forward_window if phase == "forward" else c.max_window
+        key = (c.forward_tile_size or c.tile_size) if phase == "forward" else c.tile_size
+        entries = self._phases.get((phase, self._families(c)[phase]), {})
+        for (area, _), estimate in sorted(entries.items(), key=lambda e: e[0][0]):
+            if area <= _area(window) and any(self._over(estimate)):
+                return entries.get((_area(window), key)), estimate
+        return entries.get((_area(window), key)), None
+
+    def decide(self, c: Candidate) -> bool:
+        """Fill ``c`` from what is known (a bound that rules it out, or both its phases); False
+        when it needs a simulation of its own."""
+        if c.fits is not None:
+            return True
+        r = self.request
+        if c.pool is None and r.limited and r.map_elements >= r.max_elements:
+            c.fits, c.bound, c.too_large_tensor = False, True, True   # the whole map is over the limit
+            return True
+        if c.tile_size is None and r.limited and r.unstreamed_largest() >= r.max_elements:
+            c.fits, c.bound, c.too_large_tensor = False, True, True   # a whole-image layer over the limit
+            return True
+        if c.tile_size is None or r.exhaustive:
+            return False
+        (forward, out_f), (rest, out_r) = self._known(c, "forward"), self._known(c, "rest")
+        if out_f is not None or out_r is not None:
+            self._fill(c, out_r if out_r is not None else out_f, bound=True)
+            return True
+        if forward is None or rest is None:
+            return False
+        self._fill(c, compose(forward, rest))
+        return True
+
+    def _bisect(self, pool: list[Candidate], phase: str) -> None:
+        """Find where ``phase`` stops fitting among ``pool`` (one kind, sorted by window) in
+        about log2(len) simulations."""
+        lo, hi = -1, len(pool)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            exact, ruled_out = self._known(pool[mid], phase)
+            if exact is None and ruled_out is None:
+                self.simulate(pool[mid])
+                exact, ruled_out = self._known(pool[mid], phase)
+            over = ruled_out is not None or any(self._over(exact))
+            lo, hi = (lo, mid) if over else (mid, hi)
+
+    def probe(self, c: Candidate, every: list[Candidate]) -> None:
+        """Bisect ``c``'s kind of backward tiles, then of forward windows, before deciding it."""
+        families = self._families(c)
+        same = [x for x in every if x.tile_size is not None and self._families(x)["rest"] == families["rest"]
+                and x.forward_tile_size is None]
+        self._bisect(sorted(same, key=lambda x: _area(x.max_window)), "rest")
+        if c.forward_tile_size is not None:
+            by_window: dict[int, Candidate] = {}
+            for x in every:
+                if x.tile_size == c.tile_size and self._families(x) == families:
+                    by_window.setdefault(_area(x.forward_window), x)
+            self._bisect([by_window[a] for a in sorted(by_window)], "forward")
+
+    def smallest(self, every: list[Candidate]) -> Candidate | None:
+        """The decided candidate that needs the least memory, simulated (its bytes exact), or
+        None when every one makes a tensor over the element limit."""
+        while True:
+            runnable = [c for c in every if c.fits is not None and not c.too_large_tensor and c.budgeted_bytes]
+            if not runnable:
+                return None
+            least = min(runnable, key=lambda c: c.budgeted_bytes)
+            if least.simulated:
+                return least
+            self.simulate(least)
+
+    def choose(self, every: list[Candidate], progress: bool = False) -> Candidate | None:
+        """The cheapest candidate that fits (None if none does), deciding as few as it can."""
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(every), desc="planning", unit="plan", leave=False, delay=0.5)
+        best = None
+        for c in sorted(every, key=_rank):
+            if best is not None and _rank(c) > _rank(best) and not self.request.exhaustive:
                 break
-    return out
-
-
-def _lower_bound(template: nn.Module, image: tuple[int, int], batch: int, optimizer: str,
-                 autocast_dtype: torch.dtype | None, device_type: str, lazy_input: bool, allow_offload: bool,
-                 counts: str) -> int:
-    """Bytes every plan needs, without simulating one: parameters, buffers and optimizer
-    state, plus the larger of the parameter gradients and (on CPU, or without offload) the
-    feature map with its gradient, which the head's backward holds together; on CPU the
-    image unless it is read lazily; and when the budget counts the process, the CPU runtime
-    or the CUDA context."""
-    trainable = sum(p.numel() * p.element_size() for p in template.parameters() if p.requires_grad)
-    fixed = sum(t.numel() * t.element_size() for t in [*template.parameters(), *template.buffers()])
-    total = fixed + trainable * {"sgd": 1}.get(optimizer, 2)
-    transient = trainable
-    if device_type == "cpu" or not allow_offload:
-        channels = input_shape(template, 1, 1)[1]
-        probe = template.trunk.module(torch.empty(1, channels, 256, 256, device="meta"))
-        out_h, out_w = tile_plan(template.trunk.geometry, image, max(image)).output_size
-        itemsize = torch.finfo(autocast_dtype).bits // 8 if autocast_dtype is not None else probe.element_size()
-        transient = max(transient, 2 * batch * probe.shape[1] * out_h * out_w * itemsize)
-    total += transient
-    if device_type == "cpu":
-        if not lazy_input:
-            total += input_shape(template, image, batch)[1] * batch * image[0] * image[1] * 4
-    if counts == "tensors":
-        return total
-    return total + (CPU_RUNTIME_BYTES if device_type == "cpu" else CUDA_CONTEXT_BYTES)
+            if not self.decide(c):
+                if c.tile_size is not None and not self.request.exhaustive:
+                    self.probe(c, every)
+                if not self.decide(c):
+                    self.simulate(c)
+            if c.fits and best is None:
+                best = c
+            if bar is not None:
+                bar.update()
+        if bar is not None:
+            bar.close()
+        if self.request.exhaustive:
+            for c in every:
+                if not getattr(c, "simulated", False) and not (c.bound and c.too_large_tensor):
+                    self.simulate(c)
+        fitting = [c for c in every if c.fits]
+        if not fitting:
+            return None
+        chosen = min(fitting, key=lambda c: (*_rank(c), c.budgeted_bytes))
+        if not getattr(chosen, "simulated", False):
+            self.simulate(chosen)   # exact numbers (host bytes) for the plan that is reported
+        return chosen
 
 
 def plan(model: nn.Module | str, image_size: int | Sequence[int], budget: int | str, *, batch: int = 1,
          accumulate: int = 1, dtype: str | torch.dtype | None = None, in_channels: int = 3,
-         num_classes: int | None = None, head: str = "conv", device: str | torch.device = "cuda",
+         num_classes: int | None = 2, head: str = "conv", device: str | torch.device = "cuda",
          optimizer: str = "adamw", weight_decay: float = 0.0, tile_sizes: Sequence[int] | None = None,
          allow_offload: bool = True, tile_size: int | None | str = AUTO, checkpoint: bool | str = AUTO,
          head_checkpoint: bool | str = AUTO, offload: bool | str = AUTO, progress: bool = False,
          exhaustive: bool = False, lazy_input: bool = False, modes: Sequence[str] | None = None,
-         counts: str = "process") -> PlanReport:
+         counts: str = "process", max_elements: int | None = MAX_TENSOR_ELEMENTS) -> PlanReport:
     """Choose the fastest plan whose predicted training-step peak fits ``budget``.
 
     ``model``: a :class:`~streamcnn.planning.plannable.Plannable` such as a
     :class:`~streamcnn.models.classifier.StreamingClassifier` (not modified; see
     :meth:`PlanReport.apply`) or a trunk name for :func:`~streamcnn.models.classifier.build_model`
-    (with ``in_channels``, ``num_classes``, ``head``). ``budget``: bytes or a size such as
-    ``"11GB"`` (10^9) / ``"11GiB"`` (2^30); with ``counts="process"`` (the default) it covers
-    everything the process takes from the card on CUDA (allocator reserved memory and the CUDA
-    context) and the process's resident memory on CPU; with ``counts="tensors"`` only the
-    allocator's tensor peak (``torch.cuda.max_memory_allocated`` on CUDA, the CPU allocator's
-    peak on CPU: memory the plan moves, without the runtime it cannot). The step is :func:`streamcnn.engine.step.training_step`: ``accumulate``
-    micro-batches of ``batch`` images, ``dtype`` fp32 (None), bf16 or fp16 autocast,
-    ``optimizer`` with ``weight_decay``. ``tile_size`` (an int, or None for no streaming),
-    ``checkpoint``, ``head_checkpoint`` and ``offload``: "auto" lets the planner choose; any
-    other value is a constraint every candidate keeps. ``lazy_input``: images come from
-    region sources read a window at a time (not held in memory). ``modes``: only these plan
-    modes (e.g. ``["stream", "stream+checkpoint"]``; default: all). ``exhaustive``: simulate
-    every candidate, not just until the cheapest fitting one is found (for tables and
-    plots). Each streamed plan's no-grad forward gets its own, larger tiles where they fit.
-    Raises :class:`BudgetError` when nothing fits; a budget below what every plan needs
-    (:func:`_lower_bound`) is refused before any search.
+    (with ``in_channels``, ``num_classes`` (default 2: the last layer is a rounding error), ``head``).
+    ``budget``: bytes or a size such as ``"11GB"`` (10^9) / ``"11GiB"`` (2^30); with
+    ``counts="process"`` (the default) it covers everything the process takes from the card on
+    CUDA (allocator reserved memory and the CUDA context) and the process's resident memory on
+    CPU; with ``counts="tensors"`` only the allocator's tensor peak. The step is
+    :func:`streamcnn.engine.step.training_step`: ``accumulate`` micro-batches of ``batch``
+    images, ``dtype`` fp32 (None), bf16 or fp16 autocast, ``optimizer`` with ``weight_decay``.
+    ``tile_size`` (an int, or None for no streaming), ``checkpoint``, ``head_checkpoint`` and
+    ``offload``: "auto" lets the planner choose; any other value is a constraint every
+    candidate keeps. ``lazy_input``: images come from region sources read a window at a time.
+    ``modes``: only these plan modes (default: all). ``exhaustive``: simulate every candidate.
+    ``max_elements``: on CUDA no tensor may reach this many elements (cuDNN and CUDA kernels
+    index with 32 bits; None: no limit); a pool head then pools tile by tile where its
+    feature map would reach it. Raises :class:`BudgetError` when nothing fits, naming the
+    largest image side that could (``largest_side``).
     """
     started = time.perf_counter()
-    budget_bytes = parse_size(budget)
-    check_budget_counts(counts)
-    image = pair(image_size)
-    device_type = torch.device(device).type
-    autocast_dtype = resolve_dtype(dtype)
-    dtype_name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype]
-    if batch < 1 or accumulate < 1:
-        raise ValueError(f"batch and accumulate must be at least 1, got {batch} and {accumulate}")
-    fixed = {k: v for k, v in dict(tile_size=tile_size, checkpoint=checkpoint, head_checkpoint=head_checkpoint,
-                                   offload=offload).items() if v != AUTO}
-    template, name = _template(model, in_channels, num_classes, head)
-
-    def simulate(c: Candidate) -> None:
-        c.configure(template)
-        c.estimate = predict_step_memory(template, image, batch=batch, dtype=autocast_dtype, device=device_type,
-                                         optimizer=optimizer, weight_decay=weight_decay, accumulate=accumulate,
-                                         lazy_input=lazy_input)
-        c.predicted_peak_bytes = c.estimate.allocated_bytes
-        c.predicted_device_bytes = c.estimate.process_bytes
-        c.predicted_host_bytes = c.estimate.host_bytes
-        c.budgeted_bytes = budgeted_bytes(c.estimate, counts)
-        c.too_large_tensor = device_type == "cuda" and c.estimate.largest_tensor_elements >= MAX_TENSOR_ELEMENTS
-        c.fits = c.budgeted_bytes <= budget_bytes and not c.too_large_tensor
-
-    def refuse(smallest: Candidate) -> BudgetError:
-        suggest = math.ceil(smallest.budgeted_bytes / 1e7) * 10**7
-        h, w = image
-        others = (["a smaller batch"] if batch > 1 else []) + (["bf16"] if autocast_dtype is None else []) + \
-            (["smaller tiles (tile_sizes=...)"] if smallest.tile_size else []) + \
-            ([f"leaving {', '.join(sorted(fixed))} to the planner"] if fixed else []) + ["a smaller model"]
-        hints = "; or try " + (", ".join(others[:-1]) + " or " if len(others) > 1 else "") + others[-1]
-        of = budget_counts_suffix(counts)
-        return BudgetError(
-            f"no plan fits the budget of {format_size(budget_bytes)}{of} on {device_type} for {name} at {h}x{w} px "
-            f"(batch {batch}, {dtype_name}, {optimizer}): the smallest, {smallest.label}, needs "
-            f"{format_size(smallest.budgeted_bytes)}{of}. Use a budget of at least {format_size(suggest)}"
-            f"{hints}.", smallest.budgeted_bytes)
-
-    # Fast refusal: a budget below a bound that every plan needs is refused before the FLOPs
-    # and the candidates are worked out, naming the leaner of the two leanest plans.
-    floor = _lower_bound(template, image, batch, optimizer, autocast_dtype, device_type, lazy_input, allow_offload,
-                         counts)
-    if budget_bytes < floor and not exhaustive:
-        probes = _leanest(template, image, tile_sizes, device_type, allow_offload, fixed)
-        for c in probes:
-            simulate(c)
-        raise refuse(min(probes, key=lambda c: (c.too_large_tensor, c.budgeted_bytes)))
-    flops = step_flops(template, image, batch=batch)
-    candidates = _candidates(template, image, tile_sizes, device_type, allow_offload, flops, fixed)
+    request = Request.resolve(model, image_size, budget, batch=batch, accumulate=accumulate, dtype=dtype,
+                              in_channels=in_channels, num_classes=num_classes, head=head, device=device,
+                              optimizer=optimizer, weight_decay=weight_decay, tile_sizes=tile_sizes,
+                              allow_offload=allow_offload, lazy_input=lazy_input, counts=counts,
+                              exhaustive=exhaustive, max_elements=max_elements,
+                              fixed={k: v for k, v in dict(tile_size=tile_size, checkpoint=checkpoint,
+                                                           head_checkpoint=head_checkpoint,
+                                                           offload=offload).items() if v != AUTO})
+    refusal = refusal_from_bounds(request)
+    if refusal is not None and not exhaustive:
+        raise refusal
+    flops = step_flops(request.template, request.image, batch=batch)
+    every = candidates(request, flops)
     if modes is not None:
         unknown = sorted(set(modes) - set(MODES))
         if unknown:
             raise ValueError(f"unknown plan mode(s) {unknown}; choose from {list(MODES)}")
-        candidates = [c for c in candidates if c.mode in modes]
-    order = sorted(candidates, key=_rank)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(order), desc="planning", unit="plan", leave=False, delay=0.5)
-    best_rank = None
-    too_big_forward: dict[int | None, int] = {}   # forward tile -> its forward pass alone exceeds the budget
-    for c in order:
-        if best_rank is not None and _rank(c) > best_rank and not exhaustive:
-            break
-        key = (c.forward_tile_size, c.offload, c.checkpoint)
-        if c.fits is None and c.forward_tile_size is not None and key in too_big_forward and not exhaustive:
-            continue  # the same forward already failed alone; its backward cannot rescue it
-        if c.fits is None:
-            simulate(c)
-        if not c.fits and c.forward_tile_size is not None and c.estimate.forward_bytes:
-            if _estimate_forward(c, device_type, counts) > budget_bytes:
-                too_big_forward[key] = c.estimate.forward_bytes
-        if c.fits and best_rank is None:
-            best_rank = _rank(c)
-        if bar is not None:
-            bar.update()
-    if bar is not None:
-        bar.close()
-    fitting = [c for c in candidates if c.fits]
-    if not fitting:
-        runnable = [c for c in candidates if c.fits is not None and not c.too_large_tensor]
-        if not runnable:
-            h, w = image
-            raise BudgetError(
-                f"every plan for {name} at {h}x{w} px makes a tensor of 2^31 or more elements, which cuDNN "
-                "refuses whatever the budget; use smaller images or a trunk with fewer feature-map channels",
-                0)
-        raise refuse(min(runnable, key=lambda c: c.budgeted_bytes))
-    chosen = min(fitting, key=lambda c: (*_rank(c), c.budgeted_bytes))
-    return PlanReport(chosen, candidates, budget_bytes, name, image, batch, dtype_name, device_type, optimizer,
-                      flops, time.perf_counter() - started, accumulate=accumulate, fixed=fixed, counts=counts)
-
-
-def _estimate_forward(c: Candidate, device_type: str, counts: str) -> int:
-    """What the budget is compared with, for the live peak of the forward pass alone."""
-    from streamcnn.planning.memory import _estimate
-
-    return budgeted_bytes(_estimate(device_type, c.estimate.forward_bytes, c.estimate.base_bytes), counts)
+        every = [c for c in every if c.mode in modes]
+    search = Search(request)
+    chosen = search.choose(every, progress)
+    if chosen is None:
+        raise request.refusal(search.smallest(every))
+    return PlanReport(chosen, every, request.budget, request.name, request.image, batch, request.dtype_name,
+                      request.device_type, optimizer, flops, time.perf_counter() - started, accumulate=accumulate,
+                      fixed=request.fixed, counts=counts, simulations=search.simulations)
 
 
 def enforce_budget(budget_bytes: int | str, device: str | torch.device = "cuda", *, counts: str = "process") -> dict:
@@ -366,8 +358,8 @@ def enforce_budget(budget_bytes: int | str, device: str | torch.device = "cuda",
     from the card but the allocator does not see), so allocating past the budget raises
     ``torch.OutOfMemoryError`` however large the card is. A budget that counts tensors
     (``counts="tensors"``) caps the allocator at the budget plus the reserved-memory
-    fragmentation allowance instead (its reserved memory may exceed its tensors). On CPU nothing is capped (the
-    plan keeps the step inside the budget by prediction) and the returned dict says so.
+    fragmentation allowance instead. On CPU nothing is capped (the plan keeps the step inside
+    the budget by prediction) and the returned dict says so.
     """
     budget = parse_size(budget_bytes)
     device = torch.device(device)

@@ -27,6 +27,8 @@ class LiveStorageTracker(TorchDispatchMode):
     existed before the mode was entered are counted with :meth:`track`. ``block`` rounds
     each storage up like the CUDA caching allocator (min 512 bytes). ``largest_elements``
     is the element count of the largest tensor any op made (cuDNN refuses 2^31 and more).
+    ``phase`` names the part of the run now going on (the caller sets it); ``phase_peaks``
+    and ``phase_largest`` hold the peak and the largest tensor seen during each.
     """
 
     def __init__(self, device_type: str, block: int = 1):
@@ -37,6 +39,14 @@ class LiveStorageTracker(TorchDispatchMode):
         self.current = 0
         self.peak = 0
         self.largest_elements = 0
+        self.phase = ""
+        self.phase_peaks: dict[str, int] = {}
+        self.phase_largest: dict[str, int] = {}
+
+    def enter(self, phase: str) -> None:
+        """From now on count peaks towards ``phase`` (what is live already counts in it too)."""
+        self.phase = phase
+        self.phase_peaks[phase] = max(self.phase_peaks.get(phase, 0), self.current)
 
     def track(self, tensor: object) -> None:
         """Count ``tensor``'s storage (once) if it is on this tracker's device type."""
@@ -52,7 +62,15 @@ class LiveStorageTracker(TorchDispatchMode):
         self.live[key] = nbytes
         self.current += nbytes
         self.peak = max(self.peak, self.current)
+        if self.current > self.phase_peaks.get(self.phase, 0):
+            self.phase_peaks[self.phase] = self.current
         weakref.finalize(storage, self._free, key)
+
+    def account(self, nbytes: int) -> None:
+        """Count a transient of ``nbytes`` on top of what is live now (a part of a run that
+        was simulated once and is replayed by its size), in the peak and the phase's."""
+        self.peak = max(self.peak, self.current + nbytes)
+        self.phase_peaks[self.phase] = max(self.phase_peaks.get(self.phase, 0), self.current + nbytes)
 
     def _free(self, key: int) -> None:
         self.current -= self.live.pop(key)
@@ -63,4 +81,6 @@ class LiveStorageTracker(TorchDispatchMode):
             self.track(t)
             if isinstance(t, torch.Tensor) and t.device.type == self.device_type:
                 self.largest_elements = max(self.largest_elements, t.numel())
+                if t.numel() > self.phase_largest.get(self.phase, 0):
+                    self.phase_largest[self.phase] = t.numel()
         return out
