@@ -11,6 +11,9 @@
   :mod:`streamcnn.models.strategy`: their memory check against a budget.
 """
 from streamcnn.models.classifier import HEADS, TRUNKS, StreamingClassifier, build_model, register_head, register_trunk
+from streamcnn.planning.bounds import register_model_builder
 from streamcnn.models import scratch as _scratch  # noqa: F401 - registers the from-scratch trunks
 
 __all__ = ["TRUNKS", "HEADS", "register_trunk", "register_head", "StreamingClassifier", "build_model"]
+
+register_model_builder(build_model)  # plan() by trunk name

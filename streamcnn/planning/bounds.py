@@ -16,20 +16,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 
 from streamcnn.engine.streaming import StreamingModule
-from streamcnn.models.classifier import build_model
 from streamcnn.planning.memory import estimate_from_live, budget_counts_suffix, budgeted_bytes, check_budget_counts
 from streamcnn.planning.plannable import Plannable, input_shape, meta_copy
 from streamcnn.planning.tracking import LiveStorageTracker
 from streamcnn.planning.tiles import TileSummary, candidate_tile_sizes, summarize
 from streamcnn.utils.units import format_size, pair, parse_size, resolve_dtype
 
-__all__ = ["MAX_TENSOR_ELEMENTS", "BudgetError", "Request", "refusal_from_bounds"]
+__all__ = ["MAX_TENSOR_ELEMENTS", "BudgetError", "Request", "refusal_from_bounds", "register_model_builder"]
 
 MAX_TENSOR_ELEMENTS = 2**31  # cuDNN (and some CUDA kernels) index tensors with 32-bit integers
 
@@ -45,10 +44,25 @@ class BudgetError(ValueError):
         self.largest_side = largest_side
 
 
+# The planner sits below the model registries, so planning a model *by name* uses the builder that
+# ``streamcnn.models`` registers here when it is imported (``import streamcnn`` does).
+_MODEL_BUILDER: Callable[..., nn.Module] | None = None
+
+
+def register_model_builder(builder: Callable[..., nn.Module]) -> None:
+    """Let :func:`~streamcnn.planning.search.plan` take trunk names: ``builder(name, head=, num_classes=,
+    in_channels=)`` returns a :class:`Plannable` (``streamcnn.models`` registers ``build_model``)."""
+    global _MODEL_BUILDER
+    _MODEL_BUILDER = builder
+
+
 def _template(model: nn.Module | str, in_channels: int, num_classes: int | None, head: str) -> tuple[nn.Module, str]:
     if isinstance(model, str):
+        if _MODEL_BUILDER is None:
+            raise TypeError(f"plan({model!r}): no model registry is loaded; import streamcnn.models first "
+                            "or pass a model built with streamcnn.models.classifier.build_model")
         with torch.device("meta"):
-            return build_model(model, head=head, num_classes=num_classes or 2, in_channels=in_channels), model
+            return _MODEL_BUILDER(model, head=head, num_classes=num_classes or 2, in_channels=in_channels), model
     if not isinstance(model, Plannable) or not isinstance(model.trunk, StreamingModule):
         raise TypeError(f"plan() needs a model name or a streamcnn.planning.plannable.Plannable (.trunk a StreamingModule, "
                         f".head, .configure_plan), got {type(model).__name__}; build one with "
