@@ -146,7 +146,11 @@ class LoopConfig(_Section):
     max_minutes: Optional[float] = Field(None, gt=0)
     batch_size: int = Field(128, ge=1)
     accumulate: int = Field(1, ge=1)
+    # auto: bf16 on CUDA compute capability >= 8.0, fp16 + GradScaler on older cards, bf16 on CPUs
+    # with native bf16, else off (streamcnn.utils.precision)
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    # TF32 matmuls and cuDNN convolutions on GPUs that have them (set explicitly, never torch's default)
+    tf32: bool = True
     seed: int = 0
     workers: int = Field(0, ge=0)
     # local processes that split each batch (CPU data parallel, spawned; ignored under torchrun). auto:

@@ -24,11 +24,13 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 
 from streamcnn.utils.cpu import usable_cores
 
 __all__ = ["DistributedContext", "init_distributed", "resolve_device", "all_reduce_sum", "broadcast_object",
-           "gather_objects", "run_local_processes"]
+           "gather_objects", "run_local_processes", "wrap_ddp"]
 
 
 @dataclass(frozen=True)
@@ -86,13 +88,29 @@ def init_distributed(device_name: str = "auto", shares: int = 1) -> DistributedC
 
 
 def all_reduce_sum(tensor: torch.Tensor, context: DistributedContext) -> torch.Tensor:
-    """The element-wise sum of ``tensor`` over all processes (a new tensor)."""
+    """The element-wise sum of ``tensor`` over all processes: a new tensor on ``tensor``'s device.
+
+    NCCL reduces on the GPU, so a host tensor travels there and back: callers that read the
+    result with ``.numpy()``/``.tolist()`` (metrics, confusion matrices) get host memory."""
     total = tensor.detach().clone()
     if context.enabled:
         backend_device = context.device if context.device.type == "cuda" else torch.device("cpu")
         total = total.to(backend_device)
         dist.all_reduce(total)
+        total = total.to(tensor.device)
     return total
+
+
+def wrap_ddp(model: nn.Module, context: DistributedContext) -> nn.Module:
+    """``model`` under DistributedDataParallel when the run has several processes, else ``model``.
+
+    ``device_ids`` stays None even on a GPU: with it, DDP copies every tensor input to the device
+    before ``forward``, a whole large image included, which is the out-of-memory the streamed
+    trunk exists to prevent. Without it, inputs reach the model where they are and the trunk
+    moves one window at a time (the model lives on one device, so DDP needs nothing more)."""
+    if not context.enabled:
+        return model
+    return DistributedDataParallel(model, device_ids=None)
 
 
 def broadcast_object(value, context: DistributedContext):

@@ -25,9 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from streamcnn.utils.cpu import native_bf16
 from streamcnn.engine.step import micro_step, model_input, optimizer_step
-from streamcnn.utils.units import resolve_dtype
+from streamcnn.utils.cpu import native_bf16
+from streamcnn.utils.precision import DeviceCapabilities, autocast_dtype, capabilities
 from streamcnn.training.distributed import DistributedContext, all_reduce_sum, gather_objects
 from streamcnn.training.metrics import confusion_matrix, peak_memory_bytes, reset_peak_memory
 
@@ -40,15 +40,12 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``amp`` (auto|bf16|fp16|off): ``auto`` is bf16 on GPUs that have it
-    and on CPUs with native bf16 instructions (:func:`streamcnn.utils.cpu.native_bf16`), else off."""
-    if amp == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-        return torch.bfloat16 if device.type == "cpu" and native_bf16() else None
-    if amp == "fp16" and device.type != "cuda":
-        raise ValueError("train.amp=fp16 needs a CUDA device; use bf16 or off on CPU")
-    return resolve_dtype(None if amp == "off" else amp)
+    """The autocast dtype for ``amp`` (auto|bf16|fp16|off) on ``device``
+    (:func:`streamcnn.utils.precision.autocast_dtype`: bf16 on CUDA with compute capability >= 8.0,
+    fp16 with a GradScaler on older CUDA cards, bf16 on CPUs with native bf16, else off)."""
+    if device.type == "cuda":
+        return autocast_dtype(amp, capabilities(device))
+    return autocast_dtype(amp, DeviceCapabilities(device.type, native_bf16=device.type == "cpu" and native_bf16()))
 
 
 def _pixels(images: Any) -> int:

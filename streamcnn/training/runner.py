@@ -7,7 +7,8 @@ atomically after every epoch, and ``last.pt`` also every ``train.checkpoint_minu
 within an epoch), ``loss_curve.png``, ``confusion_matrix.png`` and, with
 ``data.on_error=skip``, ``skipped.txt``.
 
-Resume: ``fit(config, resume=True)`` continues from ``OUT/last.pt`` with the model,
+Resume: ``fit(config, resume=True)`` continues from ``OUT/last.pt`` (or, when that does not
+read, the newest checkpoint of the run that does) with the model,
 optimizer, scheduler, scaler and random state it holds, mid-epoch if it was written
 mid-epoch (the epoch's batch order is a function of (seed, epoch), so the remaining
 batches are known; the epoch's running totals are in the checkpoint), and rewrites
@@ -15,7 +16,7 @@ batches are known; the epoch's running totals are in the checkpoint), and rewrit
 (even ``kill -9``) and resumed therefore evaluates every epoch exactly once and, on
 the same machine, reproduces the uninterrupted run's metrics and weights.
 
-:func:`apply_memory_plan` is the one place where the memory budget meets the model.
+The model and its memory plan come from :mod:`streamcnn.training.planned` (re-exported here).
 """
 from __future__ import annotations
 
@@ -29,27 +30,21 @@ from typing import Any
 import torch
 import torch.nn as nn
 import yaml
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
-from streamcnn.utils.allocator import keep_freed_memory
-from streamcnn.utils.cpu import preferred_memory_format, usable_cores
-from streamcnn.models.classifier import StreamingClassifier, build_model
-from streamcnn.engine.step import Strategy
-from streamcnn.models.patchgd import build_patchgd
-from streamcnn.models.strategy import check_budget
-from streamcnn.models.zoomin import build_zoomin
-from streamcnn.planning.search import enforce_budget, plan
+from streamcnn.utils.cpu import usable_cores
 from streamcnn.utils.files import atomic_write_text
-from streamcnn.utils.units import parse_size
-from streamcnn.training.checkpointing import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
+from streamcnn.utils.precision import needs_grad_scaler, set_tf32
+from streamcnn.training.checkpointing import (checkpoint_candidates, load_newest_readable, rng_state, save_checkpoint,
+                                              seed_everything, set_rng_state)
 from streamcnn.training.config import TrainConfig, apply_overrides
 from streamcnn.training.datasets import build_datasets, fit_model_to_data, make_loader, unwrap_dataset
-from streamcnn.training.distributed import (DistributedContext, all_reduce_sum, broadcast_object, gather_objects, init_distributed,
-                          resolve_device, run_local_processes)
+from streamcnn.training.distributed import (DistributedContext, all_reduce_sum, broadcast_object, gather_objects,
+                                            init_distributed, resolve_device, run_local_processes, wrap_ddp)
 from streamcnn.training.loop import evaluate, resolve_amp, train_one_epoch
 from streamcnn.training.metrics import plot_confusion_matrix, plot_loss_curve, write_metrics
 from streamcnn.training.optim import build_optimizer, build_scheduler
+from streamcnn.training.planned import apply_memory_plan, build_training_model, planned_model, share_of
 
 __all__ = ["build_training_model", "apply_memory_plan", "planned_model", "fit", "RunFiles", "local_processes",
            "share_of", "LOCAL_PROCESS_MIN_STEPS"]
@@ -72,99 +67,6 @@ class RunFiles:
     @property
     def metrics(self) -> Path:
         return self.out / "metrics.jsonl"
-
-
-def build_training_model(config: TrainConfig) -> StreamingClassifier:
-    """The config's model (untrained unless ``model.weights``), not yet planned."""
-    m = config.model
-    if m.in_channels is None or m.num_classes is None:
-        raise ValueError("model.in_channels and model.num_classes come from the data: resolve them first with "
-                         "streamcnn.training.datasets.fit_model_to_data(config, dataset), or set them")
-    if m.mode == "patchgd":
-        if m.patch_size is None:
-            raise ValueError("model.mode is patchgd but model.patch_size is not set; set it to a side that divides "
-                             "the image (e.g. a quarter of it)")
-        return build_patchgd(m.trunk, m.num_classes, m.in_channels, patch_size=m.patch_size,
-                             sampling=m.patch_sampling, inner_iterations=m.inner_iterations, weights=m.weights,
-                             trunk_kwargs=m.trunk_kwargs)
-    if m.mode == "zoomin":
-        return build_zoomin(m.trunk, m.num_classes, m.in_channels, weights=m.weights, trunk_kwargs=m.trunk_kwargs,
-                            **m.strategy_kwargs)
-    return build_model(m.trunk, m.head, num_classes=m.num_classes, in_channels=m.in_channels, weights=m.weights,
-                       head_kwargs=m.head_kwargs, trunk_kwargs=m.trunk_kwargs)
-
-
-def apply_memory_plan(model: StreamingClassifier, config: TrainConfig, image_size: tuple[int, int],
-                      device: torch.device, *, batch: int = 1) -> tuple[str, dict[str, Any] | None]:
-    """Set how the model runs (tile, checkpointing, feature-map device).
-
-    Returns a description for people and the planner's JSON report (None without a budget).
-    With a ``plan.budget`` the planner (:func:`streamcnn.planning.search.plan`) chooses the fastest
-    plan predicted to fit the config's step (micro-batch ``batch``, ``train.accumulate``,
-    amp, optimizer) and raises :class:`streamcnn.planning.search.BudgetError` (naming the smallest
-    budget that would fit) when nothing does; the choices the config fixes (not ``auto``)
-    are constraints of that search, so the prediction holds for what runs. Without a
-    budget the model runs as the config says (conventional unless it fixes a tile).
-    ``image_size`` is what the model sees (the small image in the downsampling baseline,
-    which is planned and enforced under the same budget).
-    """
-    p = config.plan
-    if isinstance(model, Strategy):  # PatchGD, Zoom-In: nothing to plan, the config fixes their memory
-        if p.budget is None:
-            return f"no budget: {type(model).__name__} as the config says", None
-        return check_budget(model, image_size, p.budget, batch=batch, accumulate=config.train.accumulate,
-                            dtype=resolve_amp(config.train.amp, device), device=device.type,
-                            optimizer=config.optim.name, weight_decay=config.optim.weight_decay,
-                            counts=p.budget_counts)
-    offload = "auto" if p.output_device is None else torch.device(p.output_device).type == "cpu"
-    if p.budget is not None:
-        report = plan(model, image_size, p.budget, batch=batch, accumulate=config.train.accumulate,
-                      dtype=resolve_amp(config.train.amp, device), device=device.type, optimizer=config.optim.name,
-                      weight_decay=config.optim.weight_decay, tile_size=p.tile_size, checkpoint=p.checkpoint,
-                      head_checkpoint=p.head_checkpoint, offload=offload, progress=config.train.progress,
-                      counts=p.budget_counts)
-        report.apply(model)
-        description, report_json = str(report), report.to_json()
-    else:
-        fixed_or = lambda value, default: default if value == "auto" else value  # noqa: E731
-        model.configure_plan(tile_size=fixed_or(p.tile_size, None), checkpoint=fixed_or(p.checkpoint, False),
-                             head_checkpoint=fixed_or(p.head_checkpoint, False), output_device=p.output_device)
-        description, report_json = "no budget: the config's settings (conventional unless it fixes a tile)", None
-    running = (f"running with: tile_size={model.trunk.tile_size}, checkpoint={model.trunk.checkpoint}, "
-               f"head_checkpoint={model.head_checkpoint}, output_device={model.trunk.output_device}")
-    return f"{description}\n{running}", report_json
-
-
-def planned_model(config: TrainConfig, image_size: tuple[int, int], device: torch.device,
-                  state: dict[str, Any] | None = None, shares: int = 1) -> tuple[StreamingClassifier, str, dict[str, Any] | None]:
-    """The config's model (with ``state`` loaded), planned for ``image_size`` under the config's
-    budget, moved to ``device``, with the budget enforced on CUDA; and the plan's text and JSON.
-    ``shares`` local processes split the batch and the budget (:func:`share_of`)."""
-    model = build_training_model(config)
-    if state is not None:
-        model.load_state_dict(state)
-    config = share_of(config, shares)
-    plan_text, plan_json = apply_memory_plan(model, config, image_size, device, batch=config.train.batch_size)
-    model.to(device)
-    fmt = preferred_memory_format(device)
-    if fmt != torch.contiguous_format and isinstance(model, StreamingClassifier):
-        model.use_memory_format(fmt)
-    if device.type == "cpu":
-        keep_freed_memory()  # the steps repeat: reuse freed pages rather than fault in new ones
-    if config.plan.budget is not None and device.type == "cuda":
-        enforce_budget(config.plan.budget, device, counts=config.plan.budget_counts)
-    return model, plan_text, plan_json
-
-
-def share_of(config: TrainConfig, shares: int) -> TrainConfig:
-    """What one of ``shares`` local processes runs: its part of the batch, and of the budget
-    a part as large as each process's and the waiting parent's (which holds the data)."""
-    if shares == 1:
-        return config
-    overrides: list[tuple[str, Any]] = [("train.batch_size", config.train.batch_size // shares)]
-    if config.plan.budget is not None:
-        overrides.append(("plan.budget", str(parse_size(config.plan.budget) // (shares + 1))))
-    return apply_overrides(config, overrides)
 
 
 #: train.processes=auto trains on one process per core only for runs of at least this many steps.
@@ -305,8 +207,35 @@ def _fit_in_group(config: TrainConfig, resume: bool, train_set: Dataset | None, 
         context.close()
 
 
+@dataclass
+class _Run:
+    """One process's view of a run being trained: what :func:`_prepare` builds, :func:`_train` uses."""
+
+    config: TrainConfig
+    context: DistributedContext
+    files: RunFiles
+    amp_dtype: torch.dtype | None
+    trainer: _Trainer
+    train_set: Dataset
+    train_loader: Any
+    val_loader: Any
+    image_size: tuple[int, int]
+    plan_text: str
+    plan_json: dict[str, Any] | None
+
+
 def _fit(config: TrainConfig, context: DistributedContext, resume: bool, train_set: Dataset | None,
          val_set: Dataset | None) -> list[dict[str, Any]]:
+    run = _prepare(config, context, resume, train_set, val_set)
+    epoch, step, history, in_progress = _resume(run, resume)
+    if context.is_main:
+        _write_run_files(run, history)
+    return _train(run, epoch, step, history, in_progress)
+
+
+def _prepare(config: TrainConfig, context: DistributedContext, resume: bool, train_set: Dataset | None,
+             val_set: Dataset | None) -> _Run:
+    """Data, planned model, loaders, optimizer: everything but the random state a resume restores."""
     if config.out is None:
         if resume:
             raise ValueError("--resume needs the run's folder: pass --out DIR (the folder holding last.pt)")
@@ -315,6 +244,7 @@ def _fit(config: TrainConfig, context: DistributedContext, resume: bool, train_s
     if files.last.exists() and not resume:
         raise FileExistsError(f"{files.last} exists: pass --resume to continue that run, or choose another --out")
     device = context.device
+    set_tf32(config.train.tf32)
     amp_dtype = resolve_amp(config.train.amp, device)
     if train_set is None:
         train_set, val_set = build_datasets(config, context)
@@ -327,7 +257,6 @@ def _fit(config: TrainConfig, context: DistributedContext, resume: bool, train_s
                       f"{config.train.batch_size // context.shares} images of every batch of {config.train.batch_size}")
     if plan_json is not None:
         plan_json["planned_for"] = planned_for
-
     train_loader = make_loader(train_set, config, context, train=True)
     val_loader = make_loader(val_set, config, context, train=False) if val_set is not None else None
     steps_per_epoch = len(train_loader) // config.train.accumulate
@@ -340,56 +269,69 @@ def _fit(config: TrainConfig, context: DistributedContext, resume: bool, train_s
         total_steps = min(total_steps, config.train.max_steps)
     optimizer = build_optimizer(model, config.optim)
     trainer = _Trainer(model, optimizer, build_scheduler(optimizer, config.optim, total_steps, steps_per_epoch),
-                       torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16))
-    epoch, step, history, in_progress = 0, 0, [], None
-    if resume and files.last.exists():
-        saved = load_checkpoint(files.last, map_location=device)
-        epoch, step, history = trainer.restore(saved, context)
-        in_progress = saved.get("in_progress")
-    elif resume and context.is_main:
+                       torch.amp.GradScaler(device.type, enabled=needs_grad_scaler(amp_dtype)))
+    return _Run(config, context, files, amp_dtype, trainer, train_set, train_loader, val_loader, image_size,
+                plan_text, plan_json)
+
+
+def _resume(run: _Run, resume: bool) -> tuple[int, int, list[dict[str, Any]], dict[str, Any] | None]:
+    """(epoch, step, history, epoch in progress) to continue from: the newest checkpoint of the run
+    that reads (read to host memory, whatever the device), or the beginning."""
+    files, context = run.files, run.context
+    if resume and checkpoint_candidates(files.out):
+        say = (lambda line: print(line, flush=True)) if context.is_main else None
+        _, saved = load_newest_readable(files.out, say=say)
+        epoch, step, history = run.trainer.restore(saved, context)
+        return epoch, step, history, saved.get("in_progress")
+    if resume and context.is_main:
         print(f"{files.last} does not exist yet: starting the run from the beginning", flush=True)
-    best = _best(history)
-    train_model: nn.Module = model
-    if context.enabled:
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return 0, 0, [], None
 
-    if context.is_main:
-        files.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(files.out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
-        atomic_write_text(files.out / "plan.txt", plan_text + "\n")
-        if plan_json is not None:
-            atomic_write_text(files.out / "plan.json", json.dumps(plan_json, indent=1))
-        write_metrics(files.metrics, history)  # a resumed run forgets what happened after last.pt
-        skipped = getattr(unwrap_dataset(train_set)[0], "skipped", None)
-        if skipped:
-            atomic_write_text(files.out / "skipped.txt", "".join(f"{reason}\n" for _, reason in skipped))
-            print(f"skipped {len(skipped)} bad file(s) (data.on_error=skip), listed in {files.out / 'skipped.txt'}",
-                  flush=True)
-        if config.train.progress:
-            print(plan_text, flush=True)
 
+def _write_run_files(run: _Run, history: list[dict[str, Any]]) -> None:
+    files, config = run.files, run.config
+    files.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(files.out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+    atomic_write_text(files.out / "plan.txt", run.plan_text + "\n")
+    if run.plan_json is not None:
+        atomic_write_text(files.out / "plan.json", json.dumps(run.plan_json, indent=1))
+    write_metrics(files.metrics, history)  # a resumed run forgets what happened after last.pt
+    skipped = getattr(unwrap_dataset(run.train_set)[0], "skipped", None)
+    if skipped:
+        atomic_write_text(files.out / "skipped.txt", "".join(f"{reason}\n" for _, reason in skipped))
+        print(f"skipped {len(skipped)} bad file(s) (data.on_error=skip), listed in {files.out / 'skipped.txt'}",
+              flush=True)
+    if config.train.progress:
+        print(run.plan_text, flush=True)
+
+
+def _train(run: _Run, epoch: int, step: int, history: list[dict[str, Any]],
+           in_progress: dict[str, Any] | None) -> list[dict[str, Any]]:
+    config, context, files, trainer = run.config, run.context, run.files, run.trainer
+    model, best = trainer.model, _best(history)
+    train_model = wrap_ddp(model, context)
     last_eval, out_of_time = None, False
     deadline = None if config.train.max_minutes is None else time.monotonic() + 60 * config.train.max_minutes
     while epoch < config.train.epochs and (config.train.max_steps is None or step < config.train.max_steps) \
             and not out_of_time:
         epoch += 1
         part, in_progress = (in_progress if in_progress and in_progress["epoch"] == epoch else None), None
-        train_loader.batch_sampler.set_epoch(epoch, part["batches"] if part else 0)  # type: ignore[union-attr]
-        save_mid_epoch = _mid_epoch_saver(trainer, files, config, context, epoch, step, history, image_size)
-        result = train_one_epoch(train_model, train_loader, optimizer, trainer.scheduler, trainer.scaler,
+        run.train_loader.batch_sampler.set_epoch(epoch, part["batches"] if part else 0)
+        save_mid_epoch = _mid_epoch_saver(trainer, files, config, context, epoch, step, history, run.image_size)
+        result = train_one_epoch(train_model, run.train_loader, trainer.optimizer, trainer.scheduler, trainer.scaler,
                                  context=context, num_classes=config.model.num_classes,
-                                 accumulate=config.train.accumulate, amp_dtype=amp_dtype, step=step,
+                                 accumulate=config.train.accumulate, amp_dtype=run.amp_dtype, step=step,
                                  max_steps=config.train.max_steps, deadline=deadline, epoch=epoch,
                                  progress=config.train.progress, resume=part, on_step=save_mid_epoch)
         step, out_of_time = step + result.steps, result.out_of_time
-        if val_loader is not None:
-            last_eval = evaluate(model, val_loader, context=context, num_classes=config.model.num_classes,
-                                 amp_dtype=amp_dtype, progress=config.train.progress, desc=f"validate {epoch}")
+        if run.val_loader is not None:
+            last_eval = evaluate(model, run.val_loader, context=context, num_classes=config.model.num_classes,
+                                 amp_dtype=run.amp_dtype, progress=config.train.progress, desc=f"validate {epoch}")
         row = _epoch_row(epoch, step, result, trainer.scheduler.get_last_lr()[0], last_eval)
         history.append(row)
         rng = gather_objects(rng_state(), context)
         if context.is_main:
-            state = trainer.state(rng, epoch, step, history, config, image_size)
+            state = trainer.state(rng, epoch, step, history, config, run.image_size)
             save_checkpoint(files.last, state)
             if _is_better(row, best):
                 best = row
@@ -399,10 +341,9 @@ def _fit(config: TrainConfig, context: DistributedContext, resume: bool, train_s
                 print(json.dumps({k: row[k] for k in ("epoch", "step", "train_loss", "val_accuracy", "seconds")}),
                       flush=True)
         context.barrier()
-
     if context.is_main and history:
         plot_loss_curve(history, files.out / "loss_curve.png", title=f"{config.model.trunk} {config.model.mode}")
         if last_eval is not None:
-            plot_confusion_matrix(last_eval.confusion, files.out / "confusion_matrix.png", title=f"validation, epoch {epoch}",
-                                  class_names=config.data.classes)
+            plot_confusion_matrix(last_eval.confusion, files.out / "confusion_matrix.png",
+                                  title=f"validation, epoch {epoch}", class_names=config.data.classes)
     return history
