@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     from streamcnn.planning.memory import budgeted_bytes
     from streamcnn.planning.search import BudgetError, enforce_budget, plan
     from streamcnn.utils.units import format_size, parse_size
+    import torch
 
     levels = []
     try:
@@ -150,6 +151,19 @@ def main(argv: list[str] | None = None) -> int:
                       tile_sizes=args.tile_sizes, allow_offload=not args.no_offload, progress=not args.json,
                       lazy_input=args.slide is not None,  # a slide is read a window at a time
                       exhaustive=args.all or args.plot is not None, counts=args.counts)
+        if args.plot is not None:
+            report.plot(args.plot)
+        if args.measure:
+            if args.device == "cuda" and not torch.cuda.is_available():
+                raise ValueError("--measure --device cuda needs a CUDA device, and none is visible here: "
+                                 "measure with --device cpu, or run where a GPU is")
+            # a budget larger than the card, or one that does not cover the CUDA context, is an error
+            enforcement = enforce_budget(budget, args.device, counts=args.counts)
+            model = build_model(args.model, head=args.head, num_classes=args.num_classes, in_channels=args.in_channels)
+            report.apply(model)
+            report.measured = measure_step_memory(model, args.image_size, batch=args.batch, dtype=args.dtype,
+                                                  device=args.device, optimizer=args.optimizer,
+                                                  weight_decay=args.weight_decay, accumulate=args.accumulate)
     except BudgetError as e:
         message = str(e) + (_what_fits(levels, e.largest_side) if levels else "")
         if args.json:
@@ -160,15 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ImportError, OSError) as e:  # unknown name, a trunk that cannot stream, timm missing
         print(f"plan.py: error: {e}", file=sys.stderr)
         return 1
-    if args.plot is not None:
-        report.plot(args.plot)
-    if args.measure:
-        enforcement = enforce_budget(budget, args.device, counts=args.counts)
-        model = build_model(args.model, head=args.head, num_classes=args.num_classes, in_channels=args.in_channels)
-        report.apply(model)
-        report.measured = measure_step_memory(model, args.image_size, batch=args.batch, dtype=args.dtype,
-                                              device=args.device, optimizer=args.optimizer,
-                                              weight_decay=args.weight_decay, accumulate=args.accumulate)
+    except torch.OutOfMemoryError as e:     # the measured step went past the enforced cap
+        print(f"plan.py: error: the measured step ran out of memory under the enforced budget: "
+              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 1
     if args.json:
         out = report.to_json()
         if args.measure:
