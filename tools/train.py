@@ -1,14 +1,17 @@
 #!/usr/bin/env python
 """Train a full-resolution CNN inside a memory budget.
 
-    python tools/train.py --budget 11GB                       # small UltraMNIST demo, CPU ok
+    python tools/train.py --budget 11GB                       # CUDA: UltraMNIST 4000 x 4000; CPU: the miniature
+    python tools/train.py --preset ultramnist-4000 --device cpu   # the 4000 x 4000 protocol on any device
+    python tools/train.py --preset miniature                  # the 128 px miniature on any device
     python tools/train.py --config configs/ultramnist-4000-resnet50-11gb.yaml --data DIR
     python tools/train.py --config ... --set optim.lr=3e-4 --set train.epochs=20
     python tools/train.py --out runs/x --resume               # continue a stopped run (its config.yaml)
     torchrun --nproc_per_node 4 tools/train.py --config ...   # DDP, one process per GPU
 
-Configuration: the embedded defaults (``streamcnn.training.config``), then ``--config``
-(with ``--resume`` and no ``--config``: the run's own ``OUT/config.yaml``), then the flags
+Configuration: the embedded defaults (``streamcnn.training.config``), then ``--config`` or
+``--preset`` (with ``--resume`` and neither: the run's own ``OUT/config.yaml``; with neither and
+no ``--data``: the preset for the device, ``choose_preset``), then the flags
 below, then ``--set section.key=value`` (any key; see docs/training.md). Arguments and the
 config are checked before torch is imported, so mistakes are reported at once.
 """
@@ -25,6 +28,8 @@ from _preflight import check_budget, check_exists, config_module
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config file (see configs/)")
+    parser.add_argument("--preset", help="miniature or ultramnist-4000 (default: ultramnist-4000 on CUDA, "
+                                         "miniature elsewhere)")
     parser.add_argument("--data", help="data folder with manifest.csv (path,label); default: generated UltraMNIST")
     parser.add_argument("--val-data", help="validation folder with manifest.csv (default: none, or data.val_fraction)")
     parser.add_argument("--out", help="run folder (default: runs/<date-time>)")
@@ -50,10 +55,28 @@ def config_from_args(args: argparse.Namespace, load_config=None):
         overrides += [("data.val_root", args.val_data), ("data.val_manifest", "manifest.csv")]
     if load_config is None:
         load_config = config_module().load_config
-    config_file = args.config
-    if args.resume and config_file is None and args.out is not None and (Path(args.out) / "config.yaml").is_file():
-        config_file = Path(args.out) / "config.yaml"     # the run's own resolved config
-    return load_config(config_file, overrides + list(args.overrides))
+    return load_config(config_file_of(args), overrides + list(args.overrides))
+
+
+def config_file_of(args: argparse.Namespace) -> Path | str | None:
+    """The YAML the run starts from: ``--config``, a resumed run's own ``config.yaml``, or a preset."""
+    if args.config is not None and args.preset is not None:
+        raise ValueError("--config and --preset both name the run's settings: pass one of them")
+    if args.config is not None:
+        return args.config
+    if args.resume and args.preset is None and args.out is not None and (Path(args.out) / "config.yaml").is_file():
+        return Path(args.out) / "config.yaml"     # the run's own resolved config
+    if args.preset is None and args.data is not None:
+        return None                               # the user's data with the embedded defaults
+    module = config_module()
+    return module.preset_path(module.choose_preset(args.preset, _device_type(args.device)))
+
+
+def _device_type(device: str | None) -> str:
+    if device not in (None, "auto"):
+        return device.split(":")[0]
+    import torch      # only to ask whether a GPU is there
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def main(argv: list[str] | None = None) -> int:

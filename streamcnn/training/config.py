@@ -6,6 +6,10 @@ quick CPU run of ``python tools/train.py``; a YAML file (``--config``) overrides
 keys, and ``--set section.key=value`` overrides any key after that. Values on the
 command line are parsed as YAML scalars (``1e-3``, ``true``, ``null``, ``[1, 2]``).
 
+Presets are YAML files under ``configs/`` (:data:`PRESETS`); :func:`choose_preset` is the one
+function that picks one for a run that names none (the 4000 x 4000 UltraMNIST protocol on CUDA,
+the miniature of the embedded defaults elsewhere).
+
 Validation is pydantic's: unknown keys and values of the wrong type or outside a
 choice are errors that name the dotted key, so a typo never silently trains the
 wrong thing.
@@ -19,12 +23,35 @@ from typing import Any, Iterable, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-__all__ = ["ConfigError", "DataConfig", "ModelConfig", "PlanConfig", "OptimConfig", "LoopConfig",
+__all__ = ["PRESETS", "PRESET_DIR", "preset_path", "choose_preset", "ConfigError", "DataConfig", "ModelConfig", "PlanConfig", "OptimConfig", "LoopConfig",
            "TrainConfig", "load_config", "apply_overrides", "parse_override"]
 
 
 class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the key."""
+
+
+#: the presets, each ``configs/<name>.yaml``: what the main command runs (see :func:`choose_preset`)
+PRESETS = ("miniature", "ultramnist-4000")
+PRESET_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def choose_preset(requested: str | None, device_type: str) -> str:
+    """The preset of a run: ``requested`` if given, else ``ultramnist-4000`` on a CUDA device (the
+    benchmark's 4000 x 4000 protocol, what the card is for) and ``miniature`` anywhere else."""
+    if requested is not None:
+        if requested not in PRESETS:
+            raise ConfigError(f"unknown preset {requested!r}: choose one of {', '.join(PRESETS)}")
+        return requested
+    return "ultramnist-4000" if device_type == "cuda" else "miniature"
+
+
+def preset_path(name: str) -> Path:
+    """``configs/<name>.yaml`` of preset ``name``."""
+    path = PRESET_DIR / f"{choose_preset(name, 'cpu')}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"preset file {path} is missing: reinstall streamcnn from its repository (pip install -e .)")
+    return path
 
 
 class _Section(BaseModel):
