@@ -18,6 +18,7 @@ config are checked before torch is imported, so mistakes are reported at once.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -55,21 +56,23 @@ def config_from_args(args: argparse.Namespace, load_config=None):
         overrides += [("data.val_root", args.val_data), ("data.val_manifest", "manifest.csv")]
     if load_config is None:
         load_config = config_module().load_config
-    return load_config(config_file_of(args), overrides + list(args.overrides))
+    return load_config(config_file_of(args)[0], overrides + list(args.overrides))
 
 
-def config_file_of(args: argparse.Namespace) -> Path | str | None:
-    """The YAML the run starts from: ``--config``, a resumed run's own ``config.yaml``, or a preset."""
+def config_file_of(args: argparse.Namespace) -> tuple[Path | str | None, str | None]:
+    """(the YAML the run starts from, its preset): ``--config``, a resumed run's own ``config.yaml``,
+    or a preset (``--preset``, else the device's when neither ``--config`` nor ``--data`` is given)."""
     if args.config is not None and args.preset is not None:
         raise ValueError("--config and --preset both name the run's settings: pass one of them")
     if args.config is not None:
-        return args.config
+        return args.config, None
     if args.resume and args.preset is None and args.out is not None and (Path(args.out) / "config.yaml").is_file():
-        return Path(args.out) / "config.yaml"     # the run's own resolved config
+        return Path(args.out) / "config.yaml", None     # the run's own resolved config
     if args.preset is None and args.data is not None:
-        return None                               # the user's data with the embedded defaults
+        return None, None                               # the user's data with the embedded defaults
     module = config_module()
-    return module.preset_path(module.choose_preset(args.preset, _device_type(args.device)))
+    preset = module.choose_preset(args.preset, _device_type(args.device))
+    return module.preset_path(preset), preset
 
 
 def _device_type(device: str | None) -> str:
@@ -99,9 +102,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from streamcnn.planning.search import BudgetError
     from streamcnn.training import NonFiniteLossError, TrainConfig, fit
+    from streamcnn.training.spec import describe_run
 
     try:
-        history = fit(TrainConfig.model_validate(checked.to_dict()), resume=args.resume)
+        config = TrainConfig.model_validate(checked.to_dict())
+        if int(os.environ.get("RANK", "0")) == 0 and config.train.progress:
+            print(describe_run(config, config_file_of(args)[1]), flush=True)
+        history = fit(config, resume=args.resume)
     except (BudgetError, NonFiniteLossError, FileNotFoundError, FileExistsError, ValueError, ImportError) as error:
         # Bad configs, budgets nothing fits, bad data, NaN losses: one line, no traceback.
         print(f"train.py: error: {error}", file=sys.stderr)

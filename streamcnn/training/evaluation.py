@@ -19,11 +19,12 @@ from streamcnn.utils.files import atomic_write_text
 from streamcnn.training.checkpointing import load_checkpoint
 from streamcnn.training.config import TrainConfig, apply_overrides
 from streamcnn.training.datasets import make_loader, model_input, plan_size
-from streamcnn.training.distributed import gather_objects, init_distributed
-from streamcnn.training.loop import evaluate, resolve_amp
+from streamcnn.training.distributed import gather_objects
+from streamcnn.training.loop import evaluate
 from streamcnn.training.metrics import plot_confusion_matrix
 from streamcnn.training.prediction import open_data, write_predictions
-from streamcnn.training.runner import planned_model
+from streamcnn.training.planned import planned_model
+from streamcnn.training.spec import resolve_run
 
 __all__ = ["evaluate_checkpoint"]
 
@@ -44,7 +45,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, manifest: s
     if batch_size is not None:
         overrides.append(("train.batch_size", batch_size))
     config = apply_overrides(TrainConfig.model_validate(state["config"]), overrides)
-    context = init_distributed(config.train.device)
+    spec = resolve_run(config)
+    context = spec.context
     try:
         raw = open_data(Path(data) / manifest, config, require_labels=True)
         dataset = model_input(raw, config)
@@ -52,7 +54,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, manifest: s
         model, plan_text, _ = planned_model(config, image_size, context.device, state["model"])
         plan_text = f"planned for {planned_for}\n{plan_text}"
         result = evaluate(model, make_loader(dataset, config, context, train=False), context=context,
-                          num_classes=config.model.num_classes, amp_dtype=resolve_amp(config.train.amp, context.device),
+                          num_classes=config.model.num_classes, amp_dtype=spec.amp_dtype,
                           progress=progress, desc="evaluate", per_image=True)
         logits = _in_image_order(gather_objects(result.logits, context), len(dataset))  # type: ignore[arg-type]
     finally:

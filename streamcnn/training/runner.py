@@ -34,17 +34,18 @@ from torch.utils.data import Dataset
 
 from streamcnn.utils.cpu import usable_cores
 from streamcnn.utils.files import atomic_write_text
-from streamcnn.utils.precision import needs_grad_scaler, set_tf32
+from streamcnn.utils.precision import needs_grad_scaler
 from streamcnn.training.checkpointing import (checkpoint_candidates, load_newest_readable, rng_state, save_checkpoint,
                                               seed_everything, set_rng_state)
 from streamcnn.training.config import TrainConfig, apply_overrides
 from streamcnn.training.datasets import build_datasets, fit_model_to_data, make_loader, unwrap_dataset
 from streamcnn.training.distributed import (DistributedContext, all_reduce_sum, broadcast_object, gather_objects,
                                             init_distributed, resolve_device, run_local_processes, wrap_ddp)
-from streamcnn.training.loop import evaluate, resolve_amp, train_one_epoch
+from streamcnn.training.loop import evaluate, train_one_epoch
 from streamcnn.training.metrics import plot_confusion_matrix, plot_loss_curve, write_metrics
 from streamcnn.training.optim import build_optimizer, build_scheduler
 from streamcnn.training.planned import apply_memory_plan, build_training_model, planned_model, share_of
+from streamcnn.training.spec import RunSpec, resolve_run
 
 __all__ = ["build_training_model", "apply_memory_plan", "planned_model", "fit", "RunFiles", "local_processes",
            "share_of", "LOCAL_PROCESS_MIN_STEPS"]
@@ -200,11 +201,11 @@ def fit(config: TrainConfig, *, resume: bool = False, train_set: Dataset | None 
 
 def _fit_in_group(config: TrainConfig, resume: bool, train_set: Dataset | None, val_set: Dataset | None,
                   shares: int = 1) -> list[dict[str, Any]]:
-    context = init_distributed(config.train.device, shares)
+    spec = resolve_run(config, shares=shares)
     try:
-        return _fit(config, context, resume, train_set, val_set)
+        return _fit(spec, resume, train_set, val_set)
     finally:
-        context.close()
+        spec.context.close()
 
 
 @dataclass
@@ -224,18 +225,18 @@ class _Run:
     plan_json: dict[str, Any] | None
 
 
-def _fit(config: TrainConfig, context: DistributedContext, resume: bool, train_set: Dataset | None,
-         val_set: Dataset | None) -> list[dict[str, Any]]:
-    run = _prepare(config, context, resume, train_set, val_set)
+def _fit(spec: RunSpec, resume: bool, train_set: Dataset | None, val_set: Dataset | None) -> list[dict[str, Any]]:
+    run = _prepare(spec, resume, train_set, val_set)
+    context = spec.context
     epoch, step, history, in_progress = _resume(run, resume)
     if context.is_main:
         _write_run_files(run, history)
     return _train(run, epoch, step, history, in_progress)
 
 
-def _prepare(config: TrainConfig, context: DistributedContext, resume: bool, train_set: Dataset | None,
-             val_set: Dataset | None) -> _Run:
+def _prepare(spec: RunSpec, resume: bool, train_set: Dataset | None, val_set: Dataset | None) -> _Run:
     """Data, planned model, loaders, optimizer: everything but the random state a resume restores."""
+    config, context, amp_dtype = spec.config, spec.context, spec.amp_dtype
     if config.out is None:
         if resume:
             raise ValueError("--resume needs the run's folder: pass --out DIR (the folder holding last.pt)")
@@ -244,8 +245,6 @@ def _prepare(config: TrainConfig, context: DistributedContext, resume: bool, tra
     if files.last.exists() and not resume:
         raise FileExistsError(f"{files.last} exists: pass --resume to continue that run, or choose another --out")
     device = context.device
-    set_tf32(config.train.tf32)
-    amp_dtype = resolve_amp(config.train.amp, device)
     if train_set is None:
         train_set, val_set = build_datasets(config, context)
     config, image_size, planned_for = fit_model_to_data(config, train_set)
