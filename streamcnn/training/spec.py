@@ -33,7 +33,7 @@ __all__ = ["RunSpec", "resolve_run", "describe_run", "estimate_seconds", "CPU_FL
 
 #: sustained FLOP/s of one CPU core in a training step: a streamed ResNet-18 step at 4000 x 4000
 #: (4.66 TFLOP conventional, x 1.55 for its plan's 4 tiles) took 91 s on 2 cores with native bf16
-#: (the ultramnist-4000 preset with model.trunk=resnet18 under 3GB; docs/training.md); the miniature's
+#: (the ultramnist-4000 preset with model.trunk=resnet18 under 3GB; docs/gpu.md); the miniature's
 #: steps run at a similar rate. CPUs without native bf16 are several times slower.
 CPU_FLOPS_PER_CORE = 40e9
 #: an ASSUMED sustained rate of one GPU in a bf16 training step (no GPU has measured this code yet)
