@@ -124,11 +124,15 @@ def planner(ctx: dict) -> dict:
                      "measured_bytes": measured.allocated_bytes, "error": measured.allocated_bytes / predicted - 1})
     torch.cuda.empty_cache()
     enforcement = enforce_budget(budget, device)
-    model = build_model("resnet18", "conv", num_classes=10)
-    big = 4096 if ctx["quick"] else 16384
-    report = plan(model, big, budget, dtype="bf16", device="cuda")
-    report.apply(model)
-    measured = measure_step_memory(model, big, dtype="bf16", device=device)
+    try:
+        model = build_model("resnet18", "conv", num_classes=10)
+        big = 4096 if ctx["quick"] else 16384
+        report = plan(model, big, budget, dtype="bf16", device="cuda")
+        report.apply(model)
+        measured = measure_step_memory(model, big, dtype="bf16", device=device)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)     # the later sections run uncapped
+        torch.cuda.empty_cache()
     under = measured.reserved_bytes + (enforcement.get("context_allowance_bytes") or 0) <= parse_size(budget)
     worst = max(abs(r["error"]) for r in rows)
     return {"status": "pass" if under else "fail", "rows": rows, "worst_relative_error": worst,

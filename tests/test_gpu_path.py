@@ -293,3 +293,9 @@ def test_plan_measure_on_a_missing_gpu_is_one_line():
     assert result.returncode == 1
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert "cuda" in result.stderr.lower()
+
+
+def test_resume_of_a_run_that_never_saved_starts_from_the_beginning(tmp_path, capsys):
+    history = runner.fit(load_config(overrides=[*TINY, f"out={tmp_path / 'new'}"]), resume=True)
+    assert len(history) == 1 and (tmp_path / "new" / "last.pt").is_file()
+    assert "does not exist yet" in capsys.readouterr().out

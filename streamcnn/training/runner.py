@@ -277,7 +277,7 @@ def _resume(run: _Run, resume: bool) -> tuple[int, int, list[dict[str, Any]], di
     """(epoch, step, history, epoch in progress) to continue from: the newest checkpoint of the run
     that reads (read to host memory, whatever the device), or the beginning."""
     files, context = run.files, run.context
-    if resume and checkpoint_candidates(files.out):
+    if resume and files.out.is_dir() and checkpoint_candidates(files.out):
         say = (lambda line: print(line, flush=True)) if context.is_main else None
         _, saved = load_newest_readable(files.out, say=say)
         epoch, step, history = run.trainer.restore(saved, context)

@@ -95,7 +95,9 @@ def estimate_seconds(config: TrainConfig, device_type: str) -> tuple[float | Non
     filled = apply_overrides(config, [("model.in_channels", m.in_channels or (1 if config.data.kind == "ultramnist" else 3)),
                                       ("model.num_classes", m.num_classes or classes or 2)])
     model = build_training_model(filled)
-    per_image = step_flops(model, size).conventional * (STREAM_OVERHEAD if m.mode == "stream" else 1.0)
+    probe = min(size, 512)      # a convolution's FLOPs grow with the area: count small, scale up
+    per_image = step_flops(model, probe).conventional * (size / probe) ** 2
+    per_image *= STREAM_OVERHEAD if m.mode == "stream" else 1.0
     t = config.train
     steps = t.epochs * (train_count // (t.batch_size * t.accumulate))
     if t.max_steps is not None:
