@@ -92,3 +92,10 @@ def test_train_prints_what_will_run_first(tmp_path):
     assert result.returncode == 0, result.stderr
     first = result.stdout.splitlines()[0]
     assert first.startswith("will run: preset miniature") and "estimate" in first and "tiny-cnn" in first
+
+
+def test_the_4000_preset_trains_as_the_manifest_config_of_the_same_protocol():
+    preset = load_config(preset_path("ultramnist-4000"))
+    manifest = load_config(REPO / "configs" / "ultramnist-4000-resnet50-11gb.yaml")
+    assert (preset.model, preset.optim, preset.plan, preset.train) == \
+        (manifest.model, manifest.optim, manifest.plan, manifest.train)
