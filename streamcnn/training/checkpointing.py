@@ -61,8 +61,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         # The checkpoint holds our own config/history dicts and RNG states: trusted input.
         state = torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({reason[:120]}): delete it, or resume "
+        reason = str(error).splitlines()[0].split(". ")[0][:160] if str(error) else type(error).__name__
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({reason}): delete it, or resume "
                               "from another checkpoint of the run") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} is corrupt: it holds a {type(state).__name__}, not a "
