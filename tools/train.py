@@ -25,7 +25,8 @@ from _preflight import check_budget, check_exists, config_module
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config file (see configs/)")
-    parser.add_argument("--data", help="data folder with manifest.csv (path,label); default: generated UltraMNIST")
+    parser.add_argument("--data", help="data folder with manifest.csv (path,label), or a slide table CSV; "
+                        "default: generated UltraMNIST")
     parser.add_argument("--val-data", help="validation folder with manifest.csv (default: none, or data.val_fraction)")
     parser.add_argument("--out", help="run folder (default: runs/<date-time>)")
     parser.add_argument("--budget", help="peak device memory allowed, e.g. 11GB or 24GiB (enforced on CUDA)")
@@ -46,6 +47,8 @@ def config_from_args(args: argparse.Namespace, load_config=None):
     overrides = [(key, value) for key, value in flags.items() if value is not None]
     if args.data is not None:
         overrides.append(("data.kind", "manifest"))
+        if Path(args.data).is_file():      # a table: its folder is the root
+            overrides += [("data.root", str(Path(args.data).parent)), ("data.manifest", Path(args.data).name)]
     if args.val_data is not None:
         overrides += [("data.val_root", args.val_data), ("data.val_manifest", "manifest.csv")]
     if load_config is None:
@@ -53,14 +56,34 @@ def config_from_args(args: argparse.Namespace, load_config=None):
     config_file = args.config
     if args.resume and config_file is None and args.out is not None and (Path(args.out) / "config.yaml").is_file():
         config_file = Path(args.out) / "config.yaml"     # the run's own resolved config
+    if args.data is not None and not any(_user_sets(key, config_file, args.overrides)
+                                         for key in ("train.batch_size", "train.accumulate", "train.effective_batch")):
+        # slides: one image per step (sizes differ), accumulated to an effective batch of min(16, images)
+        overrides += [("train.batch_size", 1), ("train.effective_batch", 16)]
     return load_config(config_file, overrides + list(args.overrides))
+
+
+def _user_sets(key: str, config_file, overrides: list[str]) -> bool:
+    """Whether the config file or a ``--set`` gives ``key`` (section.name)."""
+    if any(o.partition("=")[0].strip() == key for o in overrides):
+        return True
+    if config_file is None or not Path(config_file).is_file():
+        return False
+    import yaml
+
+    try:
+        tree = yaml.safe_load(Path(config_file).read_text()) or {}
+    except yaml.YAMLError:
+        return False        # load_config names the problem
+    section, name = key.split(".")
+    return isinstance(tree, dict) and isinstance(tree.get(section), dict) and name in tree[section]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         check_budget(args.budget)
-        check_exists(args.data, "data folder", "pass --data DIR with a manifest.csv")
+        check_exists(args.data, "data folder", "pass --data DIR with a manifest.csv, or --data TABLE.csv")
         check_exists(args.val_data, "validation folder", "pass --val-data DIR with a manifest.csv")
         if args.resume and args.out is None:
             raise ValueError("--resume needs the run's folder: pass --out DIR (the folder holding last.pt)")

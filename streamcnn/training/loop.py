@@ -178,6 +178,7 @@ class EvalResult:
     confusion: torch.Tensor
     seconds: float
     logits: torch.Tensor | None = None     # (images, classes) of this process, with ``per_image=True``
+    labels: torch.Tensor | None = None     # their labels, with ``per_image=True``
 
 
 @torch.no_grad()
@@ -194,6 +195,7 @@ def evaluate(model: nn.Module, batches: Iterable, *, context: DistributedContext
     loss_sum = torch.zeros(1, dtype=torch.float64)
     start = time.perf_counter()
     kept: list[torch.Tensor] = []
+    kept_labels: list[torch.Tensor] = []
     for images, labels in tqdm(batches, desc=desc, unit="batch", disable=not (progress and context.is_main),
                                dynamic_ncols=True, leave=False):
         _check_labels(labels, num_classes)
@@ -203,10 +205,11 @@ def evaluate(model: nn.Module, batches: Iterable, *, context: DistributedContext
         confusion += confusion_matrix(logits.argmax(dim=1), labels, num_classes)
         if per_image:
             kept.append(logits)
+            kept_labels.append(labels)
         _release(images)
     confusion = all_reduce_sum(confusion, context)
     loss_sum = all_reduce_sum(loss_sum, context)
     count = int(confusion.sum())
     return EvalResult(accuracy=float(confusion.diagonal().sum()) / max(count, 1), loss=float(loss_sum) / max(count, 1),
                       images=count, confusion=confusion, seconds=time.perf_counter() - start,
-                      logits=torch.cat(kept) if kept else None)
+                      logits=torch.cat(kept) if kept else None, labels=torch.cat(kept_labels) if kept_labels else None)

@@ -44,11 +44,14 @@ from streamcnn.utils.files import atomic_write_text
 from streamcnn.utils.units import parse_size
 from streamcnn.training.checkpointing import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
 from streamcnn.training.config import TrainConfig, apply_overrides
-from streamcnn.training.datasets import build_datasets, fit_model_to_data, make_loader, unwrap_dataset
+from streamcnn.data.splits import write_split_csv
+from streamcnn.training.datasets import (build_datasets, fit_model_to_data, make_loader, resolve_accumulation, split_table,
+                                         unwrap_dataset)
 from streamcnn.training.distributed import (DistributedContext, all_reduce_sum, broadcast_object, gather_objects, init_distributed,
                           resolve_device, run_local_processes)
 from streamcnn.training.loop import evaluate, resolve_amp, train_one_epoch
-from streamcnn.training.metrics import plot_confusion_matrix, plot_loss_curve, write_metrics
+from streamcnn.training.metrics import (check_best_by, labels_are_grades, plot_confusion_matrix, plot_loss_curve,
+                                        validation_metrics, write_metrics)
 from streamcnn.training.optim import build_optimizer, build_scheduler
 
 __all__ = ["build_training_model", "apply_memory_plan", "planned_model", "fit", "RunFiles", "local_processes",
@@ -203,18 +206,20 @@ def _plans_within_share(config: TrainConfig, image_size: tuple[int, int], proces
     return True
 
 
-def _is_better(row: dict[str, Any], best: dict[str, Any] | None) -> bool:
+def _is_better(row: dict[str, Any], best: dict[str, Any] | None, best_by: str = "auto") -> bool:
     if best is None:
         return True
+    if best_by != "auto" and row.get(best_by) is not None and best.get(best_by) is not None:
+        return row[best_by] < best[best_by] if best_by.endswith("loss") else row[best_by] > best[best_by]
     if row.get("val_accuracy") is not None and best.get("val_accuracy") is not None:
         return row["val_accuracy"] > best["val_accuracy"]
     return row["train_loss"] < best["train_loss"]
 
 
-def _best(history: list[dict[str, Any]]) -> dict[str, Any] | None:
+def _best(history: list[dict[str, Any]], best_by: str = "auto") -> dict[str, Any] | None:
     best = None
     for row in history:
-        if _is_better(row, best):
+        if _is_better(row, best, best_by):
             best = row
     return best
 
@@ -245,7 +250,7 @@ class _Trainer:
         return state["epoch"], state["step"], state["history"]
 
 
-def _epoch_row(epoch: int, step: int, result, lr: float, val) -> dict[str, Any]:
+def _epoch_row(epoch: int, step: int, result, lr: float, val, val_metrics: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {
         "epoch": epoch, "step": step, "train_loss": result.loss, "train_accuracy": result.accuracy,
         "images": result.images, "images_per_second": result.images / result.seconds,
@@ -253,7 +258,7 @@ def _epoch_row(epoch: int, step: int, result, lr: float, val) -> dict[str, Any]:
         "lr": lr, "seconds": result.seconds, "val_accuracy": None, "val_loss": None,
     }
     if val is not None:
-        row.update(val_accuracy=val.accuracy, val_loss=val.loss, val_seconds=val.seconds)
+        row.update(val_accuracy=val.accuracy, val_loss=val.loss, val_seconds=val.seconds, **val_metrics)
     return row
 
 
@@ -318,7 +323,11 @@ def _fit(config: TrainConfig, context: DistributedContext, resume: bool, train_s
     amp_dtype = resolve_amp(config.train.amp, device)
     if train_set is None:
         train_set, val_set = build_datasets(config, context)
+    config, batch_line = resolve_accumulation(config, train_set)
+    if batch_line and context.is_main:
+        print(batch_line, flush=True)
     config, image_size, planned_for = fit_model_to_data(config, train_set)
+    check_best_by(config.train.best_by)
     seed_everything(config.train.seed)
     model, plan_text, plan_json = planned_model(config, image_size, device, shares=context.shares)
     plan_text = f"planned for {planned_for}\n{plan_text}"
@@ -348,7 +357,7 @@ def _fit(config: TrainConfig, context: DistributedContext, resume: bool, train_s
         in_progress = saved.get("in_progress")
     elif resume and context.is_main:
         print(f"{files.last} does not exist yet: starting the run from the beginning", flush=True)
-    best = _best(history)
+    best = _best(history, config.train.best_by)
     train_model: nn.Module = model
     if context.enabled:
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -360,6 +369,9 @@ def _fit(config: TrainConfig, context: DistributedContext, resume: bool, train_s
         if plan_json is not None:
             atomic_write_text(files.out / "plan.json", json.dumps(plan_json, indent=1))
         write_metrics(files.metrics, history)  # a resumed run forgets what happened after last.pt
+        split = split_table(train_set, val_set) if config.data.kind == "manifest" else None
+        if split is not None:
+            write_split_csv(files.out / "split.csv", *split)
         skipped = getattr(unwrap_dataset(train_set)[0], "skipped", None)
         if skipped:
             atomic_write_text(files.out / "skipped.txt", "".join(f"{reason}\n" for _, reason in skipped))
@@ -384,19 +396,23 @@ def _fit(config: TrainConfig, context: DistributedContext, resume: bool, train_s
         step, out_of_time = step + result.steps, result.out_of_time
         if val_loader is not None:
             last_eval = evaluate(model, val_loader, context=context, num_classes=config.model.num_classes,
-                                 amp_dtype=amp_dtype, progress=config.train.progress, desc=f"validate {epoch}")
-        row = _epoch_row(epoch, step, result, trainer.scheduler.get_last_lr()[0], last_eval)
+                                 amp_dtype=amp_dtype, progress=config.train.progress, desc=f"validate {epoch}",
+                                 per_image=True)
+        val_metrics = validation_metrics(last_eval, context, config.model.num_classes, labels_are_grades(config)) \
+            if last_eval is not None else {}
+        row = _epoch_row(epoch, step, result, trainer.scheduler.get_last_lr()[0], last_eval, val_metrics)
         history.append(row)
         rng = gather_objects(rng_state(), context)
         if context.is_main:
             state = trainer.state(rng, epoch, step, history, config, image_size)
             save_checkpoint(files.last, state)
-            if _is_better(row, best):
+            if _is_better(row, best, config.train.best_by):
                 best = row
                 save_checkpoint(files.best, state)
             write_metrics(files.metrics, history)
             if config.train.progress:
-                print(json.dumps({k: row[k] for k in ("epoch", "step", "train_loss", "val_accuracy", "seconds")}),
+                print(json.dumps({k: row[k] for k in ("epoch", "step", "train_loss", "val_accuracy", "val_auc",
+                                                      "val_balanced_accuracy", "val_kappa", "seconds") if k in row}),
                       flush=True)
         context.barrier()
 
