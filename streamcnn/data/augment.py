@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from streamcnn.io.reader import shrink_to
+
 __all__ = ["AUGMENTS", "SLIDE_AUGMENT", "Augmentation", "AugmentedView", "AugmentedDataset", "check_augment"]
 
 AUGMENTS = ("flip", "rot90", "brightness", "contrast", "hed")
@@ -126,6 +128,15 @@ class AugmentedView:
         t, l_ = min(y0, y1), min(x0, x1)
         block = np.asarray(self.source.read_region(t, l_, abs(y1 - y0) + 1, abs(x1 - x0) + 1))
         return np.ascontiguousarray(self.augmentation.colours(self.augmentation.geometry(block)))
+
+    def read_thumbnail(self, max_size: int) -> np.ndarray:
+        """The source's thumbnail, flipped and rotated, coloured pixel by pixel (for the downsampling
+        baseline: the colour of a mean is near, not equal to, the mean of the colours)."""
+        if hasattr(self.source, "read_thumbnail"):
+            thumbnail = np.asarray(self.source.read_thumbnail(max_size))
+        else:
+            thumbnail = shrink_to(np.asarray(self.source.read_region(0, 0, *self.source_shape[1:])), max_size)
+        return np.ascontiguousarray(self.augmentation.colours(self.augmentation.geometry(thumbnail)))
 
     def close(self) -> None:
         if hasattr(self.source, "close"):
