@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from helpers import relative_error
-from slide_data import CLASSES, make_slide_folder, slide_pixels, write_slide
+from slide_data import sets, tool, CLASSES, make_slide_folder, slide_pixels, write_slide
 from streamcnn.data import ManifestDataset
 from streamcnn.data.augment import AUGMENTS, Augmentation, AugmentedDataset, AugmentedView
 from streamcnn.data.splits import grouped_stratified_split
@@ -26,19 +26,7 @@ from streamcnn.training.metrics import classification_metrics, confusion_matrix,
 
 SIZES = [(96, 128), (160, 112), (128, 192), (80, 80), (144, 160), (112, 144)]
 pytestmark = pytest.mark.usefixtures("one_thread")
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
 SMALL = ["model.trunk=tiny-cnn", "model.head=pool", "train.epochs=1", "plan.tile_size=64", "optim.warmup_steps=0"]
-
-
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_tool", TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _sets(*overrides: str) -> list[str]:
-    return [a for o in overrides for a in ("--set", o)]
 
 
 def _table(path: Path, header: str, rows: list[str]) -> Path:
@@ -61,7 +49,7 @@ def slides(tmp_path_factory) -> Path:
 
 def test_a_mixed_size_csv_trains_with_no_batch_flag_and_reports_slide_metrics(slides, tmp_path, capsys):
     out = tmp_path / "run"
-    assert _tool("train").main(["--data", str(slides / "slides.csv"), "--out", str(out), *_sets(*SMALL)]) == 0
+    assert tool("train").main(["--data", str(slides / "slides.csv"), "--out", str(out), *sets(*SMALL)]) == 0
     stdout = capsys.readouterr().out.splitlines()
     split = list(csv.DictReader(open(out / "split.csv")))
     trained = sum(row["split"] == "train" for row in split)
@@ -83,7 +71,7 @@ def test_a_mixed_size_csv_trains_with_no_batch_flag_and_reports_slide_metrics(sl
 
 
 def test_a_batch_flag_or_config_keeps_its_own_batch(slides, tmp_path):
-    train = _tool("train")
+    train = tool("train")
     args = train.parse_args(["--data", str(slides), "--set", "train.batch_size=2"])
     assert (train.config_from_args(args).train.batch_size, train.config_from_args(args).train.effective_batch) == (2, None)
     ultramnist = train.config_from_args(train.parse_args([]))
@@ -210,14 +198,14 @@ def test_best_by_chooses_the_metric_behind_best_pt():
 def test_a_table_that_is_not_utf8_is_named_in_one_line(slides, capsys):
     bad = slides / "latin1.csv"
     bad.write_bytes("slide_id,label\nS0,normal\nS1,tumör\n".encode("latin-1"))
-    assert _tool("train").main(["--data", str(bad), *_sets(*SMALL, "train.progress=false")]) == 1
+    assert tool("train").main(["--data", str(bad), *sets(*SMALL, "train.progress=false")]) == 1
     _one_line_error(capsys, [str(bad), "not UTF-8"])
 
 
 def test_a_label_column_with_one_class_says_so(slides, capsys):
     one = _table(slides / "one.csv", "slide_id,label", [f"S{i},tumor" for i in range(6)])
-    assert _tool("train").main(["--data", str(one), "--out", str(slides / "never"),
-                                *_sets(*SMALL, "train.progress=false")]) == 1
+    assert tool("train").main(["--data", str(one), "--out", str(slides / "never"),
+                                *sets(*SMALL, "train.progress=false")]) == 1
     _one_line_error(capsys, [str(one), "only one class: tumor"])
 
 
@@ -252,7 +240,8 @@ def _write_svs(path: Path, image: np.ndarray, levels: int) -> None:
 
 @pytest.mark.parametrize("levels", [1, 3])
 def test_aperio_svs_reads_trains_and_predicts_like_a_tiff(tmp_path, levels, capsys):
-    pytest.importorskip("tiffslide") if importlib.util.find_spec("openslide") is None else None
+    if importlib.util.find_spec("openslide") is None:
+        pytest.importorskip("tiffslide")
     rows = []
     for i, (h, w) in enumerate([(256, 320), (320, 256), (256, 256), (320, 320)]):
         _write_svs(tmp_path / f"A{i}.svs", slide_pixels(h, w, seed=i, label=i % 2), levels)
@@ -262,11 +251,17 @@ def test_aperio_svs_reads_trains_and_predicts_like_a_tiff(tmp_path, levels, caps
     assert reader.level_shapes[0] == (3, 320, 256)
     table = _table(tmp_path / "slides.csv", "patient,slide_id,label", rows)
     out = tmp_path / "run"
-    assert _tool("train").main(["--data", str(table), "--out", str(out), *_sets(*SMALL, "data.val_fraction=0")]) == 0
-    assert _tool("predict").main(["--checkpoint", str(out / "last.pt"), "--data", str(table),
+    assert tool("train").main(["--data", str(table), "--out", str(out), *sets(*SMALL, "data.val_fraction=0")]) == 0
+    assert tool("predict").main(["--checkpoint", str(out / "last.pt"), "--data", str(table),
                                   "--out", str(tmp_path / "pred"), "--quiet"]) == 0
     predicted = list(csv.DictReader(open(tmp_path / "pred" / "predictions.csv")))
     assert [Path(row["path"]).name for row in predicted] == [f"A{i}.svs" for i in range(4)]
+    capsys.readouterr()
+    assert tool("evaluate").main(["--checkpoint", str(out / "last.pt"), "--data", str(table),
+                                  "--out", str(tmp_path / "eval")]) == 0
+    report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert report["images"] == 4 and 0 <= report["auc"] <= 1 and len(report["recall"]) == 2
+    assert "AUC" in capsys.readouterr().out
     cut = tmp_path / "cut.svs"
     cut.write_bytes((tmp_path / "A0.svs").read_bytes()[:-300])
     with pytest.raises(ValueError) as error:
