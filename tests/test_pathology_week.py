@@ -57,6 +57,7 @@ def test_a_mixed_size_csv_trains_with_no_batch_flag_and_reports_slide_metrics(sl
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert (config["train"]["batch_size"], config["train"]["accumulate"]) == (1, min(16, trained))
     assert config["data"]["augment"] is None and config["data"]["kind"] == "manifest"
+    assert (config["model"]["trunk"], config["optim"]["warmup_steps"]) == ("tiny-cnn", 0)   # --set wins
     # every slide of the table once, by its id as written; patients C0..C2 never straddle the split
     assert sorted(row["id"] for row in split) == [f"S{i}" for i in range(len(SIZES))]
     side = {row["id"]: row["split"] for row in split}
@@ -74,8 +75,10 @@ def test_a_batch_flag_or_config_keeps_its_own_batch(slides, tmp_path):
     train = tool("train")
     args = train.parse_args(["--data", str(slides), "--set", "train.batch_size=2"])
     assert (train.config_from_args(args).train.batch_size, train.config_from_args(args).train.effective_batch) == (2, None)
+    assert train.config_from_args(args).model.trunk == "resnet18"
     ultramnist = train.config_from_args(train.parse_args([]))
     assert (ultramnist.train.batch_size, ultramnist.train.effective_batch) == (128, None)
+    assert ultramnist.model.trunk != "resnet18" and ultramnist.optim.warmup_steps > 0
 
 
 def _config(root: Path, *overrides: str):

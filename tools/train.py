@@ -56,11 +56,23 @@ def config_from_args(args: argparse.Namespace, load_config=None):
     config_file = args.config
     if args.resume and config_file is None and args.out is not None and (Path(args.out) / "config.yaml").is_file():
         config_file = Path(args.out) / "config.yaml"     # the run's own resolved config
-    if args.data is not None and not any(_user_sets(key, config_file, args.overrides)
-                                         for key in ("train.batch_size", "train.accumulate", "train.effective_batch")):
-        # slides: one image per step (sizes differ), accumulated to an effective batch of min(16, images)
-        overrides += [("train.batch_size", 1), ("train.effective_batch", 16)]
+    if args.data is not None:
+        overrides += _slide_defaults(config_file, args.overrides)
     return load_config(config_file, overrides + list(args.overrides))
+
+
+#: --data: what slides get where the config file and --set say nothing (the embedded defaults are the
+#: UltraMNIST protocol's): one image per step (sizes differ), accumulated to an effective batch of
+#: min(16, training images); a torchvision ResNet-18; AdamW's usual lr without the 25-step warmup
+SLIDE_DEFAULTS = {"model.trunk": "resnet18", "optim.lr": 1e-3, "optim.warmup_steps": 0}
+BATCH_KEYS = ("train.batch_size", "train.accumulate", "train.effective_batch")
+
+
+def _slide_defaults(config_file, overrides: list[str]) -> list[tuple[str, object]]:
+    chosen = [(key, value) for key, value in SLIDE_DEFAULTS.items() if not _user_sets(key, config_file, overrides)]
+    if not any(_user_sets(key, config_file, overrides) for key in BATCH_KEYS):
+        chosen += [("train.batch_size", 1), ("train.effective_batch", 16)]
+    return chosen
 
 
 def _user_sets(key: str, config_file, overrides: list[str]) -> bool:
@@ -83,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         check_budget(args.budget)
-        check_exists(args.data, "data folder", "pass --data DIR with a manifest.csv, or --data TABLE.csv")
+        check_exists(args.data, "data folder", "pass --data DIR with a manifest.csv")
         check_exists(args.val_data, "validation folder", "pass --val-data DIR with a manifest.csv")
         if args.resume and args.out is None:
             raise ValueError("--resume needs the run's folder: pass --out DIR (the folder holding last.pt)")
