@@ -20,7 +20,8 @@ from streamcnn.data.splits import grouped_stratified_split
 from streamcnn.io import open_image
 from streamcnn.models.classifier import build_model
 from streamcnn.training.config import load_config
-from streamcnn.training.datasets import ShardedBatchSampler, build_datasets, class_weights, unwrap_dataset
+from streamcnn.engine.step import micro_step
+from streamcnn.training.datasets import ShardedBatchSampler, build_datasets, class_weights, loss_weights, unwrap_dataset
 from streamcnn.training.distributed import init_distributed
 from streamcnn.training.metrics import classification_metrics, confusion_matrix, quadratic_kappa
 
@@ -135,6 +136,25 @@ def test_balance_class_draws_each_class_about_equally(slides):
     base, indices = unwrap_dataset(train)
     tumour_share = sum(base.labels[indices[i]] == 1 for i in drawn) / len(drawn)
     assert 0.45 < tumour_share < 0.55          # 1 of 6 images without balancing
+    config = _config(slides, "data.manifest=skewed.csv", "data.balance=loss")
+    assert loss_weights(train, config).tolist() == pytest.approx([6 / (2 * 5), 6 / (2 * 1)])
+
+
+def test_the_class_weighted_loss_weights_each_image_even_in_a_batch_of_one():
+    torch.manual_seed(0)
+    model = build_model("tiny-cnn", "pool", num_classes=2, in_channels=3).double()
+    images, labels, weights = torch.rand(3, 3, 40, 40, dtype=torch.float64), torch.tensor([0, 1, 1]), torch.tensor([0.6, 3.0])
+    for batch in ([0], [0, 1, 2]):
+        model.zero_grad()
+        loss, _ = micro_step(model, images[batch], labels[batch], device_type="cpu", class_weights=weights)
+        got = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        per_image = torch.nn.functional.cross_entropy(model(images[batch]), labels[batch], reduction="none")
+        expected = (per_image * weights[labels[batch]]).mean()
+        expected.backward()
+        assert float(loss) == pytest.approx(float(expected), rel=1e-6)      # micro_step: float32 loss
+        for g, p in zip(got, model.parameters()):
+            assert relative_error(g, p.grad) <= 1e-6
 
 
 @pytest.mark.parametrize("names", [AUGMENTS, ("flip", "rot90")])

@@ -56,7 +56,8 @@ class DataConfig(_Section):
     fold: Optional[int] = None   # with a fold column: the fold validated on (default: the smallest)
     # per-image augmentation (streamcnn.data.augment); None: flip, rot90 for tables, none otherwise
     augment: Optional[list[str]] = None
-    balance: Literal["none", "class"] = "none"   # class: every class drawn equally often
+    # class: every class drawn equally often; loss: each image's loss weighted by 1 / its class's share
+    balance: Literal["none", "class", "loss"] = "none"
     lazy: Optional[bool] = None  # None: lazy readers, except the generated UltraMNIST set (small: read whole)
     # images read whole are kept after their first read; None: when they total <= 2 GiB (8-bit)
     in_memory: Optional[bool] = None

@@ -29,7 +29,7 @@ from streamcnn.training.synthetic import SyntheticTextures
 
 __all__ = ["default_cache_dir", "build_datasets", "model_input", "make_loader", "ShardedBatchSampler", "image_size_of",
            "slide_options", "fit_model_to_data", "plan_size", "unwrap_dataset", "split_table",
-           "resolve_accumulation", "class_weights"]
+           "resolve_accumulation", "class_weights", "loss_weights"]
 
 
 def default_cache_dir() -> Path:
@@ -289,15 +289,29 @@ def _augmented(dataset: Dataset) -> AugmentedDataset | None:
     return dataset
 
 
-def class_weights(dataset: Dataset) -> list[float]:
-    """Per image, one over the number of images of its class: every class is drawn equally often."""
+def _labels_of(dataset: Dataset) -> list[int]:
     base, indices = unwrap_dataset(dataset)
     labels = getattr(base, "labels", None)
     if labels is None:
-        raise ValueError("data.balance=class needs a table with labels (data.kind=manifest)")
-    mine = [labels[i] for i in (indices if indices is not None else range(len(labels)))]
+        raise ValueError("data.balance needs a table with labels (data.kind=manifest)")
+    return [labels[i] for i in (indices if indices is not None else range(len(labels)))]
+
+
+def class_weights(dataset: Dataset) -> list[float]:
+    """Per image, one over the number of images of its class: every class is drawn equally often."""
+    mine = _labels_of(dataset)
     counts = {label: mine.count(label) for label in set(mine)}
     return [1.0 / counts[label] for label in mine]
+
+
+def loss_weights(dataset: Dataset, config: TrainConfig) -> torch.Tensor:
+    """Per class, ``images / (classes * images of the class)`` (1 for a class without images): the
+    class-weighted loss of ``data.balance=loss``, whose mean weight over the training images is 1."""
+    mine = _labels_of(dataset)
+    classes = config.model.num_classes or max(mine) + 1
+    counts = torch.bincount(torch.tensor(mine), minlength=classes).double()
+    present = int((counts > 0).sum())
+    return torch.where(counts > 0, len(mine) / (present * counts.clamp_min(1)), torch.ones_like(counts))
 
 
 def unwrap_dataset(dataset: Dataset) -> tuple[Dataset, list[int] | None]:

@@ -96,7 +96,8 @@ def train_one_epoch(model: nn.Module, batches: DataLoader, optimizer: torch.opti
                     amp_dtype: torch.dtype | None = None, step: int = 0, max_steps: int | None = None,
                     deadline: float | None = None, epoch: int = 0, progress: bool = True,
                     resume: dict[str, Any] | None = None,
-                    on_step: Callable[[int, int, torch.Tensor, float], None] | None = None) -> EpochResult:
+                    on_step: Callable[[int, int, torch.Tensor, float], None] | None = None,
+                    class_weights: torch.Tensor | None = None) -> EpochResult:
     """Train over ``batches`` (this process's micro-batches).
 
     Stops early after ``max_steps`` optimizer steps in total, or after the optimizer step
@@ -135,7 +136,7 @@ def train_one_epoch(model: nn.Module, batches: DataLoader, optimizer: torch.opti
             sync = contextlib.nullcontext() if last_of_step or not context.enabled else model.no_sync()
             with sync:
                 loss, logits = micro_step(model, images, labels, device_type=device.type, accumulate=accumulate,
-                                          amp_dtype=amp_dtype, scaler=scaler)
+                                          amp_dtype=amp_dtype, scaler=scaler, class_weights=class_weights)
             late = float(deadline is not None and time.monotonic() > deadline)
             loss_value = loss.item()
             reduced = all_reduce_sum(torch.tensor([loss_value, late], dtype=torch.float64), context)

@@ -45,8 +45,8 @@ from streamcnn.utils.units import parse_size
 from streamcnn.training.checkpointing import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
 from streamcnn.training.config import TrainConfig, apply_overrides
 from streamcnn.data.splits import write_split_csv
-from streamcnn.training.datasets import (build_datasets, fit_model_to_data, make_loader, resolve_accumulation, split_table,
-                                         unwrap_dataset)
+from streamcnn.training.datasets import (build_datasets, fit_model_to_data, loss_weights, make_loader, resolve_accumulation,
+                                         split_table, unwrap_dataset)
 from streamcnn.training.distributed import (DistributedContext, all_reduce_sum, broadcast_object, gather_objects, init_distributed,
                           resolve_device, run_local_processes)
 from streamcnn.training.loop import evaluate, resolve_amp, train_one_epoch
@@ -392,7 +392,8 @@ def _fit(config: TrainConfig, context: DistributedContext, resume: bool, train_s
                                  context=context, num_classes=config.model.num_classes,
                                  accumulate=config.train.accumulate, amp_dtype=amp_dtype, step=step,
                                  max_steps=config.train.max_steps, deadline=deadline, epoch=epoch,
-                                 progress=config.train.progress, resume=part, on_step=save_mid_epoch)
+                                 progress=config.train.progress, resume=part, on_step=save_mid_epoch,
+                                 class_weights=loss_weights(train_set, config) if config.data.balance == "loss" else None)
         step, out_of_time = step + result.steps, result.out_of_time
         if val_loader is not None:
             last_eval = evaluate(model, val_loader, context=context, num_classes=config.model.num_classes,
