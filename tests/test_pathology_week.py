@@ -82,8 +82,15 @@ def test_a_batch_flag_or_config_keeps_its_own_batch(slides, tmp_path):
     assert ultramnist.model.trunk != "resnet18" and ultramnist.optim.warmup_steps > 0
 
 
+def test_mixed_sizes_in_a_batch_of_two_are_refused_before_training_with_the_fix(slides, capsys):
+    assert tool("train").main(["--data", str(slides / "slides.csv"), "--out", str(slides / "never"),
+                               *sets(*SMALL, "train.batch_size=2", "train.progress=false")]) == 1
+    _one_line_error(capsys, [str(slides / "slides.csv"), "sizes", "train.batch_size=1"])
+
+
 def _config(root: Path, *overrides: str):
-    return load_config(overrides=["data.kind=manifest", f"data.root={root}", "train.progress=false", *SMALL,
+    return load_config(overrides=["data.kind=manifest", f"data.root={root}", "train.progress=false",
+                                  "train.batch_size=1", *SMALL,
                                   *overrides])
 
 

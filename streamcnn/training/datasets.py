@@ -166,6 +166,8 @@ def build_datasets(config: TrainConfig, context: DistributedContext) -> tuple[Da
     if augment:
         train = AugmentedDataset(train, check_augment(augment, getattr(unwrap_dataset(train)[0], "channels", None)),
                                  config.train.seed)
+    if config.model.mode != "downsample":
+        _check_full_size_batches(train, config, "rot90" in augment)
     return model_input(train, config), (model_input(val, config) if val is not None else None)
 
 
@@ -191,6 +193,24 @@ def model_input(dataset: Dataset, config: TrainConfig) -> Dataset:
         _check_batches_share_a_shape(dataset, config)
         return DownsampledDataset(dataset, config.model.input_size, config.model.input_fit)
     return dataset
+
+
+def _check_full_size_batches(dataset: Dataset, config: TrainConfig, rotated: bool) -> None:
+    """Full-resolution images share a batch only when they share a size (quarter turns swap H and W)."""
+    base, indices = unwrap_dataset(dataset)
+    entries = getattr(base, "entries", None)
+    if config.train.batch_size == 1 or entries is None:
+        return
+    sizes: dict[tuple[int, int], Any] = {}
+    for i in indices if indices is not None else range(len(entries)):
+        h, w = entries[i].size
+        for size in ((h, w), (w, h)) if rotated else ((h, w),):
+            sizes.setdefault(size, entries[i].path)
+    if len(sizes) > 1:
+        examples = "; ".join(f"{path}: {h} x {w}" for (h, w), path in list(sizes.items())[:2])
+        raise ValueError(f"the training images of {getattr(base, 'manifest', 'the data')} come in {len(sizes)} sizes"
+                         f"{', quarter turns (data.augment rot90) included' if rotated else ''} ({examples}) and cannot "
+                         f"share a batch of {config.train.batch_size}: set train.batch_size=1 with train.accumulate")
 
 
 def _check_batches_share_a_shape(dataset: Dataset, config: TrainConfig) -> None:
@@ -291,10 +311,9 @@ def _augmented(dataset: Dataset) -> AugmentedDataset | None:
 
 def _labels_of(dataset: Dataset) -> list[int]:
     base, indices = unwrap_dataset(dataset)
-    labels = getattr(base, "labels", None)
-    if labels is None:
+    if getattr(base, "labels", None) is None:
         raise ValueError("data.balance needs a table with labels (data.kind=manifest)")
-    return [labels[i] for i in (indices if indices is not None else range(len(labels)))]
+    return [base.labels[i] for i in (indices if indices is not None else range(len(base.labels)))]
 
 
 def class_weights(dataset: Dataset) -> list[float]:
@@ -310,8 +329,7 @@ def loss_weights(dataset: Dataset, config: TrainConfig) -> torch.Tensor:
     mine = _labels_of(dataset)
     classes = config.model.num_classes or max(mine) + 1
     counts = torch.bincount(torch.tensor(mine), minlength=classes).double()
-    present = int((counts > 0).sum())
-    return torch.where(counts > 0, len(mine) / (present * counts.clamp_min(1)), torch.ones_like(counts))
+    return torch.where(counts > 0, len(mine) / (int((counts > 0).sum()) * counts.clamp_min(1)), torch.ones_like(counts))
 
 
 def unwrap_dataset(dataset: Dataset) -> tuple[Dataset, list[int] | None]:
