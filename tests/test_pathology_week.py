@@ -225,6 +225,12 @@ def test_best_by_chooses_the_metric_behind_best_pt():
     assert _best(history, "val_auc")["epoch"] == 2 and _best(history, "val_loss")["epoch"] == 2
 
 
+def test_best_by_names_only_metrics_it_can_follow(slides, capsys):
+    assert tool("train").main(["--data", str(slides / "slides.csv"), "--out", str(slides / "never"),
+                               *sets(*SMALL, "train.best_by=val_f1", "train.progress=false")]) == 1
+    _one_line_error(capsys, ["train.best_by", "val_f1", "val_auc"])
+
+
 def test_a_table_that_is_not_utf8_is_named_in_one_line(slides, capsys):
     bad = slides / "latin1.csv"
     bad.write_bytes("slide_id,label\nS0,normal\nS1,tumör\n".encode("latin-1"))
