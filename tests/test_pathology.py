@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torch
 import yaml
 
 from helpers import relative_error
-from slide_data import CLASSES, make_slide_folder
+from slide_data import TOOLS, sets, tool, CLASSES, make_slide_folder
 from streamcnn.data import ManifestDataset
 from streamcnn.training.heatmaps import explain
 from streamcnn.io import open_image
@@ -22,21 +21,9 @@ from streamcnn.training import load_checkpoint
 
 SIZES = [(96, 128), (160, 112), (128, 192), (80, 80), (144, 160), (112, 144)]
 pytestmark = pytest.mark.usefixtures("one_thread")  # deterministic, fast tiny CPU runs: see conftest.py
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
 TINY = ["model.trunk=tiny-cnn", "model.head=pool", "train.epochs=1", "train.batch_size=1", "train.accumulate=2",
         "plan.tile_size=64", "train.progress=false", "data.manifest=slides.csv", "optim.lr=3e-3",
         "optim.schedule=cosine", "optim.warmup_steps=0"]
-
-
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_tool", TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _sets(*overrides: str) -> list[str]:
-    return [a for o in overrides for a in ("--set", o)]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +34,7 @@ def slides(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def run(slides, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "run"
-    assert _tool("train").main(["--data", str(slides), "--out", str(out), *_sets(*TINY)]) == 0
+    assert tool("train").main(["--data", str(slides), "--out", str(out), *sets(*TINY)]) == 0
     return out
 
 
@@ -64,7 +51,7 @@ def test_training_takes_channels_classes_and_plan_size_from_the_data(run, slides
 
 def test_predict_with_and_without_labels_writes_class_names_and_aligned_heatmaps(run, slides, tmp_path):
     out = tmp_path / "labelled"
-    assert _tool("predict").main(["--checkpoint", str(run / "best.pt"), "--data", str(slides / "slides.csv"),
+    assert tool("predict").main(["--checkpoint", str(run / "best.pt"), "--data", str(slides / "slides.csv"),
                                   "--out", str(out), "--quiet", "--heatmaps"]) == 0
     rows = list(csv.DictReader(open(out / "predictions.csv")))
     assert [Path(r["path"]).name for r in rows] == [f"S{i}.tiff" for i in range(len(SIZES))]
@@ -86,12 +73,12 @@ def test_predict_with_and_without_labels_writes_class_names_and_aligned_heatmaps
     folder.mkdir()
     for i in (1, 3):
         (folder / f"S{i}.tiff").write_bytes((slides / f"S{i}.tiff").read_bytes())
-    assert _tool("predict").main(["--checkpoint", str(run / "best.pt"), "--data", str(folder), "--out",
+    assert tool("predict").main(["--checkpoint", str(run / "best.pt"), "--data", str(folder), "--out",
                                   str(unlabelled), "--quiet"]) == 0
     plain = list(csv.DictReader(open(unlabelled / "predictions.csv")))
     assert list(plain[0]) == ["path", "predicted", "p_normal", "p_tumor"] and len(plain) == 2
     assert [r["p_tumor"] for r in plain] == [rows[1]["p_tumor"], rows[3]["p_tumor"]]
-    assert _tool("evaluate").main(["--checkpoint", str(run / "best.pt"), "--data", str(slides), "--manifest",
+    assert tool("evaluate").main(["--checkpoint", str(run / "best.pt"), "--data", str(slides), "--manifest",
                                    "slides.csv", "--out", str(tmp_path / "eval")]) == 0
     evaluated = list(csv.DictReader(open(tmp_path / "eval" / "predictions.csv")))
     assert [(r["predicted"], r["label"]) for r in evaluated] == [(r["predicted"], r["label"]) for r in rows]
@@ -113,7 +100,7 @@ def test_streamed_saliency_equals_full_image_autograd(slides):
 
 
 def test_resume_of_a_folder_without_a_run_is_refused(tmp_path, capsys):
-    assert _tool("train").main(["--out", str(tmp_path / "none"), "--resume"]) == 1
+    assert tool("train").main(["--out", str(tmp_path / "none"), "--resume"]) == 1
     assert capsys.readouterr().err.strip() == (
         f"train.py: error: {tmp_path / 'none' / 'config.yaml'} does not exist: there is no run to resume in "
         f"{tmp_path / 'none'} (start it without --resume, or pass --config/--data)")
@@ -128,8 +115,8 @@ def test_a_truncated_slide_is_named_before_training_and_skipped_on_request(slide
     data = (folder / "S1.tiff").read_bytes()
     needed = len(data)
     (folder / "S1.tiff").write_bytes(data[:needed // 2])
-    train = _tool("train")
-    args = ["--data", str(folder), *_sets(*TINY, "train.accumulate=1")]
+    train = tool("train")
+    args = ["--data", str(folder), *sets(*TINY, "train.accumulate=1")]
     assert train.main([*args, "--out", str(tmp_path / "a")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"train.py: error: 1 bad image file(s): {folder / 'S1.tiff'}: truncated: expected ")
@@ -146,9 +133,9 @@ def test_resume_with_only_out_after_a_kill_mid_epoch_reproduces_the_uninterrupte
     import sys
     import time
 
-    settings = _sets(*TINY, "train.epochs=2", "train.accumulate=1", "train.checkpoint_minutes=1e-9",
+    settings = sets(*TINY, "train.epochs=2", "train.accumulate=1", "train.checkpoint_minutes=1e-9",
                      "model.head_kwargs={dropout: 0.3}")
-    train = _tool("train")
+    train = tool("train")
     assert train.main(["--data", str(slides), "--out", str(tmp_path / "ref"), *settings]) == 0
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}

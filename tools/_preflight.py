@@ -36,6 +36,13 @@ def check_exists(path: str | None, what: str, hint: str = "") -> None:
         raise FileNotFoundError(f"{what} {path} does not exist" + (f" ({hint})" if hint else ""))
 
 
+def check_run_args(checkpoint: str, data: str, budget: str | None) -> None:
+    """What evaluating and predicting check first: the checkpoint and the data exist, the budget is a size."""
+    check_exists(checkpoint, "checkpoint")
+    check_exists(data, "data", "a folder with manifest.csv, a folder of images, or a CSV table")
+    check_budget(budget)
+
+
 def one_line_errors(tool: str, body: Callable[[], int]) -> int:
     """Run a tool's body; a bad argument, file, config or budget (``BudgetError`` is a ``ValueError``)
     ends as one line on stderr and exit status 1, never a traceback."""

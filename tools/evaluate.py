@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Evaluate a trained checkpoint on a data folder: accuracy and a confusion matrix (PNG).
+"""Evaluate a trained checkpoint on a data folder: accuracy, AUC, balanced accuracy, recall per class,
+quadratic kappa (graded labels) and a confusion matrix (PNG).
 
     python tools/evaluate.py --checkpoint runs/x/best.pt --data DIR [--budget 11GB]
 
@@ -17,13 +18,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))      # tools/_preflight.py, also when loaded by path
-from _preflight import check_budget, check_exists, one_line_errors
+from _preflight import check_run_args, one_line_errors
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a last.pt or best.pt written by tools/train.py")
-    parser.add_argument("--data", required=True, help="folder with the manifest of the images to evaluate")
+    parser.add_argument("--data", required=True, help="folder with the manifest of the images to evaluate, or a CSV")
     parser.add_argument("--manifest", default="manifest.csv", help="manifest file name in --data")
     parser.add_argument("--budget", help="peak device memory allowed, e.g. 11GB (default: the training budget)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, ...")
@@ -33,22 +34,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    check_exists(args.checkpoint, "checkpoint")
-    check_exists(args.data, "data folder")
-    check_budget(args.budget)
+    check_run_args(args.checkpoint, args.data, args.budget)
     from streamcnn.training.evaluation import evaluate_checkpoint     # torch: only after the checks
 
     report = evaluate_checkpoint(args.checkpoint, args.data, manifest=args.manifest, budget=args.budget,
                                  device=args.device, out=args.out, batch_size=args.batch_size)
     if int(os.environ.get("RANK", "0")) == 0:      # under torchrun: once, from the process that wrote the files
-        print(f"accuracy {report['accuracy']:.2%} on {report['images']} images (loss {report['loss']:.4f}); "
-              f"confusion matrix: {report['out']}/confusion_matrix.png")
+        extra = "".join(f", {name} {report[key]:.3f}" for key, name in
+                        (("auc", "AUC"), ("balanced_accuracy", "balanced accuracy"), ("kappa", "quadratic kappa"))
+                        if report.get(key) is not None)
+        recall = ", ".join(f"{c} {r:.1%}" for c, r in zip(report["classes"], report["recall"]) if r is not None)
+        print(f"accuracy {report['accuracy']:.2%} on {report['images']} images (loss {report['loss']:.4f}){extra}; "
+              f"recall {recall}; confusion matrix: {report['out']}/confusion_matrix.png")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    return one_line_errors("evaluate.py", lambda: evaluate(args))
+    return one_line_errors("evaluate.py", lambda: evaluate(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))      # tools/_preflight.py, also when loaded by path
-from _preflight import check_budget, check_exists, one_line_errors
+from _preflight import check_run_args, one_line_errors
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,9 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def predict(args: argparse.Namespace) -> int:
-    check_exists(args.checkpoint, "checkpoint")
-    check_exists(args.data, "data")
-    check_budget(args.budget)
+    check_run_args(args.checkpoint, args.data, args.budget)
     from streamcnn.training.prediction import predict_checkpoint     # torch: only after the checks
 
     summary = predict_checkpoint(args.checkpoint, args.data, args.out, budget=args.budget, device=args.device,
@@ -50,8 +48,7 @@ def predict(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    return one_line_errors("predict.py", lambda: predict(args))
+    return one_line_errors("predict.py", lambda: predict(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", help="YAML config file (see configs/)")
     parser.add_argument("--preset", help="miniature or ultramnist-4000 (default: ultramnist-4000 on CUDA, "
                                          "miniature elsewhere)")
-    parser.add_argument("--data", help="data folder with manifest.csv (path,label); default: generated UltraMNIST")
+    parser.add_argument("--data", help="data folder with manifest.csv (path,label), or a slide table CSV; "
+                        "default: generated UltraMNIST")
     parser.add_argument("--val-data", help="validation folder with manifest.csv (default: none, or data.val_fraction)")
     parser.add_argument("--out", help="run folder (default: runs/<date-time>)")
     parser.add_argument("--budget", help="peak device memory allowed, e.g. 11GB or 24GiB (enforced on CUDA)")
@@ -52,34 +53,50 @@ def config_from_args(args: argparse.Namespace, load_config=None):
     overrides = [(key, value) for key, value in flags.items() if value is not None]
     if args.data is not None:
         overrides.append(("data.kind", "manifest"))
+        if Path(args.data).is_file():      # a table: its folder is the root
+            overrides += [("data.root", str(Path(args.data).parent)), ("data.manifest", Path(args.data).name)]
     if args.val_data is not None:
         overrides += [("data.val_root", args.val_data), ("data.val_manifest", "manifest.csv")]
     if load_config is None:
         load_config = config_module().load_config
-    return load_config(config_file_of(args)[0], overrides + list(args.overrides))
+    parser.add_argument("--preset", help="miniature or ultramnist-4000 (default: ultramnist-4000 on CUDA, "
+                                         "miniature elsewhere)")
+    config_file = args.config
+    if args.resume and config_file is None and args.out is not None and (Path(args.out) / "config.yaml").is_file():
+        config_file = Path(args.out) / "config.yaml"     # the run's own resolved config
+    if args.data is not None:
+        overrides += _slide_defaults(config_file, args.overrides)
+    return load_config(config_file, overrides + list(args.overrides))
 
 
-def config_file_of(args: argparse.Namespace) -> tuple[Path | str | None, str | None]:
-    """(the YAML the run starts from, its preset): ``--config``, a resumed run's own ``config.yaml``,
-    or a preset (``--preset``, else the device's when neither ``--config`` nor ``--data`` is given)."""
-    if args.config is not None and args.preset is not None:
-        raise ValueError("--config and --preset both name the run's settings: pass one of them")
-    if args.config is not None:
-        return args.config, None
-    if args.resume and args.preset is None and args.out is not None and (Path(args.out) / "config.yaml").is_file():
-        return Path(args.out) / "config.yaml", None     # the run's own resolved config
-    if args.preset is None and args.data is not None:
-        return None, None                               # the user's data with the embedded defaults
-    module = config_module()
-    preset = module.choose_preset(args.preset, _device_type(args.device))
-    return module.preset_path(preset), preset
+#: --data: what slides get where the config file and --set say nothing (the embedded defaults are the
+#: UltraMNIST protocol's): one image per step (sizes differ), accumulated to an effective batch of
+#: min(16, training images); a torchvision ResNet-18; AdamW's usual lr without the 25-step warmup
+SLIDE_DEFAULTS = {"model.trunk": "resnet18", "optim.lr": 1e-3, "optim.warmup_steps": 0}
+BATCH_KEYS = ("train.batch_size", "train.accumulate", "train.effective_batch")
 
 
-def _device_type(device: str | None) -> str:
-    if device not in (None, "auto"):
-        return device.split(":")[0]
-    import torch      # only to ask whether a GPU is there
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def _slide_defaults(config_file, overrides: list[str]) -> list[tuple[str, object]]:
+    chosen = [(key, value) for key, value in SLIDE_DEFAULTS.items() if not _user_sets(key, config_file, overrides)]
+    if not any(_user_sets(key, config_file, overrides) for key in BATCH_KEYS):
+        chosen += [("train.batch_size", 1), ("train.effective_batch", 16)]
+    return chosen
+
+
+def _user_sets(key: str, config_file, overrides: list[str]) -> bool:
+    """Whether the config file or a ``--set`` gives ``key`` (section.name)."""
+    if any(o.partition("=")[0].strip() == key for o in overrides):
+        return True
+    if config_file is None or not Path(config_file).is_file():
+        return False
+    import yaml
+
+    try:
+        tree = yaml.safe_load(Path(config_file).read_text()) or {}
+    except yaml.YAMLError:
+        return False        # load_config names the problem
+    section, name = key.split(".")
+    return isinstance(tree, dict) and isinstance(tree.get(section), dict) and name in tree[section]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,11 +5,14 @@
 - :func:`load_digit_bank`: the packaged MNIST digits or the user's MNIST IDX files.
 - :class:`ManifestDataset`, :func:`collate_images`: images listed in a CSV, read lazily.
 - Slides (docs/pathology.md): :func:`read_slide_table`, :func:`inspect_slides`, :class:`SlideView`,
-  :func:`otsu_threshold`, :func:`generate_demo_slides`.
+  :func:`otsu_threshold`, :func:`generate_demo_slides`, :class:`AugmentedView` (augmentation a
+  tiled read applies exactly), :func:`grouped_stratified_split` (train/val/test by patient).
 """
+from streamcnn.data.augment import AugmentedDataset, AugmentedView
 from streamcnn.data.dataset import ManifestDataset, collate_images
 from streamcnn.data.demo_slides import generate_demo_slides
 from streamcnn.data.slides import SlideView, inspect_slides
+from streamcnn.data.splits import grouped_stratified_split
 from streamcnn.data.table import read_slide_table
 from streamcnn.data.tissue import otsu_threshold
 from streamcnn.data.digits import DigitBank, load_digit_bank
@@ -29,4 +32,7 @@ __all__ = [
     "SlideView",
     "otsu_threshold",
     "generate_demo_slides",
+    "AugmentedView",
+    "AugmentedDataset",
+    "grouped_stratified_split",
 ]

@@ -89,6 +89,11 @@ class ManifestDataset(Dataset):
         self.entries = [dataclasses.replace(entry, pixels=None) for _, entry in kept]
         self.paths: list[Path] = [row.path for row, _ in kept]
         self.labels: list[int] = [-1 if row.label is None else row.label for row, _ in kept]
+        # the table's own columns, per image: its id as written, patient (grouping), split, fold
+        self.ids: list[str] = [row.id or row.path.name for row, _ in kept]
+        self.patients: list[str | None] = [row.patient for row, _ in kept]
+        self.splits: list[str | None] = [row.split for row, _ in kept]
+        self.folds: list[int | None] = [row.fold for row, _ in kept]
         self.classes: list[str] | None = table.classes
         self.channels = self.entries[0].channels
         known = max(self.labels) + 1

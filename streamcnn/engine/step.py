@@ -72,10 +72,18 @@ def model_input(images: Any) -> Any:
     return images
 
 
-def loss_of(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy in at least float32 (autocast's bf16/fp16 logits are widened; float64 stays)."""
+def loss_of(logits: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy in at least float32 (autocast's bf16/fp16 logits are widened; float64 stays).
+
+    ``class_weights``: the mean over images of ``class_weights[label]`` times each image's
+    cross-entropy (not torch's ``weight=``, which divides by the batch's weights and so cancels
+    for a batch of one slide)."""
     wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(wide, labels.to(logits.device))
+    targets = labels.to(logits.device)
+    if class_weights is None:
+        return F.cross_entropy(wide, targets)
+    per_image = F.cross_entropy(wide, targets, reduction="none")
+    return (per_image * class_weights.to(per_image.device, per_image.dtype)[targets]).mean()
 
 
 class Strategy(nn.Module, ABC):
@@ -98,23 +106,25 @@ class Strategy(nn.Module, ABC):
 
 def standard_micro_step(model: nn.Module, images: Any, labels: torch.Tensor, *, device_type: str,
                         accumulate: int = 1, amp_dtype: torch.dtype | None = None,
-                        scaler: torch.amp.GradScaler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        scaler: torch.amp.GradScaler | None = None,
+                        class_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward under autocast, :func:`loss_of`, and the backward of ``loss / accumulate``."""
     with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
         logits = model(model_input(images))
-        loss = loss_of(logits, labels)
+        loss = loss_of(logits, labels, class_weights)
     scaled = loss / accumulate
     (scaler.scale(scaled) if scaler is not None else scaled).backward()
     return loss.detach(), logits.detach()
 
 
 def micro_step(model: nn.Module, images: Any, labels: torch.Tensor, *, device_type: str, accumulate: int = 1,
-               amp_dtype: torch.dtype | None = None,
-               scaler: torch.amp.GradScaler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               amp_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
+               class_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward, loss and backward of one micro-batch; returns the (unscaled) loss and the logits, detached.
 
     The backward adds ``loss / accumulate`` (times the scaler's scale) to each ``.grad``. A
     :class:`Strategy` (PatchGD, Zoom-In) runs its own step, with the same arguments and result.
+    ``class_weights``: a class-weighted loss (:func:`loss_of`), for the standard step only.
     """
     options = dict(device_type=device_type, accumulate=accumulate, amp_dtype=amp_dtype, scaler=scaler)
     wrapped = getattr(model, "module", None)
@@ -122,8 +132,11 @@ def micro_step(model: nn.Module, images: Any, labels: torch.Tensor, *, device_ty
         raise ValueError(f"{type(wrapped).__name__} trains by its own step, which DistributedDataParallel would "
                          f"bypass (its gradients would not be averaged): train on one process (train.processes: 1)")
     if isinstance(model, Strategy):
+        if class_weights is not None:
+            raise ValueError(f"{type(model).__name__} trains by its own step, without a class-weighted loss "
+                             "(data.balance=loss): use data.balance=class")
         return model.micro_step(images, labels, **options)
-    return standard_micro_step(model, images, labels, **options)
+    return standard_micro_step(model, images, labels, **options, class_weights=class_weights)
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None) -> None:

@@ -18,6 +18,17 @@ from streamcnn.io.reader import ImageReader
 __all__ = ["SlideReader", "slide_vendor"]
 
 
+def _truncation(path: Path) -> str | None:
+    """``truncated: expected N bytes ...`` for a TIFF-based slide (SVS, NDPI, ...) cut short, else None."""
+    from streamcnn.io.tiff import tiff_bytes_needed
+
+    with open(path, "rb") as f:
+        if f.read(4) not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+            return None
+    size, needed = path.stat().st_size, tiff_bytes_needed(path)
+    return f"truncated: expected {needed} bytes but the file has {size}" if needed > size else None
+
+
 def _library():
     try:
         import openslide
@@ -56,7 +67,8 @@ class SlideReader(ImageReader):
         try:
             return library(str(self.path))
         except Exception as error:
-            raise ValueError(f"{self.path}: not a slide OpenSlide/tiffslide can read: {error}") from error
+            raise ValueError(f"{self.path}: {_truncation(self.path) or 'not a slide OpenSlide/tiffslide can read'}: "
+                             f"{error}") from error
 
     def _describe(self, handle):
         self._downsamples = [float(d) for d in handle.level_downsamples]

@@ -57,6 +57,7 @@ class _Handle:
 
 
 _TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4, 16: 8, 17: 8, 18: 8}
+_TRUNCATED_WITHIN = 1000
 _SUBIFDS, _DATA_TAGS = 330, ((324, 325), (273, 279))     # SubIFDs; (Tile|Strip)Offsets + ByteCounts
 
 
@@ -64,7 +65,9 @@ def tiff_bytes_needed(path) -> int:
     """The file size a TIFF's structure needs: the end of its furthest directory, tag value or
     tile/strip (main IFD chain and SubIFDs), read from the raw header without tifffile.
 
-    A first directory outside the file is corruption, not truncation: the file's size is returned.
+    A first directory past the end of the file is truncation when it lies within 1000 times the
+    file's size (libvips writes a level's tiles before its directory, so a cut JPEG pyramid loses
+    its first directory); further out it is corruption, and the file's size is returned.
     """
     with open(path, "rb") as f:
         data = f.read()
@@ -74,7 +77,7 @@ def tiff_bytes_needed(path) -> int:
     need = 16 if big else 8
     pending = [int(np.frombuffer(data[8:16] if big else data[4:8], order + off_fmt)[0])]
     if pending[0] >= len(data):
-        return len(data)
+        return pending[0] + (8 if big else 2) if pending[0] < _TRUNCATED_WITHIN * len(data) else len(data)
     seen: set[int] = set()
 
     def values(kind: int, count: int, field: int) -> np.ndarray | None:

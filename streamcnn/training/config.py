@@ -77,7 +77,14 @@ class DataConfig(_Section):
     manifest: str = "manifest.csv"
     val_root: Optional[str] = None
     val_manifest: Optional[str] = None
-    val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    # None: 0.2 for a table without split/fold columns (grouped by patient, stratified), else 0
+    val_fraction: Optional[float] = Field(None, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.0, ge=0.0, lt=1.0)   # held out of training and validation (split.csv)
+    fold: Optional[int] = None   # with a fold column: the fold validated on (default: the smallest)
+    # per-image augmentation (streamcnn.data.augment); None: flip, rot90 for tables, none otherwise
+    augment: Optional[list[str]] = None
+    # class: every class drawn equally often; loss: each image's loss weighted by 1 / its class's share
+    balance: Literal["none", "class", "loss"] = "none"
     lazy: Optional[bool] = None  # None: lazy readers, except the generated UltraMNIST set (small: read whole)
     # images read whole are kept after their first read; None: when they total <= 2 GiB (8-bit)
     in_memory: Optional[bool] = None
@@ -173,6 +180,10 @@ class LoopConfig(_Section):
     max_minutes: Optional[float] = Field(None, gt=0)
     batch_size: int = Field(128, ge=1)
     accumulate: int = Field(1, ge=1)
+    # set: accumulate = min(effective_batch, training images) // batch_size (tools/train.py --data: 16)
+    effective_batch: Optional[int] = Field(None, ge=1)
+    # the metric behind best.pt: auto (val_accuracy, else train_loss) or a metrics.jsonl key
+    best_by: str = "auto"
     # auto: bf16 on CUDA compute capability >= 8.0, fp16 + GradScaler on older cards, bf16 on CPUs
     # with native bf16, else off (streamcnn.utils.precision)
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"

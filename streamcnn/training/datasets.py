@@ -15,18 +15,21 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from streamcnn.data.augment import SLIDE_AUGMENT, AugmentedDataset, check_augment
+from streamcnn.data.splits import table_splits
 from streamcnn.training.baselines import DownsampledDataset, downsampled_shape
 from streamcnn.training.config import TrainConfig
 from streamcnn.training.distributed import DistributedContext
 from streamcnn.training.synthetic import SyntheticTextures
 
 __all__ = ["default_cache_dir", "build_datasets", "model_input", "make_loader", "ShardedBatchSampler", "image_size_of",
-           "slide_options", "fit_model_to_data", "plan_size", "unwrap_dataset"]
+           "slide_options", "fit_model_to_data", "plan_size", "unwrap_dataset", "split_table",
+           "resolve_accumulation", "class_weights", "loss_weights"]
 
 
 def default_cache_dir() -> Path:
@@ -74,16 +77,57 @@ def _manifest(config: TrainConfig) -> tuple[Dataset, Dataset | None]:
     if data.root is None:
         raise ValueError("data.kind is 'manifest' but no data folder was given: pass --data DIR "
                          "(a folder with manifest.csv listing path,label) or set data.root")
-    root = Path(data.root)
+    root, manifest = Path(data.root), data.manifest
+    if root.is_file():      # --data slides.csv: the table, its folder the root
+        root, manifest = root.parent, root.name
     if not root.is_dir():
-        raise FileNotFoundError(f"data folder {root} does not exist (pass --data DIR with a manifest.csv)")
-    train = ManifestDataset(root, data.manifest, **slide_options(config))
+        raise FileNotFoundError(f"data folder {root} does not exist (pass --data DIR with a manifest.csv, "
+                                "or --data TABLE.csv)")
+    train = ManifestDataset(root, manifest, **slide_options(config))
+    _check_two_classes(train, train.labels, "label column")
     if data.val_manifest is not None:
         val_root = Path(data.val_root) if data.val_root else root
         # the validation labels are numbered with the training set's class names
         options = {**slide_options(config), "classes": train.classes, "num_classes": train.num_classes}
         return train, ManifestDataset(val_root, data.val_manifest, **options)
-    return train, None
+    default_val = 0.0 if any(s is not None for s in train.splits) or any(f is not None for f in train.folds) else 0.2
+    sides, _ = table_splits(train.manifest, train.splits, train.folds, train.labels, train.patients, fold=data.fold,
+                            val=default_val if data.val_fraction is None else data.val_fraction,
+                            test=data.test_fraction, seed=data.generate_seed)
+    picked = {side: [i for i, s in enumerate(sides) if s == side] for side in ("train", "val")}
+    if not picked["train"]:
+        raise ValueError(f"{train.manifest}: no image is in the training split: mark some rows train")
+    _check_two_classes(train, [train.labels[i] for i in picked["train"]], "training split")
+    return Subset(train, picked["train"]), (Subset(train, picked["val"]) if picked["val"] else None)
+
+
+def _check_two_classes(dataset: Any, labels: list[int], where: str) -> None:
+    if len(set(labels)) < 2:
+        name = dataset.class_names[labels[0]] if labels else "none"
+        raise ValueError(f"{dataset.manifest}: only one class: {name} in the {where}; training needs images of at "
+                         "least two classes")
+
+
+def split_table(train: Dataset, val: Dataset | None) -> tuple[list[str], list[str]] | None:
+    """(ids, ``train``/``val``/``test``) of every image of the table(s) behind ``train`` and ``val``
+    (what ``split.csv`` records; images in neither were held out for testing); None without a table."""
+    base, indices = unwrap_dataset(train)
+    ids = getattr(base, "ids", None)
+    if ids is None:
+        return None
+    sides = ["test"] * len(ids)
+    for i in indices if indices is not None else range(len(ids)):
+        sides[i] = "train"
+    if val is None:
+        return list(ids), sides
+    val_base, val_indices = unwrap_dataset(val)
+    if val_base is base:
+        for i in val_indices if val_indices is not None else range(len(ids)):
+            sides[i] = "val"
+        return list(ids), sides
+    val_ids = list(getattr(val_base, "ids", []))
+    chosen = val_indices if val_indices is not None else range(len(val_ids))
+    return list(ids) + [val_ids[i] for i in chosen], sides + ["val"] * len(chosen)
 
 
 def slide_options(config: TrainConfig) -> dict[str, Any]:
@@ -116,9 +160,31 @@ def build_datasets(config: TrainConfig, context: DistributedContext) -> tuple[Da
         train, val = _ultramnist(config, context)
     else:
         train, val = _manifest(config)
-    if val is None:
-        train, val = _hold_out(train, data.val_fraction, data.generate_seed)
+    if val is None and data.kind != "manifest":
+        train, val = _hold_out(train, data.val_fraction or 0.0, data.generate_seed)
+    augment = (SLIDE_AUGMENT if data.kind == "manifest" else []) if data.augment is None else data.augment
+    if augment:
+        train = AugmentedDataset(train, check_augment(augment, getattr(unwrap_dataset(train)[0], "channels", None)),
+                                 config.train.seed)
+    if config.model.mode != "downsample":
+        _check_full_size_batches(train, config, "rot90" in augment)
     return model_input(train, config), (model_input(val, config) if val is not None else None)
+
+
+def resolve_accumulation(config: TrainConfig, train: Dataset) -> tuple[TrainConfig, str | None]:
+    """``config`` with ``train.accumulate`` from ``train.effective_batch`` (when set), and the line saying so."""
+    target = config.train.effective_batch
+    if target is None:
+        return config, None
+    images = len(train)  # type: ignore[arg-type]
+    batch = config.train.batch_size
+    accumulate = max(1, min(target, images) // batch)
+    from streamcnn.training.config import apply_overrides
+
+    line = (f"{batch} image(s) per step, gradients accumulated over {accumulate} step(s): an effective batch of "
+            f"{batch * accumulate} = min({target}, {images} training images) (set train.batch_size and "
+            "train.accumulate to choose)")
+    return apply_overrides(config, [("train.accumulate", accumulate)]), line
 
 
 def model_input(dataset: Dataset, config: TrainConfig) -> Dataset:
@@ -127,6 +193,24 @@ def model_input(dataset: Dataset, config: TrainConfig) -> Dataset:
         _check_batches_share_a_shape(dataset, config)
         return DownsampledDataset(dataset, config.model.input_size, config.model.input_fit)
     return dataset
+
+
+def _check_full_size_batches(dataset: Dataset, config: TrainConfig, rotated: bool) -> None:
+    """Full-resolution images share a batch only when they share a size (quarter turns swap H and W)."""
+    base, indices = unwrap_dataset(dataset)
+    entries = getattr(base, "entries", None)
+    if config.train.batch_size == 1 or entries is None:
+        return
+    sizes: dict[tuple[int, int], Any] = {}
+    for i in indices if indices is not None else range(len(entries)):
+        h, w = entries[i].size
+        for size in ((h, w), (w, h)) if rotated else ((h, w),):
+            sizes.setdefault(size, entries[i].path)
+    if len(sizes) > 1:
+        examples = "; ".join(f"{path}: {h} x {w}" for (h, w), path in list(sizes.items())[:2])
+        raise ValueError(f"the training images of {getattr(base, 'manifest', 'the data')} come in {len(sizes)} sizes"
+                         f"{', quarter turns (data.augment rot90) included' if rotated else ''} ({examples}) and cannot "
+                         f"share a batch of {config.train.batch_size}: set train.batch_size=1 with train.accumulate")
 
 
 def _check_batches_share_a_shape(dataset: Dataset, config: TrainConfig) -> None:
@@ -167,13 +251,17 @@ class ShardedBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, size: int, batch_size: int, rank: int = 0, world_size: int = 1, *, shuffle: bool = True,
-                 seed: int = 0):
+                 seed: int = 0, weights: list[float] | None = None, on_epoch: Callable[[int], None] | None = None):
         self.size, self.batch_size, self.rank, self.world_size = size, batch_size, rank, world_size
         self.shuffle, self.seed, self.epoch, self.start = shuffle, seed, 0, 0
+        # weights: an epoch draws ``size`` images with replacement, each with this weight (data.balance)
+        self.weights, self.on_epoch = weights, on_epoch
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Deal ``epoch``'s batches, leaving out the first ``start`` (done before a mid-epoch checkpoint)."""
         self.epoch, self.start = epoch, start
+        if self.on_epoch is not None:
+            self.on_epoch(epoch)
 
     def __iter__(self) -> Iterator[list[int]]:
         if not self.shuffle:
@@ -181,7 +269,9 @@ class ShardedBatchSampler(Sampler[list[int]]):
             yield from (mine[i:i + self.batch_size] for i in range(0, len(mine), self.batch_size))
             return
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.size, generator=generator).tolist()
+        order = torch.randperm(self.size, generator=generator).tolist() if self.weights is None else \
+            torch.multinomial(torch.tensor(self.weights, dtype=torch.float64), self.size, replacement=True,
+                              generator=generator).tolist()
         step = self.batch_size * self.world_size
         for start in range(self.start * step, self.size - step + 1, step):
             offset = start + self.rank * self.batch_size
@@ -198,13 +288,48 @@ def make_loader(dataset: Dataset, config: TrainConfig, context: DistributedConte
     """This process's batches of ``dataset``: shuffled global batches for training, a shard for evaluation."""
     from streamcnn.data import collate_images
 
+    augmented = _augmented(dataset) if train else None
+    weights = class_weights(dataset) if train and config.data.balance == "class" else None
     sampler = ShardedBatchSampler(len(dataset), config.train.batch_size // context.shares, context.rank,  # type: ignore[arg-type]
-                                  context.world_size, shuffle=train, seed=config.train.seed)
+                                  context.world_size, shuffle=train, seed=config.train.seed, weights=weights,
+                                  on_epoch=None if augmented is None else lambda epoch: setattr(augmented, "epoch", epoch))
     # Its own generator: making an iterator must not draw from the global RNG, or a run resumed
     # mid-epoch (which makes one more iterator) would see different dropout than an uninterrupted one.
+    # Workers of augmented data start afresh each epoch, so they see its epoch.
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_images, num_workers=config.train.workers,
-                      persistent_workers=config.train.workers > 0,
+                      persistent_workers=config.train.workers > 0 and augmented is None,
                       generator=torch.Generator().manual_seed(config.train.seed))
+
+
+def _augmented(dataset: Dataset) -> AugmentedDataset | None:
+    while not isinstance(dataset, AugmentedDataset):
+        if not isinstance(dataset, (Subset, DownsampledDataset)):
+            return None
+        dataset = dataset.dataset
+    return dataset
+
+
+def _labels_of(dataset: Dataset) -> list[int]:
+    base, indices = unwrap_dataset(dataset)
+    if getattr(base, "labels", None) is None:
+        raise ValueError("data.balance needs a table with labels (data.kind=manifest)")
+    return [base.labels[i] for i in (indices if indices is not None else range(len(base.labels)))]
+
+
+def class_weights(dataset: Dataset) -> list[float]:
+    """Per image, one over the number of images of its class: every class is drawn equally often."""
+    mine = _labels_of(dataset)
+    counts = {label: mine.count(label) for label in set(mine)}
+    return [1.0 / counts[label] for label in mine]
+
+
+def loss_weights(dataset: Dataset, config: TrainConfig) -> torch.Tensor:
+    """Per class, ``images / (classes * images of the class)`` (1 for a class without images): the
+    class-weighted loss of ``data.balance=loss``, whose mean weight over the training images is 1."""
+    mine = _labels_of(dataset)
+    classes = config.model.num_classes or max(mine) + 1
+    counts = torch.bincount(torch.tensor(mine), minlength=classes).double()
+    return torch.where(counts > 0, len(mine) / (int((counts > 0).sum()) * counts.clamp_min(1)), torch.ones_like(counts))
 
 
 def unwrap_dataset(dataset: Dataset) -> tuple[Dataset, list[int] | None]:
@@ -214,7 +339,7 @@ def unwrap_dataset(dataset: Dataset) -> tuple[Dataset, list[int] | None]:
         if isinstance(dataset, Subset):
             indices = [dataset.indices[i] for i in indices] if indices is not None else list(dataset.indices)
             dataset = dataset.dataset
-        elif isinstance(dataset, DownsampledDataset):
+        elif isinstance(dataset, (DownsampledDataset, AugmentedDataset)):
             dataset = dataset.dataset
         else:
             return dataset, indices
@@ -257,18 +382,18 @@ def fit_model_to_data(config: TrainConfig, train: Dataset) -> tuple[TrainConfig,
 
 
 def plan_size(dataset: Dataset, config: TrainConfig, first: Any = None) -> tuple[tuple[int, int], str]:
-    """(H, W) to plan memory for, and which image sets it: the largest image of the set as
-    read (level, tissue crop; from headers), or ``input_size`` in the downsampling baseline.
+    """(H, W) to plan memory for, and which image sets it: the largest image of the table as
+    read (level, tissue crop; from headers; a split's training part plans for the whole table), or ``input_size`` in the downsampling baseline.
     ``first``: a function returning the dataset's first image, for datasets without headers."""
     if config.model.mode == "downsample":
         size = config.model.input_size
         return (size, size), f"model.input_size={size} (downsample mode, long side)"
-    base, indices = unwrap_dataset(dataset)
+    base, _ = unwrap_dataset(dataset)
     entries = getattr(base, "entries", None)
     if entries is None:
         size = image_size_of(first() if first is not None else dataset[0][0])
         return size, f"the first image ({size[0]} x {size[1]}; this dataset has no headers to compare)"
-    chosen = indices if indices is not None else range(len(entries))
+    chosen = range(len(entries))    # a split's training part: its validated images too run on this plan
     best = max(chosen, key=lambda i: (entries[i].size[0] * entries[i].size[1], entries[i].size))
     h, w = entries[best].size
     return (h, w), f"{entries[best].path} ({h} x {w} px at level {entries[best].level}), the largest of {len(chosen)}"

@@ -16,13 +16,11 @@ from typing import Any
 import torch
 
 from streamcnn.utils.files import atomic_write_text
-from streamcnn.training.checkpointing import load_checkpoint
-from streamcnn.training.config import TrainConfig, apply_overrides
 from streamcnn.training.datasets import make_loader, model_input, plan_size
 from streamcnn.training.distributed import gather_objects
 from streamcnn.training.loop import evaluate
-from streamcnn.training.metrics import plot_confusion_matrix
-from streamcnn.training.prediction import open_data, write_predictions
+from streamcnn.training.metrics import classification_metrics, labels_are_grades, plot_confusion_matrix
+from streamcnn.training.prediction import load_trained, open_data, write_predictions
 from streamcnn.training.planned import planned_model
 from streamcnn.training.spec import resolve_run
 
@@ -32,23 +30,20 @@ __all__ = ["evaluate_checkpoint"]
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, manifest: str = "manifest.csv",
                         budget: str | None = None, device: str = "auto", out: str | Path | None = None,
                         batch_size: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Accuracy, loss and confusion matrix of ``checkpoint`` on ``data/manifest``.
+    """Accuracy, loss, AUC, balanced accuracy, recall per class (and quadratic kappa for graded
+    labels) and the confusion matrix of ``checkpoint`` on ``data/manifest`` (or the CSV ``data``).
 
     Returns the report written to ``out/evaluation.json`` (default: ``eval-<data folder
     name>`` next to the checkpoint), with ``confusion_matrix.png`` beside it.
     """
     checkpoint = Path(checkpoint)
-    state = load_checkpoint(checkpoint)
-    overrides: list[tuple[str, Any]] = [("train.device", device), ("train.progress", progress)]
-    if budget is not None:
-        overrides.append(("plan.budget", budget))
-    if batch_size is not None:
-        overrides.append(("train.batch_size", batch_size))
-    config = apply_overrides(TrainConfig.model_validate(state["config"]), overrides)
+    state, config = load_trained(checkpoint, [("train.batch_size", batch_size)] if batch_size is not None else [],
+                                 device=device, progress=progress, budget=budget)
     spec = resolve_run(config)
     context = spec.context
     try:
-        raw = open_data(Path(data) / manifest, config, require_labels=True)
+        table = Path(data) if Path(data).is_file() else Path(data) / manifest
+        raw = open_data(table, config, require_labels=True)
         dataset = model_input(raw, config)
         image_size, planned_for = plan_size(dataset, config)
         model, plan_text, _ = planned_model(config, image_size, context.device, state["model"])
@@ -59,10 +54,12 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, manifest: s
         logits = _in_image_order(gather_objects(result.logits, context), len(dataset))  # type: ignore[arg-type]
     finally:
         context.close()
-    report = {"checkpoint": str(checkpoint), "epoch": state["epoch"], "data": str(Path(data) / manifest),
-              "images": result.images, "accuracy": result.accuracy, "loss": result.loss, "seconds": result.seconds,
-              "budget": config.plan.budget, "device": str(context.device), "plan": plan_text,
-              "confusion_matrix": result.confusion.tolist()}
+    report = {"checkpoint": str(checkpoint), "epoch": state["epoch"], "data": str(table),
+              "images": result.images, "accuracy": result.accuracy, "loss": result.loss,
+              **classification_metrics(logits, torch.tensor(raw.labels), config.model.num_classes,
+                                       ordered=labels_are_grades(config), prefix=""),
+              "seconds": result.seconds, "budget": config.plan.budget, "device": str(context.device), "plan": plan_text,
+              "confusion_matrix": result.confusion.tolist(), "classes": raw.class_names}
     folder = Path(out) if out is not None else checkpoint.parent / f"eval-{Path(data).resolve().name}"
     report["out"] = str(folder)
     if context.is_main:

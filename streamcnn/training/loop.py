@@ -93,7 +93,8 @@ def train_one_epoch(model: nn.Module, batches: DataLoader, optimizer: torch.opti
                     amp_dtype: torch.dtype | None = None, step: int = 0, max_steps: int | None = None,
                     deadline: float | None = None, epoch: int = 0, progress: bool = True,
                     resume: dict[str, Any] | None = None,
-                    on_step: Callable[[int, int, torch.Tensor, float], None] | None = None) -> EpochResult:
+                    on_step: Callable[[int, int, torch.Tensor, float], None] | None = None,
+                    class_weights: torch.Tensor | None = None) -> EpochResult:
     """Train over ``batches`` (this process's micro-batches).
 
     Stops early after ``max_steps`` optimizer steps in total, or after the optimizer step
@@ -132,7 +133,7 @@ def train_one_epoch(model: nn.Module, batches: DataLoader, optimizer: torch.opti
             sync = contextlib.nullcontext() if last_of_step or not context.enabled else model.no_sync()
             with sync:
                 loss, logits = micro_step(model, images, labels, device_type=device.type, accumulate=accumulate,
-                                          amp_dtype=amp_dtype, scaler=scaler)
+                                          amp_dtype=amp_dtype, scaler=scaler, class_weights=class_weights)
             late = float(deadline is not None and time.monotonic() > deadline)
             loss_value = loss.item()
             reduced = all_reduce_sum(torch.tensor([loss_value, late], dtype=torch.float64), context)
@@ -175,6 +176,7 @@ class EvalResult:
     confusion: torch.Tensor
     seconds: float
     logits: torch.Tensor | None = None     # (images, classes) of this process, with ``per_image=True``
+    labels: torch.Tensor | None = None     # their labels, with ``per_image=True``
 
 
 @torch.no_grad()
@@ -191,6 +193,7 @@ def evaluate(model: nn.Module, batches: Iterable, *, context: DistributedContext
     loss_sum = torch.zeros(1, dtype=torch.float64)
     start = time.perf_counter()
     kept: list[torch.Tensor] = []
+    kept_labels: list[torch.Tensor] = []
     for images, labels in tqdm(batches, desc=desc, unit="batch", disable=not (progress and context.is_main),
                                dynamic_ncols=True, leave=False):
         _check_labels(labels, num_classes)
@@ -200,10 +203,11 @@ def evaluate(model: nn.Module, batches: Iterable, *, context: DistributedContext
         confusion += confusion_matrix(logits.argmax(dim=1), labels, num_classes)
         if per_image:
             kept.append(logits)
+            kept_labels.append(labels)
         _release(images)
     confusion = all_reduce_sum(confusion, context)
     loss_sum = all_reduce_sum(loss_sum, context)
     count = int(confusion.sum())
     return EvalResult(accuracy=float(confusion.diagonal().sum()) / max(count, 1), loss=float(loss_sum) / max(count, 1),
                       images=count, confusion=confusion, seconds=time.perf_counter() - start,
-                      logits=torch.cat(kept) if kept else None)
+                      logits=torch.cat(kept) if kept else None, labels=torch.cat(kept_labels) if kept_labels else None)

@@ -1,4 +1,6 @@
-"""What a run reports: ``metrics.jsonl``, the loss-curve and confusion-matrix PNGs, peak memory.
+"""What a run reports: ``metrics.jsonl``, the loss-curve and confusion-matrix PNGs, peak memory,
+and the classification metrics pathology reports use (:func:`classification_metrics`: AUC,
+balanced accuracy, per-class recall, quadratic kappa for graded labels).
 
 The metrics history (one dict per epoch) lives in the checkpoint; ``metrics.jsonl`` is
 rewritten atomically from it after every epoch and on resume. The file therefore
@@ -13,11 +15,13 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from streamcnn.utils.files import atomic_write_text, save_figure
 
-__all__ = ["write_metrics", "read_metrics", "confusion_matrix", "plot_loss_curve", "plot_confusion_matrix",
+__all__ = ["write_metrics", "read_metrics", "confusion_matrix", "classification_metrics", "quadratic_kappa",
+           "validation_metrics", "labels_are_grades", "check_best_by", "BEST_BY", "plot_loss_curve", "plot_confusion_matrix",
            "peak_memory_bytes", "reset_peak_memory"]
 
 
@@ -35,6 +39,93 @@ def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classe
     """``matrix[true, predicted]`` counts (int64)."""
     index = labels.long() * num_classes + predictions.long()
     return torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def _auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """Area under the ROC curve of ``scores`` for the ``positive`` images (ties count half); None
+    when one side is empty (the Mann-Whitney U statistic over the two sides' ranks)."""
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    start = 0
+    while start < len(scores):      # average ranks over ties
+        end = start
+        while end + 1 < len(scores) and sorted_scores[end + 1] == sorted_scores[start]:
+            end += 1
+        ranks[order[start:end + 1]] = (start + end) / 2 + 1
+        start = end + 1
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def quadratic_kappa(confusion: torch.Tensor) -> float | None:
+    """Cohen's kappa with quadratic weights from a ``confusion[true, predicted]`` matrix (graded labels)."""
+    observed = confusion.double().numpy()
+    n, total = observed.shape[0], observed.sum()
+    if total == 0:
+        return None
+    grid = np.arange(n)
+    weights = (grid[:, None] - grid[None, :]) ** 2 / max((n - 1) ** 2, 1)
+    expected = np.outer(observed.sum(axis=1), observed.sum(axis=0)) / total
+    denominator = (weights * expected).sum()
+    return None if denominator == 0 else float(1 - (weights * observed).sum() / denominator)
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
+                           ordered: bool = False, prefix: str = "val_") -> dict[str, Any]:
+    """AUC (binary: of class 1; more classes: the macro mean of one-vs-rest AUCs over the classes
+    present), balanced accuracy (mean recall of the classes present), recall per class and, for
+    ``ordered`` labels (grades), quadratic weighted kappa. Tensors are moved to the host here."""
+    logits, labels = logits.detach().double().cpu(), labels.detach().long().cpu()
+    probabilities = torch.softmax(logits, dim=1).numpy()
+    truth = labels.numpy()
+    confusion = confusion_matrix(logits.argmax(dim=1), labels, num_classes)
+    counts = confusion.sum(dim=1).double()
+    recall = [float(confusion[c, c] / counts[c]) if counts[c] else None for c in range(num_classes)]
+    present = [r for r in recall if r is not None]
+    if num_classes == 2:
+        auc = _auc(probabilities[:, 1], truth == 1)
+    else:
+        aucs = [_auc(probabilities[:, c], truth == c) for c in range(num_classes)]
+        known = [a for a in aucs if a is not None]
+        auc = float(np.mean(known)) if known else None
+    out: dict[str, Any] = {f"{prefix}auc": auc,
+                           f"{prefix}balanced_accuracy": float(np.mean(present)) if present else None,
+                           f"{prefix}recall": recall}
+    if ordered:
+        out[f"{prefix}kappa"] = quadratic_kappa(confusion)
+    return out
+
+
+#: metrics.jsonl keys ``train.best_by`` may name (a key ending in ``loss``: lower is better)
+BEST_BY = ("auto", "val_accuracy", "val_loss", "val_auc", "val_balanced_accuracy", "val_kappa", "train_loss",
+           "train_accuracy")
+
+
+def check_best_by(best_by: str) -> None:
+    if best_by not in BEST_BY:
+        raise ValueError(f"train.best_by={best_by!r} is not a metric best.pt can follow: choose one of "
+                         f"{', '.join(BEST_BY)}")
+
+
+def labels_are_grades(config: Any) -> bool:
+    """Ordered labels (grades such as ISUP 0-5, quadratic kappa applies): integer labels, without
+    class names, of more than two classes."""
+    return config.data.classes is None and (config.model.num_classes or 0) > 2
+
+
+def validation_metrics(result: Any, context: Any, num_classes: int, ordered: bool) -> dict[str, Any]:
+    """:func:`classification_metrics` of an evaluation's per-image logits and labels, over every process."""
+    from streamcnn.training.distributed import gather_objects
+
+    mine = (result.logits, result.labels) if result.logits is not None else None
+    shards = [shard for shard in gather_objects(mine, context) if shard is not None]
+    if not shards:
+        return {}
+    return classification_metrics(torch.cat([s[0] for s in shards]), torch.cat([s[1] for s in shards]), num_classes,
+                                  ordered=ordered)
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -20,16 +20,22 @@ from typing import Any, Sequence
 import torch
 
 from streamcnn.utils.files import atomic_write_text
-from streamcnn.training.checkpointing import load_checkpoint
+from streamcnn.training.checkpointing import load_newest_readable
 from streamcnn.training.config import TrainConfig, apply_overrides
 
 __all__ = ["load_trained", "write_predictions", "predict_checkpoint", "open_data"]
 
 
-def load_trained(checkpoint: str | Path, overrides: Sequence[tuple[str, Any]] = ()) -> tuple[dict, TrainConfig]:
-    """(checkpoint state, its config with ``overrides`` applied)."""
-    state = load_checkpoint(checkpoint)
-    return state, apply_overrides(TrainConfig.model_validate(state["config"]), list(overrides))
+def load_trained(checkpoint: str | Path, overrides: Sequence[tuple[str, Any]] = (), *, device: str = "auto",
+                 progress: bool = True, budget: str | None = None) -> tuple[dict, TrainConfig]:
+    """(checkpoint state, its config run on ``device`` with ``progress``, planned for ``budget``
+    (None: the training budget), with ``overrides`` applied): what evaluating and predicting share.
+    A checkpoint that does not read falls back to the newest one of its run that does, said in one line."""
+    _, state = load_newest_readable(checkpoint, say=lambda line: print(line, flush=True))  # a torn best.pt: last.pt
+    changes: list[tuple[str, Any]] = [("train.device", device), ("train.progress", progress)]
+    if budget is not None:
+        changes.append(("plan.budget", budget))
+    return state, apply_overrides(TrainConfig.model_validate(state["config"]), changes + list(overrides))
 
 
 def open_data(data: str | Path, config: TrainConfig, *, require_labels: bool, on_error: str | None = None):
@@ -111,10 +117,7 @@ def predict_checkpoint(checkpoint: str | Path, data: str | Path, out: str | Path
     from streamcnn.training.datasets import plan_size
     from streamcnn.training.runner import planned_model
 
-    overrides: list[tuple[str, Any]] = [("train.device", device), ("train.progress", progress)]
-    if budget is not None:
-        overrides.append(("plan.budget", budget))
-    state, config = load_trained(checkpoint, overrides)
+    state, config = load_trained(checkpoint, device=device, progress=progress, budget=budget)
     if heatmaps and config.model.mode != "stream":
         raise ValueError(f"--heatmaps needs a model trained with model.mode=stream; {checkpoint} is "
                          f"model.mode={config.model.mode}: predict without --heatmaps")

@@ -38,11 +38,14 @@ from streamcnn.utils.precision import needs_grad_scaler
 from streamcnn.training.checkpointing import (checkpoint_candidates, load_newest_readable, rng_state, save_checkpoint,
                                               seed_everything, set_rng_state)
 from streamcnn.training.config import TrainConfig, apply_overrides
-from streamcnn.training.datasets import build_datasets, fit_model_to_data, make_loader, unwrap_dataset
+from streamcnn.data.splits import write_split_csv
+from streamcnn.training.datasets import (build_datasets, fit_model_to_data, loss_weights, make_loader, resolve_accumulation,
+                                         split_table, unwrap_dataset)
 from streamcnn.training.distributed import (DistributedContext, all_reduce_sum, broadcast_object, gather_objects,
                                             init_distributed, resolve_device, run_local_processes, wrap_ddp)
 from streamcnn.training.loop import evaluate, train_one_epoch
-from streamcnn.training.metrics import plot_confusion_matrix, plot_loss_curve, write_metrics
+from streamcnn.training.metrics import (check_best_by, labels_are_grades, plot_confusion_matrix, plot_loss_curve,
+                                        validation_metrics, write_metrics)
 from streamcnn.training.optim import build_optimizer, build_scheduler
 from streamcnn.training.planned import apply_memory_plan, build_training_model, planned_model, share_of
 from streamcnn.training.spec import RunSpec, resolve_run
@@ -106,18 +109,20 @@ def _plans_within_share(config: TrainConfig, image_size: tuple[int, int], proces
     return True
 
 
-def _is_better(row: dict[str, Any], best: dict[str, Any] | None) -> bool:
+def _is_better(row: dict[str, Any], best: dict[str, Any] | None, best_by: str = "auto") -> bool:
     if best is None:
         return True
+    if best_by != "auto" and row.get(best_by) is not None and best.get(best_by) is not None:
+        return row[best_by] < best[best_by] if best_by.endswith("loss") else row[best_by] > best[best_by]
     if row.get("val_accuracy") is not None and best.get("val_accuracy") is not None:
         return row["val_accuracy"] > best["val_accuracy"]
     return row["train_loss"] < best["train_loss"]
 
 
-def _best(history: list[dict[str, Any]]) -> dict[str, Any] | None:
+def _best(history: list[dict[str, Any]], best_by: str = "auto") -> dict[str, Any] | None:
     best = None
     for row in history:
-        if _is_better(row, best):
+        if _is_better(row, best, best_by):
             best = row
     return best
 
@@ -148,7 +153,7 @@ class _Trainer:
         return state["epoch"], state["step"], state["history"]
 
 
-def _epoch_row(epoch: int, step: int, result, lr: float, val) -> dict[str, Any]:
+def _epoch_row(epoch: int, step: int, result, lr: float, val, val_metrics: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {
         "epoch": epoch, "step": step, "train_loss": result.loss, "train_accuracy": result.accuracy,
         "images": result.images, "images_per_second": result.images / result.seconds,
@@ -156,7 +161,7 @@ def _epoch_row(epoch: int, step: int, result, lr: float, val) -> dict[str, Any]:
         "lr": lr, "seconds": result.seconds, "val_accuracy": None, "val_loss": None,
     }
     if val is not None:
-        row.update(val_accuracy=val.accuracy, val_loss=val.loss, val_seconds=val.seconds)
+        row.update(val_accuracy=val.accuracy, val_loss=val.loss, val_seconds=val.seconds, **val_metrics)
     return row
 
 
@@ -218,6 +223,7 @@ class _Run:
     amp_dtype: torch.dtype | None
     trainer: _Trainer
     train_set: Dataset
+    val_set: Dataset | None
     train_loader: Any
     val_loader: Any
     image_size: tuple[int, int]
@@ -247,7 +253,11 @@ def _prepare(spec: RunSpec, resume: bool, train_set: Dataset | None, val_set: Da
     device = context.device
     if train_set is None:
         train_set, val_set = build_datasets(config, context)
+    config, batch_line = resolve_accumulation(config, train_set)
+    if batch_line and context.is_main:
+        print(batch_line, flush=True)
     config, image_size, planned_for = fit_model_to_data(config, train_set)
+    check_best_by(config.train.best_by)
     seed_everything(config.train.seed)
     model, plan_text, plan_json = planned_model(config, image_size, device, shares=context.shares)
     plan_text = f"planned for {planned_for}\n{plan_text}"
@@ -269,7 +279,7 @@ def _prepare(spec: RunSpec, resume: bool, train_set: Dataset | None, val_set: Da
     optimizer = build_optimizer(model, config.optim)
     trainer = _Trainer(model, optimizer, build_scheduler(optimizer, config.optim, total_steps, steps_per_epoch),
                        torch.amp.GradScaler(device.type, enabled=needs_grad_scaler(amp_dtype)))
-    return _Run(config, context, files, amp_dtype, trainer, train_set, train_loader, val_loader, image_size,
+    return _Run(config, context, files, amp_dtype, trainer, train_set, val_set, train_loader, val_loader, image_size,
                 plan_text, plan_json)
 
 
@@ -295,6 +305,9 @@ def _write_run_files(run: _Run, history: list[dict[str, Any]]) -> None:
     if run.plan_json is not None:
         atomic_write_text(files.out / "plan.json", json.dumps(run.plan_json, indent=1))
     write_metrics(files.metrics, history)  # a resumed run forgets what happened after last.pt
+    split = split_table(run.train_set, run.val_set) if config.data.kind == "manifest" else None
+    if split is not None:
+        write_split_csv(files.out / "split.csv", *split)
     skipped = getattr(unwrap_dataset(run.train_set)[0], "skipped", None)
     if skipped:
         atomic_write_text(files.out / "skipped.txt", "".join(f"{reason}\n" for _, reason in skipped))
@@ -307,7 +320,7 @@ def _write_run_files(run: _Run, history: list[dict[str, Any]]) -> None:
 def _train(run: _Run, epoch: int, step: int, history: list[dict[str, Any]],
            in_progress: dict[str, Any] | None) -> list[dict[str, Any]]:
     config, context, files, trainer = run.config, run.context, run.files, run.trainer
-    model, best = trainer.model, _best(history)
+    model, best = trainer.model, _best(history, config.train.best_by)
     train_model = wrap_ddp(model, context)
     last_eval, out_of_time = None, False
     deadline = None if config.train.max_minutes is None else time.monotonic() + 60 * config.train.max_minutes
@@ -321,23 +334,28 @@ def _train(run: _Run, epoch: int, step: int, history: list[dict[str, Any]],
                                  context=context, num_classes=config.model.num_classes,
                                  accumulate=config.train.accumulate, amp_dtype=run.amp_dtype, step=step,
                                  max_steps=config.train.max_steps, deadline=deadline, epoch=epoch,
-                                 progress=config.train.progress, resume=part, on_step=save_mid_epoch)
+                                 progress=config.train.progress, resume=part, on_step=save_mid_epoch,
+                                 class_weights=loss_weights(run.train_set, config) if config.data.balance == "loss" else None)
         step, out_of_time = step + result.steps, result.out_of_time
         if run.val_loader is not None:
             last_eval = evaluate(model, run.val_loader, context=context, num_classes=config.model.num_classes,
-                                 amp_dtype=run.amp_dtype, progress=config.train.progress, desc=f"validate {epoch}")
-        row = _epoch_row(epoch, step, result, trainer.scheduler.get_last_lr()[0], last_eval)
+                                 amp_dtype=run.amp_dtype, progress=config.train.progress, desc=f"validate {epoch}",
+                                 per_image=True)
+        val_metrics = validation_metrics(last_eval, context, config.model.num_classes, labels_are_grades(config)) \
+            if last_eval is not None else {}
+        row = _epoch_row(epoch, step, result, trainer.scheduler.get_last_lr()[0], last_eval, val_metrics)
         history.append(row)
         rng = gather_objects(rng_state(), context)
         if context.is_main:
             state = trainer.state(rng, epoch, step, history, config, run.image_size)
             save_checkpoint(files.last, state)
-            if _is_better(row, best):
+            if _is_better(row, best, config.train.best_by):
                 best = row
                 save_checkpoint(files.best, state)
             write_metrics(files.metrics, history)
             if config.train.progress:
-                print(json.dumps({k: row[k] for k in ("epoch", "step", "train_loss", "val_accuracy", "seconds")}),
+                print(json.dumps({k: row[k] for k in ("epoch", "step", "train_loss", "val_accuracy", "val_auc",
+                                                      "val_balanced_accuracy", "val_kappa", "seconds") if k in row}),
                       flush=True)
         context.barrier()
     if context.is_main and history:
