@@ -190,8 +190,11 @@ def test_names_resolve_to_streamable_trunks(name, channels, stride):
 def test_unknown_names_and_missing_timm(monkeypatch):
     with pytest.raises(ValueError, match=r"unknown torchvision model 'convnext_tiniest'; did you mean convnext_tiny"):
         build_trunk("torchvision:convnext_tiniest")
-    with pytest.raises(ValueError, match=r"unknown trunk 'vgg'; choose one of \[.*\] or timm:<arch>, torchvision:<arch>"):
+    with pytest.raises(ValueError) as refused:
         build_trunk("vgg")
+    message = str(refused.value)     # one line: the name at fault and every way to name a trunk
+    assert "\n" not in message and "'vgg'" in message and "resnet18" in message
+    assert "timm:<arch>" in message and "torchvision:<arch>" in message
     monkeypatch.setitem(__import__("sys").modules, "timm", None)
     with pytest.raises(ImportError, match=r'^timm is not installed; install the extra: pip install -e "\.\[timm\]"$'):
         build_trunk("timm:resnet50d")
@@ -249,4 +252,4 @@ def test_plan_cli_takes_ecosystem_names_and_says_what_is_wrong_in_one_line(capsy
         assert cli.main(["--model", model, "--image-size", "256", "--budget", "1GB", "--device", "cpu",
                          "--num-classes", "2"]) == 1
         err = capsys.readouterr().err
-        assert err.startswith(f"error: {error}") and err.count("\n") == 1
+        assert "error: " in err and error in err and err.count("\n") == 1      # one line naming the cause

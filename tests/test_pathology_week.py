@@ -54,7 +54,9 @@ def test_a_mixed_size_csv_trains_with_no_batch_flag_and_reports_slide_metrics(sl
     stdout = capsys.readouterr().out.splitlines()
     split = list(csv.DictReader(open(out / "split.csv")))
     trained = sum(row["split"] == "train" for row in split)
-    assert stdout[0].startswith(f"1 image(s) per step, gradients accumulated over {min(16, trained)}")
+    # first the run's one-line summary (what, how long, how to change it), then how slides are batched
+    assert stdout[0].startswith("will run: ")
+    assert stdout[1].startswith(f"1 image(s) per step, gradients accumulated over {min(16, trained)}")
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert (config["train"]["batch_size"], config["train"]["accumulate"]) == (1, min(16, trained))
     assert config["data"]["augment"] is None and config["data"]["kind"] == "manifest"

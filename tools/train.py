@@ -59,14 +59,33 @@ def config_from_args(args: argparse.Namespace, load_config=None):
         overrides += [("data.val_root", args.val_data), ("data.val_manifest", "manifest.csv")]
     if load_config is None:
         load_config = config_module().load_config
-    parser.add_argument("--preset", help="miniature or ultramnist-4000 (default: ultramnist-4000 on CUDA, "
-                                         "miniature elsewhere)")
-    config_file = args.config
-    if args.resume and config_file is None and args.out is not None and (Path(args.out) / "config.yaml").is_file():
-        config_file = Path(args.out) / "config.yaml"     # the run's own resolved config
+    config_file = config_file_of(args)[0]
     if args.data is not None:
         overrides += _slide_defaults(config_file, args.overrides)
     return load_config(config_file, overrides + list(args.overrides))
+
+
+def config_file_of(args: argparse.Namespace) -> tuple[Path | str | None, str | None]:
+    """(the YAML the run starts from, its preset): ``--config``, a resumed run's own ``config.yaml``,
+    or a preset (``--preset``, else the device's when neither ``--config`` nor ``--data`` is given)."""
+    if args.config is not None and args.preset is not None:
+        raise ValueError("--config and --preset both name the run's settings: pass one of them")
+    if args.config is not None:
+        return args.config, None
+    if args.resume and args.preset is None and args.out is not None and (Path(args.out) / "config.yaml").is_file():
+        return Path(args.out) / "config.yaml", None     # the run's own resolved config
+    if args.preset is None and args.data is not None:
+        return None, None                               # the user's data with the embedded defaults
+    module = config_module()
+    preset = module.choose_preset(args.preset, _device_type(args.device))
+    return module.preset_path(preset), preset
+
+
+def _device_type(device: str | None) -> str:
+    if device not in (None, "auto"):
+        return device.split(":")[0]
+    import torch      # only to ask whether a GPU is there
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 #: --data: what slides get where the config file and --set say nothing (the embedded defaults are the

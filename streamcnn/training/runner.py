@@ -223,12 +223,12 @@ class _Run:
     amp_dtype: torch.dtype | None
     trainer: _Trainer
     train_set: Dataset
-    val_set: Dataset | None
     train_loader: Any
     val_loader: Any
     image_size: tuple[int, int]
     plan_text: str
     plan_json: dict[str, Any] | None
+    val_set: Dataset | None = None
 
 
 def _fit(spec: RunSpec, resume: bool, train_set: Dataset | None, val_set: Dataset | None) -> list[dict[str, Any]]:
@@ -279,8 +279,8 @@ def _prepare(spec: RunSpec, resume: bool, train_set: Dataset | None, val_set: Da
     optimizer = build_optimizer(model, config.optim)
     trainer = _Trainer(model, optimizer, build_scheduler(optimizer, config.optim, total_steps, steps_per_epoch),
                        torch.amp.GradScaler(device.type, enabled=needs_grad_scaler(amp_dtype)))
-    return _Run(config, context, files, amp_dtype, trainer, train_set, val_set, train_loader, val_loader, image_size,
-                plan_text, plan_json)
+    return _Run(config, context, files, amp_dtype, trainer, train_set, train_loader, val_loader, image_size,
+                plan_text, plan_json, val_set)
 
 
 def _resume(run: _Run, resume: bool) -> tuple[int, int, list[dict[str, Any]], dict[str, Any] | None]:
