@@ -112,17 +112,17 @@ def predict_checkpoint(checkpoint: str | Path, data: str | Path, out: str | Path
     from tqdm.auto import tqdm
 
     from streamcnn.training.datasets import model_input
-    from streamcnn.training.distributed import init_distributed
     from streamcnn.engine.step import model_input as to_model_input
     from streamcnn.training.datasets import plan_size
-    from streamcnn.training.runner import planned_model
+    from streamcnn.training.planned import planned_model
+    from streamcnn.training.spec import resolve_run
 
     state, config = load_trained(checkpoint, device=device, progress=progress, budget=budget)
     if heatmaps and config.model.mode != "stream":
         raise ValueError(f"--heatmaps needs a model trained with model.mode=stream; {checkpoint} is "
                          f"model.mode={config.model.mode}: predict without --heatmaps")
     out = Path(out)
-    context = init_distributed(config.train.device)
+    context = resolve_run(config).context     # device, process group and TF32 as training resolves them
     try:
         raw = open_data(data, config, require_labels=False, on_error=on_error)
         dataset = model_input(raw, config)
