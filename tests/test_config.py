@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import assert_message
 from streamcnn.training.config import ConfigError, TrainConfig, apply_overrides, load_config, parse_override
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -40,41 +41,44 @@ def test_override_values_are_parsed_as_yaml():
     assert parse_override("out=runs/2024-01-01") == (["out"], "runs/2024-01-01")
 
 
-@pytest.mark.parametrize("override, message", [
-    ("optim.lrr=1", "unknown config key 'optim.lrr' (known: decay_fraction, gamma, lr, min_lr_ratio, name, schedule, "
-                    "warmup_steps, weight_decay)"),
-    ("bogus=1", "unknown config key 'bogus' (known: data, model, optim, out, plan, train)"),
-    ("model.trunk.depth=3", "unknown config key 'model.trunk.depth': 'trunk' is not a section"),
-    ("optim.schedule=cos", "optim.schedule: Input should be 'cosine', 'exponential' or 'constant' (got 'cos')"),
-    ("train.epochs=0", "train.epochs: Input should be greater than or equal to 1 (got 0)"),
-    ("train.amp=fp8", "train.amp: Input should be 'auto', 'bf16', 'fp16' or 'off' (got 'fp8')"),
-    ("optim.lr", "override 'optim.lr' must look like section.key=value (e.g. optim.lr=1e-3)"),
+@pytest.mark.parametrize("override, parts", [
+    ("optim.lrr=1", ("unknown", "'optim.lrr'", "decay_fraction", "gamma", "lr", "min_lr_ratio", "name", "schedule",
+                     "warmup_steps", "weight_decay")),
+    ("bogus=1", ("unknown", "'bogus'", "data", "model", "optim", "out", "plan", "train")),
+    ("model.trunk.depth=3", ("unknown", "'model.trunk.depth'", "'trunk'", "not a section")),
+    ("optim.schedule=cos", ("optim.schedule", "'cosine'", "'exponential'", "'constant'", "'cos'")),
+    ("train.epochs=0", ("train.epochs", "1", "(got 0)")),
+    ("train.amp=fp8", ("train.amp", "'auto'", "'bf16'", "'fp16'", "'off'", "'fp8'")),
+    ("optim.lr", ("'optim.lr'", "section.key=value")),
 ])
-def test_bad_overrides_name_the_key(override, message):
+def test_bad_overrides_name_the_key(override, parts):
     with pytest.raises(ConfigError) as error:
         apply_overrides(TrainConfig(), [override])
-    assert message in str(error.value)
+    assert_message(error, *parts)
 
 
 def test_amp_off_unquoted_in_yaml_and_on_the_command_line(tmp_path):
     (tmp_path / "c.yaml").write_text("train:\n  amp: off\n")      # YAML 1.1 reads it as False
     assert load_config(tmp_path / "c.yaml").train.amp == "off"
     assert load_config(overrides=["train.amp=off"]).train.amp == "off"
-    with pytest.raises(ConfigError, match="train.amp: Input should be 'auto', 'bf16', 'fp16' or 'off'"):
+    with pytest.raises(ConfigError) as error:
         load_config(overrides=["train.amp=on"])
+    assert_message(error, "train.amp", "'auto'", "'bf16'", "'fp16'", "'off'")
 
 
 def test_bad_files(tmp_path):
-    with pytest.raises(ConfigError, match=r"config file .*missing.yaml does not exist \(see configs/"):
+    with pytest.raises(ConfigError) as error:
         load_config(tmp_path / "missing.yaml")
+    assert_message(error, str(tmp_path / "missing.yaml"), "does not exist", "configs/")
     broken = tmp_path / "broken.yaml"
     broken.write_text("optim: [unclosed\n")
     with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
         load_config(broken)
     typo = tmp_path / "typo.yaml"
     typo.write_text("train:\n  epoch: 3\n")
-    with pytest.raises(ConfigError, match=r"typo.yaml: unknown config key 'train.epoch' \(known: accumulate, amp"):
+    with pytest.raises(ConfigError) as error:
         load_config(typo)
+    assert_message(error, "typo.yaml", "unknown", "'train.epoch'", "accumulate", "amp")
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])

@@ -10,6 +10,7 @@ import tifffile
 import torch
 from torch.utils.data import DataLoader
 
+from helpers import assert_message
 from streamcnn.data import ManifestDataset, collate_images, generate_ultramnist
 from streamcnn.data.slides import BadFiles
 from streamcnn.io import ImageReader, TiffReader, VipsReader
@@ -137,15 +138,20 @@ def test_a_users_own_folder(tmp_path):
 
 
 def test_manifest_errors_name_the_problem(tmp_path, ultramnist):
-    with pytest.raises(FileNotFoundError, match=re.escape(f"manifest {tmp_path / 'manifest.csv'} not found")):
+    with pytest.raises(FileNotFoundError) as error:
         ManifestDataset(tmp_path)
+    assert_message(error, str(tmp_path / "manifest.csv"), "not found")
     (tmp_path / "nolabel.csv").write_text("path,digits\nimages/x.tiff,[1]\n")
-    with pytest.raises(ValueError, match=re.escape("nolabel.csv: missing column(s) ['label']")):
+    with pytest.raises(ValueError) as error:
         ManifestDataset(tmp_path, "nolabel.csv")
+    assert_message(error, "nolabel.csv", "missing", "'label'")
     image = ultramnist / "images" / "train_000000.tiff"
     (tmp_path / "missing.csv").write_text(f"path,label\n{image},1\nimages/gone.tiff,2\n")
-    with pytest.raises(FileNotFoundError, match=re.escape(f"image file(s) not found: {tmp_path / 'images' / 'gone.tiff'}")):
+    with pytest.raises(FileNotFoundError) as error:
         ManifestDataset(tmp_path, "missing.csv")
+    assert_message(error, str(tmp_path / "images" / "gone.tiff"), "not found")
+    assert "train_000000.tiff" not in str(error.value)          # only the missing file is named
     (tmp_path / "badlabel.csv").write_text(f"path,label\n{image},1\n{image},seven\n")
-    with pytest.raises(ValueError, match=re.escape(f"badlabel.csv, line 3 ({image}): label 'seven' is not an integer, but other labels are")):
+    with pytest.raises(ValueError) as error:
         ManifestDataset(tmp_path, "badlabel.csv")
+    assert_message(error, "badlabel.csv", "line 3", str(image), "'seven'", "not an integer")

@@ -15,6 +15,7 @@ import tifffile
 import torch
 import torch.nn as nn
 
+from helpers import assert_message
 from streamcnn import RegionSource, StreamingModule
 from streamcnn.data.ultramnist import write_pyramid_tiff
 from streamcnn.io import SlideReader, TiffReader, VipsReader, open_image
@@ -177,30 +178,36 @@ def test_readers_pickle_and_reopen(files):
 
 def test_errors_name_the_file_and_the_problem(tmp_path, files):
     missing = tmp_path / "nope.tiff"
-    with pytest.raises(FileNotFoundError, match=re.escape(f"{missing}: no such image file")):
+    with pytest.raises(FileNotFoundError) as error:
         open_image(missing)
+    assert_message(error, str(missing), "no such")
     path = files["pyramid as pages, deflate"][0]
     reader = open_image(path)
-    with pytest.raises(ValueError, match=re.escape(
-            f"{path}: region top=290 left=0 height=20 width=10 is outside the level-0 image of 300 x 412 pixels (H x W)")):
+    with pytest.raises(ValueError) as error:
         reader.read_region(290, 0, 20, 10)
+    assert_message(error, str(path), "top=290 left=0 height=20 width=10", "outside", "level-0", "300 x 412")
     with pytest.raises(ValueError, match="is outside the level-1 image of 150 x 206"):
         reader.read_region(-1, 0, 5, 5, level=1)
-    with pytest.raises(ValueError, match=re.escape(f"{path}: level 4 does not exist (the image has levels 0..3)")):
+    with pytest.raises(ValueError) as error:
         reader.read_region(0, 0, 5, 5, level=4)
+    assert_message(error, str(path), "level 4", "does not exist", "0..3")
 
     garbage = tmp_path / "garbage.tiff"
     garbage.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
-    with pytest.raises(ValueError, match=re.escape(f"{garbage}: not an image file libvips can read")):
+    with pytest.raises(ValueError) as error:
         open_image(garbage)
+    # not assert_message: the message carries libvips's own error text, which spans two lines
+    assert str(garbage) in str(error.value) and "not an image file" in str(error.value)
     bad_tiff = tmp_path / "bad_header.tiff"
     bad_tiff.write_bytes(b"II*\x00" + b"\xff" * 100)
-    with pytest.raises(ValueError, match=re.escape(f"{bad_tiff}: not a readable TIFF file")):
+    with pytest.raises(ValueError) as error:
         open_image(bad_tiff)
+    assert_message(error, str(bad_tiff), "not a readable TIFF")
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
-    with pytest.raises(ValueError, match=re.escape(f"{empty}: file is empty")):
+    with pytest.raises(ValueError) as error:
         open_image(empty)
+    assert_message(error, str(empty), "empty")
     with pytest.raises(ValueError, match="unknown backend 'gdal'"):
         open_image(path, backend="gdal")
 
@@ -229,8 +236,9 @@ def test_truncated_tile_data_is_detected_when_the_directory_survives(tmp_path, r
     with tifffile.TiffFile(path) as tif:     # tifffile writes the directory before the tile data
         assert tif.pages[0].offset < min(tif.pages[0].dataoffsets)
     path.write_bytes(data[: len(data) - 500])
-    with pytest.raises(ValueError, match=re.escape(f"{path}: truncated: expected {len(data)} bytes")):
+    with pytest.raises(ValueError) as error:
         open_image(path)
+    assert_message(error, str(path), "truncated", f"{len(data)} bytes")
 
 
 LAZY_SCRIPT = textwrap.dedent("""

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import assert_message
 from streamcnn.utils.files import TEMPORARY_GLOB
 from streamcnn.planning.measurement import measure_step_memory
 from streamcnn.planning.memory import predict_step_memory
@@ -95,23 +96,17 @@ def test_lazy_planning_simulates_only_what_it_needs(every_plan):
     assert f"{len(report.candidates) - 2} slower plans not simulated" in str(report)
 
 
-def one_line(message: str, *parts: str) -> None:
-    assert "\n" not in message, message
-    for part in parts:
-        assert part in message, (part, message)
-
-
 def test_refusal_names_the_budget_and_the_smallest_budget_that_fits():
     model = resnet18()
     with pytest.raises(BudgetError) as bound:   # below what every plan needs: refused from bounds
         plan(model, 1024, "20MB", device="cuda", tile_sizes=[256])
-    one_line(str(bound.value), "20.00 MB", "cuda", "1024x1024 px", "needs at least")
+    assert_message(str(bound.value), "20.00 MB", "cuda", "1024x1024 px", "needs at least")
     assert isinstance(bound.value, ValueError) and bound.value.min_bytes > 20 * 10**6
     # at the bound the search runs, and its refusal names the exact minimum
     with pytest.raises(BudgetError) as err:
         plan(model, 1024, bound.value.min_bytes, device="cuda", tile_sizes=[256])
     message = str(err.value)
-    one_line(message, "the smallest, stream+checkpoint +offload 256 px, needs", "bf16", "smaller tiles")
+    assert_message(message, "stream+checkpoint", "offload", "256 px", "bf16", "smaller tiles")
     suggested = parse_size(re.search(r"budget of at least ([\d.]+ [kMGT]?B)", message).group(1).replace(" ", ""))
     assert bound.value.min_bytes <= err.value.min_bytes <= suggested < err.value.min_bytes + 10**7
     # the minimum is exact: at min_bytes a plan fits, one byte less nothing does
@@ -143,8 +138,9 @@ def test_apply_configures_the_model_in_place():
     assert report.apply(model) is model
     assert (model.trunk.tile_size, model.trunk.checkpoint, model.trunk.output_device, model.head_checkpoint) == \
         (None, False, None, False)
-    with pytest.raises(TypeError, match="a plan configures a StreamingClassifier or another streamcnn.planning.plannable.Plannable"):
+    with pytest.raises(TypeError) as refused:
         report.apply(torch.nn.Linear(2, 2))
+    assert_message(refused, "StreamingClassifier", "streamcnn.planning.plannable.Plannable")
 
 
 def test_report_json_and_table():
@@ -204,14 +200,14 @@ def test_cli_json_and_refusal(capsys):
     assert data["budget_bytes"] == 11 * 2**30
     assert plan_cli.main(["--model", "resnet18", "--image-size", "512", "--budget", "10MB", "--in-channels", "1", "--num-classes", "5",
                           "--device", "cpu"]) == 1
-    one_line(capsys.readouterr().err.strip(), "error: no plan fits the budget of 10.00 MB", "on cpu")
+    assert_message(capsys.readouterr().err.strip(), "error:", "no plan fits", "10.00 MB", "cpu")
 
 
 def test_cli_rejects_bad_sizes():
     result = subprocess.run([sys.executable, str(ROOT / "tools" / "plan.py"), "--image-size", "4000",
                              "--budget", "11 gigs", "--num-classes", "5"], capture_output=True, text=True)
     assert result.returncode == 2
-    one_line(result.stderr.strip().splitlines()[-1], "--budget", "'11 gigs'", "not a memory size")
+    assert_message(result.stderr.strip().splitlines()[-1], "--budget", "'11 gigs'", "not a memory size")
 
 
 def test_cli_checks_arguments_before_importing_torch_and_lists_families():
@@ -231,8 +227,8 @@ def test_cli_checks_arguments_before_importing_torch_and_lists_families():
 
 def test_a_refusal_on_a_slide_names_the_level_that_fits():
     levels = [(0, (100000, 80000), 0.25), (1, (25000, 20000), 1.0), (2, (6250, 5000), 4.0)]
-    one_line(plan_cli._what_fits(levels, 32736), "level 1", "1 mpp", "25000x20000 px", "--level 1")
-    one_line(plan_cli._what_fits(levels, 1000), "no level of the slide fits", "100x downsampling", "25 mpp")
+    assert_message(plan_cli._what_fits(levels, 32736), "level 1", "1 mpp", "25000x20000 px", "--level 1")
+    assert_message(plan_cli._what_fits(levels, 1000), "no level", "100x", "25 mpp")
     assert plan_cli._what_fits(levels, None) == ""
 
 
@@ -256,18 +252,18 @@ def test_impossible_budgets_and_sizes_are_refused_from_bounds(monkeypatch):
     monkeypatch.setattr(planning.Search, "simulate", no_search)
     with pytest.raises(BudgetError) as err:
         plan("resnet18", 4000, "1MB", in_channels=1, num_classes=28, device="cpu")
-    one_line(str(err.value), "1.00 MB on cpu", "4000x4000 px", "every plan needs at least", "no image size fits")
+    assert_message(str(err.value), "1.00 MB", "cpu", "4000x4000 px", "needs at least", "no image size fits")
     assert err.value.min_bytes > 10**8 and err.value.largest_side is None
     # a budget that a smaller image fits names the largest side whose bound fits
     with pytest.raises(BudgetError) as err:
         plan("resnet18", 40000, "2GB", in_channels=1, device="cpu", lazy_input=True)
     side = err.value.largest_side
-    one_line(str(err.value), "40000x40000 px", f"images of at most {side} px a side")
+    assert_message(str(err.value), "40000x40000 px", f"{side} px")
     assert 1000 < side < 40000
     # on CUDA a feature map every plan holds whole over the element limit: the largest side under it
     with pytest.raises(BudgetError) as err:
         plan("resnet50", 100000, "40GB", device="cuda")
-    one_line(str(err.value), "2048x3125x3125", "2,147,483,648", "pool head", f"{err.value.largest_side} px")
+    assert_message(str(err.value), "2048x3125x3125", "2,147,483,648", "pool head", f"{err.value.largest_side} px")
     assert 2048 * (err.value.largest_side / 32) ** 2 < 2**31 <= 2048 * (err.value.largest_side / 32 + 1) ** 2
 
 
@@ -322,14 +318,15 @@ def test_a_tensor_budget_refusal_names_the_smallest_tensor_budget():
     model = resnet18()
     with pytest.raises(BudgetError) as bound:
         plan(model, 320, "1MB", device="cpu", counts="tensors", tile_sizes=[64])
-    one_line(str(bound.value), "1.00 MB of tensors", "on cpu", "needs at least")
+    assert_message(str(bound.value), "1.00 MB", "of tensors", "cpu", "needs at least")
     with pytest.raises(BudgetError) as err:
         plan(model, 320, bound.value.min_bytes, device="cpu", counts="tensors", tile_sizes=[64])
     assert err.value.min_bytes >= bound.value.min_bytes
     assert plan(model, 320, err.value.min_bytes, device="cpu", counts="tensors",
                 tile_sizes=[64]).chosen.budgeted_bytes == err.value.min_bytes
-    with pytest.raises(ValueError, match=r"counts must be one of \['process', 'tensors'\].*got 'rss'"):
+    with pytest.raises(ValueError) as refused:
         plan(model, 320, "1GB", device="cpu", counts="rss")
+    assert_message(refused, "counts", "'process'", "'tensors'", "'rss'")
 
 
 def test_cli_budget_of_tensors(capsys):

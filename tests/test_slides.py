@@ -8,6 +8,7 @@ import pytest
 import tifffile
 import torch
 
+from helpers import assert_message
 from slide_data import CLASSES, SIZES, make_slide_folder, slide_pixels, write_slide
 from streamcnn.data import ManifestDataset
 from streamcnn.data.slides import SlideView, choose_level
@@ -31,9 +32,9 @@ def test_slide_table_with_slide_ids_and_class_names(folder):
     (folder / "named.csv").write_text("slide_id,label\nS0,tumor\nS1,x\n")
     assert ManifestDataset(folder, "named.csv", classes=["tumor", "x"]).labels == [0, 1]
     (folder / "other.csv").write_text("slide_id,label\nS0,tumor\nS1,benign\n")
-    with pytest.raises(ValueError, match=re.escape("other.csv, line 3 (S1): label 'benign' is not one of the "
-                                                   "classes ['tumor', 'x']")):
+    with pytest.raises(ValueError) as error:
         ManifestDataset(folder, "other.csv", classes=["tumor", "x"])
+    assert_message(error, "other.csv", "line 3", "S1", "'benign'", "['tumor', 'x']")
 
 
 def test_mpp_is_read_from_tiff_tags_aperio_and_ome(tmp_path):
@@ -63,11 +64,13 @@ def test_level_and_mpp_read_that_levels_pixels(tmp_path):
         np.testing.assert_array_equal(eager.numpy(), np.moveaxis(levels[level], -1, 0))
     write_slide(tmp_path / "b.tiff", slide_pixels(128, 128, seed=1), mpp=None)
     (tmp_path / "u.csv").write_text("path,label\nb.tiff,0\n")
-    with pytest.warns(UserWarning, match=re.escape(f"{tmp_path / 'b.tiff'}: no microns-per-pixel metadata: "
-                                                   "reading level 1 (data.level)")):
+    with pytest.warns(UserWarning, match="microns-per-pixel") as warned:
         assert ManifestDataset(tmp_path, "u.csv", mpp=1.0, level=1).entries[0].level == 1
-    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'b.tiff'}: has levels 0..2, no level 5 (data.level)")):
+    assert_message(next(w.message for w in warned if "microns-per-pixel" in str(w.message)),
+                   str(tmp_path / "b.tiff"), "no microns-per-pixel", "level 1", "data.level")
+    with pytest.raises(ValueError) as error:
         ManifestDataset(tmp_path, "u.csv", level=5)
+    assert_message(error, str(tmp_path / "b.tiff"), "0..2", "level 5", "data.level")
 
 
 def test_tissue_crop_from_otsu_and_from_a_mask(tmp_path):
@@ -97,17 +100,19 @@ def test_bad_files_are_named_before_training_and_skipped_on_request(tmp_path):
     (tmp_path / "S2.tiff").write_text("not an image at all")
     with pytest.raises(ValueError) as error:
         ManifestDataset(tmp_path, "slides.csv")
+    # not assert_message: S2's reason carries libvips's own error text, which spans two lines
     message = str(error.value)
-    assert message.startswith("2 bad image file(s): ")
-    assert f"{tmp_path / 'S1.tiff'}: truncated: expected " in message and "set data.on_error=skip" in message
-    assert f"{tmp_path / 'S2.tiff'}: not an image" in message
+    for part in ("2 bad image file", str(tmp_path / "S1.tiff"), "truncated", str(tmp_path / "S2.tiff"), "not an image",
+                 "data.on_error=skip"):
+        assert part in message, (part, message)
     data = ManifestDataset(tmp_path, "slides.csv", on_error="skip")
     assert [p.name for p in data.paths] == ["S0.tiff"]
     assert [p.name for p, _ in data.skipped] == ["S1.tiff", "S2.tiff"]
     tifffile.imwrite(tmp_path / "S1.tiff", slide_pixels(64, 64, 0)[..., 0])
     (tmp_path / "S2.tiff").write_bytes(good)
-    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'S1.tiff'}: has 1 channels, the other images have 3")):
+    with pytest.raises(ValueError) as error:
         ManifestDataset(tmp_path, "slides.csv")
+    assert_message(error, str(tmp_path / "S1.tiff"), "1 channel", "3")
 
 
 def test_downsample_baseline_keeps_the_aspect_ratio():

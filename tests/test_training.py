@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import assert_message
 from streamcnn.models.classifier import build_model
 from streamcnn.training import (
     DownsampledDataset,
@@ -163,9 +164,9 @@ class _PoisonAfter(_CrashAt):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     train = _PoisonAfter(SyntheticTextures(16, 128), at=1 + 16 + 5, error=None)
-    with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 2, optimizer step 6; stopped before the "
-                                                 r"update\. The last good checkpoint is kept"):
+    with pytest.raises(NonFiniteLossError) as error:
         fit(tiny_config(tmp_path / "run", "train.epochs=3"), train_set=train, val_set=None)
+    assert_message(error, "nan", "epoch 2", "step 6", "before the update", "last good checkpoint")
     last = load_checkpoint(tmp_path / "run" / "last.pt")
     assert last["epoch"] == 1 and last["step"] == 4
     assert all(torch.isfinite(v).all() for v in last["model"].values())
@@ -174,9 +175,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_label_outside_the_classes(tmp_path):
     data = [(SyntheticTextures(4, 128)[0][0], label) for label in (0, 1, 7, 2)]
-    with pytest.raises(ValueError, match=r"label 7 is outside the model's classes 0\.\.3; fix the data or set "
-                                         r"model\.num_classes"):
+    with pytest.raises(ValueError) as error:
         fit(tiny_config(tmp_path / "run", "train.epochs=1", "train.batch_size=2"), train_set=data)
+    assert_message(error, "label 7", "0..3", "model.num_classes")
 
 
 def test_cli_errors_are_one_clear_line(tmp_path, capsys):
@@ -184,17 +185,18 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
         assert train_tool.main(list(args)) == 1
         return capsys.readouterr().err.strip()
 
-    assert error_of("--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "a")) == \
-        f"train.py: error: data folder {tmp_path / 'nowhere'} does not exist (pass --data DIR with a manifest.csv)"
+    def cli_message(err: str, *parts: str) -> None:
+        assert err.startswith("train.py: error: "), err
+        assert_message(err, *parts)
+
+    cli_message(error_of("--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "a")),
+                str(tmp_path / "nowhere"), "does not exist", "--data", "manifest.csv")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "manifest.csv").write_text("file,class\nx.tif,1\n")
-    assert error_of("--data", str(tmp_path / "bad"), "--out", str(tmp_path / "b")) == \
-        f"train.py: error: {tmp_path / 'bad' / 'manifest.csv'}: missing column(s) ['path (or slide_id)', 'label']; " \
-        "found ['file', 'class']"
-    assert error_of("--set", "train.epoch=3").startswith(
-        "train.py: error: command-line override: unknown config key 'train.epoch' (known: accumulate, amp,")
-    assert error_of("--resume") == "train.py: error: --resume needs the run's folder: pass --out DIR " \
-                                   "(the folder holding last.pt)"
+    cli_message(error_of("--data", str(tmp_path / "bad"), "--out", str(tmp_path / "b")),
+                str(tmp_path / "bad" / "manifest.csv"), "missing", "'path (or slide_id)'", "'label'", "'file'", "'class'")
+    cli_message(error_of("--set", "train.epoch=3"), "override", "unknown", "'train.epoch'", "accumulate", "amp")
+    cli_message(error_of("--resume"), "--resume", "--out DIR", "last.pt")
 
 
 def test_budget_makes_the_planner_stream(tmp_path):
@@ -261,5 +263,6 @@ def test_schedules_per_optimizer_step():
 def test_bf16_autocast_trains_on_cpu_and_fp16_is_refused(tmp_path):
     history = fit(tiny_config(tmp_path / "bf16", "train.epochs=1", "data.synthetic_count=16", "train.amp=bf16"))
     assert history[0]["step"] == 4 and math.isfinite(history[0]["train_loss"])
-    with pytest.raises(ValueError, match="train.amp=fp16 needs a CUDA device; use bf16 or off on CPU"):
+    with pytest.raises(ValueError) as error:
         fit(tiny_config(tmp_path / "fp16", "train.epochs=1", "train.amp=fp16"))
+    assert_message(error, "train.amp=fp16", "CUDA", "bf16", "off")
