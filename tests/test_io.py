@@ -186,8 +186,9 @@ def test_errors_name_the_file_and_the_problem(tmp_path, files):
     with pytest.raises(ValueError) as error:
         reader.read_region(290, 0, 20, 10)
     assert_message(error, str(path), "top=290 left=0 height=20 width=10", "outside", "level-0", "300 x 412")
-    with pytest.raises(ValueError, match="is outside the level-1 image of 150 x 206"):
+    with pytest.raises(ValueError) as error:
         reader.read_region(-1, 0, 5, 5, level=1)
+    assert_message(error, str(path), "top=-1", "outside", "level-1", "150 x 206")
     with pytest.raises(ValueError) as error:
         reader.read_region(0, 0, 5, 5, level=4)
     assert_message(error, str(path), "level 4", "does not exist", "0..3")

@@ -184,8 +184,8 @@ def test_a_strategy_inside_distributed_data_parallel_is_refused_with_one_line(tm
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
     try:
         wrapped = DistributedDataParallel(patchgd())
-        with pytest.raises(ValueError, match=r"PatchGDClassifier trains by its own step.*train\.processes: 1") as error:
+        with pytest.raises(ValueError) as error:
             micro_step(wrapped, torch.rand(1, 1, 128, 128), torch.tensor([0]), device_type="cpu")
-        assert "\n" not in str(error.value)
+        assert_message(error, "PatchGDClassifier", "own step", "train.processes: 1")
     finally:
         dist.destroy_process_group()
