@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from streamcnn.data.augment import SLIDE_AUGMENT, AugmentedDataset, check_augment
 from streamcnn.data.splits import table_splits
 from streamcnn.training.baselines import DownsampledDataset, downsampled_shape
-from streamcnn.training.config import TrainConfig
+from streamcnn.training.config import TrainConfig, apply_overrides
 from streamcnn.training.distributed import DistributedContext
 from streamcnn.training.synthetic import SyntheticTextures
 
@@ -179,7 +179,6 @@ def resolve_accumulation(config: TrainConfig, train: Dataset) -> tuple[TrainConf
     images = len(train)  # type: ignore[arg-type]
     batch = config.train.batch_size
     accumulate = max(1, min(target, images) // batch)
-    from streamcnn.training.config import apply_overrides
 
     line = (f"{batch} image(s) per step, gradients accumulated over {accumulate} step(s): an effective batch of "
             f"{batch * accumulate} = min({target}, {images} training images) (set train.batch_size and "
@@ -375,7 +374,6 @@ def fit_model_to_data(config: TrainConfig, train: Dataset) -> tuple[TrainConfig,
                                         ("model.num_classes", m.num_classes or needed)]
     if classes and config.data.classes is None:
         overrides.append(("data.classes", list(classes)))
-    from streamcnn.training.config import apply_overrides
 
     config = apply_overrides(config, overrides)
     return (config, *plan_size(train, config, first))
